@@ -1,0 +1,84 @@
+"""The tea_dist error tree.
+
+    TeaDistError
+    ├── GraphError               building or compiling a graph went wrong
+    │   └── YAMLError            a YAML agent file is malformed or invalid
+    ├── ConfigError              a strategy, policy or setting is unknown or invalid
+    ├── SerializationError       a state value cannot cross to another process
+    ├── StateTooLargeError       a branch state exceeds the configured size limit
+    ├── BranchError              a branch failed (raised only with fail_fast/raise_exceptions)
+    │   ├── BranchTimeoutError   a branch exceeded its timeout
+    │   └── CircuitOpenError     a branch was refused by an open circuit
+    ├── MergeError               a fan-in merge helper cannot merge the results
+    ├── NodeError                a node raised outside any parallel branch
+    ├── RunCancelledError        a submitted workflow run was cancelled
+    └── RunFailedError           a submitted workflow run failed
+
+Celery, Redis and pickle errors are translated at the boundary (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+
+class TeaDistError(Exception):
+    """Raised for every error tea_dist itself reports; the root of the tree."""
+
+
+class GraphError(TeaDistError):
+    """Raised when a graph is built or compiled wrong: unknown node, no entry point, ..."""
+
+
+class YAMLError(GraphError):
+    """Raised when a YAML agent file cannot be read, parsed or validated."""
+
+
+class ConfigError(TeaDistError):
+    """Raised when a configuration value is invalid: unknown strategy, bad policy field."""
+
+
+class SerializationError(TeaDistError):
+    """Raised before dispatch when a state value cannot be serialised for another process."""
+
+
+class StateTooLargeError(SerializationError):
+    """Raised before dispatch when a branch state is larger than the configured limit."""
+
+
+class BranchError(TeaDistError):
+    """Raised when a branch fails and the run is configured to stop on failure.
+
+    ``branch`` names the branch and ``error_type`` the original exception class.
+    """
+
+    def __init__(self, message: str, *, branch: str = "", error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.branch = branch
+        self.error_type = error_type or type(self).__name__
+
+
+class BranchTimeoutError(BranchError, TimeoutError):
+    """Raised (or recorded) when a branch attempt or the whole branch exceeds its timeout."""
+
+
+class CircuitOpenError(BranchError):
+    """Raised (or recorded) when a branch is refused because its circuit is open."""
+
+
+class RemoteError(BranchError):
+    """An exception raised in another process, carried back as type name and message."""
+
+
+class MergeError(TeaDistError):
+    """Raised by a fan-in merge helper when the results cannot be merged as asked."""
+
+
+class NodeError(TeaDistError):
+    """Raised when a node fails outside any parallel branch (with ``raise_exceptions``)."""
+
+
+class RunCancelledError(TeaDistError):
+    """Raised by ``WorkflowRun.result()`` when the run was cancelled."""
+
+
+class RunFailedError(TeaDistError):
+    """Raised by ``WorkflowRun.result()`` when the run failed; the message says why."""

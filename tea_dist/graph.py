@@ -1,0 +1,291 @@
+"""Building a graph: ``StateGraph`` and the immutable ``GraphSpec`` that ``compile()`` checks.
+
+``StateGraph`` is the builder users call (names compatible with The Edge Agent). ``compile()``
+validates the topology, naming the culprit of every problem, and freezes it into a
+``GraphSpec``: plain data that can be pickled to another process. Running a graph is the
+business of ``tea_dist.runner``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .config import ParallelConfig, resolve_config
+from .errors import GraphError
+
+if TYPE_CHECKING:
+    from .events import ParallelFlowCallback
+    from .runner import CompiledGraph
+
+START = "__start__"
+END = "__end__"
+
+NodeFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node: a name, the callable it runs (None: passes state through), fan-in or not."""
+
+    name: str
+    run: NodeFn | None = None
+    fan_in: bool = False
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """A conditional edge: ``func(state)`` picks a key of ``targets``."""
+
+    func: NodeFn
+    targets: Mapping[Hashable, str]
+
+
+@dataclass(frozen=True)
+class ParallelEdge:
+    """A fan-out edge from a node to a branch start, joining at ``fan_in``."""
+
+    target: str
+    fan_in: str
+    config: ParallelConfig | None = None
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Every parallel edge leaving one node, in declaration order, with resolved configs."""
+
+    source: str
+    fan_in: str
+    branches: tuple[str, ...]
+    configs: tuple[ParallelConfig, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A validated, immutable graph. Picklable when its callables are."""
+
+    name: str
+    nodes: Mapping[str, Node]
+    edges: Mapping[str, tuple[str, ...]]
+    conditionals: Mapping[str, Conditional]
+    fanouts: Mapping[str, FanOut]
+    entry: str
+    origin: Mapping[str, str] | None = None
+
+    def successor(self, node: str, state: Mapping[str, Any]) -> str:
+        """The node after ``node`` (not a fan-out source) for this state; END when none."""
+        cond = self.conditionals.get(node)
+        if cond is not None:
+            key = call_condition(cond.func, state)
+            if key not in cond.targets:
+                raise GraphError(
+                    f"condition of node '{node}' returned {key!r}, "
+                    f"which is not one of {sorted(map(str, cond.targets))}"
+                )
+            return cond.targets[key]
+        targets = self.edges.get(node, ())
+        return targets[0] if targets else END
+
+
+def call_condition(func: NodeFn, state: Mapping[str, Any]) -> Any:
+    """Evaluate a conditional-edge function (it takes the state)."""
+    return func(dict(state))
+
+
+@dataclass
+class StateGraph:
+    """A workflow graph under construction.
+
+    >>> g = StateGraph({"value": int})
+    >>> g.add_node("a", run=lambda state: {"value": state["value"] + 1})
+    >>> g.set_entry_point("a"); g.set_finish_point("a")
+    >>> list(g.compile().invoke({"value": 1}))[-1]["state"]["value"]
+    2
+    """
+
+    state_schema: Mapping[str, Any] = field(default_factory=dict)
+    raise_exceptions: bool = False
+    max_workers: int | None = None
+    parallel_config: ParallelConfig | None = None
+    name: str = "graph"
+    origin: dict[str, str] | None = None
+    _nodes: dict[str, Node] = field(default_factory=dict, repr=False)
+    _edges: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _conditionals: dict[str, Conditional] = field(default_factory=dict, repr=False)
+    _parallel: dict[str, list[ParallelEdge]] = field(default_factory=dict, repr=False)
+
+    # -- building --
+
+    def add_node(self, name: str, run: NodeFn | None = None) -> StateGraph:
+        """Add a node running ``run(state, config?, node?, cancel_token?) -> dict``."""
+        return self._add(Node(name, run, fan_in=False))
+
+    def add_fanin_node(self, name: str, run: NodeFn | None = None) -> StateGraph:
+        """Add a fan-in node; ``run`` may take ``parallel_results``."""
+        return self._add(Node(name, run, fan_in=True))
+
+    def _add(self, node: Node) -> StateGraph:
+        if not isinstance(node.name, str) or not node.name:
+            raise GraphError(f"node names must be non-empty strings, got {node.name!r}")
+        if node.name in (START, END):
+            raise GraphError(f"'{node.name}' is reserved and cannot be a node name")
+        if node.name in self._nodes:
+            raise GraphError(f"node '{node.name}' is already in the graph")
+        if node.run is not None and not callable(node.run):
+            raise GraphError(f"run of node '{node.name}' is not callable: {node.run!r}")
+        self._nodes[node.name] = node
+        return self
+
+    def add_edge(self, source: str, target: str) -> StateGraph:
+        """Add a normal edge ``source -> target``."""
+        self._edges.setdefault(source, []).append(target)
+        return self
+
+    def add_conditional_edges(
+        self, source: str, func: NodeFn, targets: Mapping[Hashable, str]
+    ) -> StateGraph:
+        """After ``source``, go to ``targets[func(state)]``."""
+        if source in self._conditionals:
+            raise GraphError(f"node '{source}' already has conditional edges")
+        self._conditionals[source] = Conditional(func, dict(targets))
+        return self
+
+    def add_parallel_edge(
+        self, source: str, target: str, fan_in: str, config: ParallelConfig | None = None
+    ) -> StateGraph:
+        """Fan out from ``source`` to a branch starting at ``target``, joining at ``fan_in``."""
+        self._parallel.setdefault(source, []).append(ParallelEdge(target, fan_in, config))
+        return self
+
+    def set_entry_point(self, name: str) -> StateGraph:
+        """The first node to run."""
+        return self.add_edge(START, name)
+
+    def set_finish_point(self, name: str) -> StateGraph:
+        """A node after which the run ends."""
+        return self.add_edge(name, END)
+
+    # -- compiling --
+
+    def compile(
+        self,
+        parallel_config: ParallelConfig | None = None,
+        parallel_callbacks: Iterable[ParallelFlowCallback] | None = None,
+        **options: Any,
+    ) -> CompiledGraph:
+        """Validate the graph and return a runnable ``CompiledGraph``.
+
+        Raises ``GraphError`` naming the culprit: unknown node, no entry point, a branch
+        that cannot reach its fan-in, a node with both parallel and normal successors.
+        Options: ``callback_timeout`` (seconds, default 5), ``breaker_store``.
+        """
+        from .runner import CompiledGraph
+
+        spec = self.to_spec(parallel_config)
+        return CompiledGraph(
+            spec,
+            raise_exceptions=self.raise_exceptions,
+            callbacks=list(parallel_callbacks or []),
+            **options,
+        )
+
+    def to_spec(self, parallel_config: ParallelConfig | None = None) -> GraphSpec:
+        """Validate and freeze the topology (see ``compile``)."""
+        graph_config = resolve_config(
+            ParallelConfig(max_workers=self.max_workers) if self.max_workers else None,
+            self.parallel_config,
+            parallel_config,
+        )
+        self._check_references()
+        entry = self._edges.get(START, [])
+        if not entry:
+            raise GraphError("the graph has no entry point: call set_entry_point(node)")
+        if len(entry) > 1:
+            raise GraphError(f"the graph has several entry points: {entry}")
+        fanouts = {src: self._fanout(src, edges, graph_config) for src, edges in self._parallel.items()}
+        spec = GraphSpec(
+            name=self.name,
+            nodes=dict(self._nodes),
+            edges={src: tuple(t) for src, t in self._edges.items() if src != START},
+            conditionals=dict(self._conditionals),
+            fanouts=fanouts,
+            entry=entry[0],
+            origin=dict(self.origin) if self.origin else None,
+        )
+        for fanout in fanouts.values():
+            for branch in fanout.branches:
+                _check_reaches(spec, branch, fanout.fan_in)
+        return spec
+
+    def _check_references(self) -> None:
+        known = set(self._nodes) | {START, END}
+
+        def check(name: str, where: str) -> None:
+            if name not in known:
+                raise GraphError(f"{where} refers to unknown node '{name}'")
+
+        for src, targets in self._edges.items():
+            check(src, f"edge '{src}' -> ...")
+            for target in targets:
+                check(target, f"edge '{src}' -> '{target}'")
+                if src != START and len(targets) > 1:
+                    raise GraphError(
+                        f"node '{src}' has several normal successors {targets}: "
+                        "use add_parallel_edge for a fan-out or add_conditional_edges"
+                    )
+        for src, cond in self._conditionals.items():
+            check(src, f"conditional edges of '{src}'")
+            for target in cond.targets.values():
+                check(target, f"conditional edge '{src}' -> '{target}'")
+            if src in self._edges:
+                raise GraphError(f"node '{src}' has both conditional and normal edges")
+        for src, edges in self._parallel.items():
+            check(src, f"parallel edge '{src}' -> ...")
+            if src in self._edges or src in self._conditionals:
+                raise GraphError(
+                    f"node '{src}' has both parallel and normal successors; "
+                    "a fan-out node may only have parallel edges"
+                )
+            for edge in edges:
+                check(edge.target, f"parallel edge '{src}' -> '{edge.target}'")
+                check(edge.fan_in, f"fan-in of parallel edge '{src}' -> '{edge.target}'")
+                if edge.fan_in in (START, END) or not self._nodes[edge.fan_in].fan_in:
+                    raise GraphError(
+                        f"fan-in '{edge.fan_in}' of parallel edge '{src}' -> '{edge.target}' "
+                        "is not a fan-in node: declare it with add_fanin_node"
+                    )
+
+    def _fanout(self, src: str, edges: list[ParallelEdge], graph_config: ParallelConfig) -> FanOut:
+        fan_ins = {e.fan_in for e in edges}
+        if len(fan_ins) > 1:
+            raise GraphError(f"parallel edges of '{src}' join at different fan-in nodes: {sorted(fan_ins)}")
+        targets = [e.target for e in edges]
+        if len(set(targets)) != len(targets):
+            raise GraphError(f"node '{src}' has the same parallel edge twice: {targets}")
+        return FanOut(
+            source=src,
+            fan_in=edges[0].fan_in,
+            branches=tuple(targets),
+            configs=tuple(resolve_config(graph_config, e.config) for e in edges),
+        )
+
+
+def _check_reaches(spec: GraphSpec, branch: str, fan_in: str) -> None:
+    """Every branch must be able to reach its fan-in by normal, conditional or nested edges."""
+    seen: set[str] = set()
+    todo = [branch]
+    while todo:
+        node = todo.pop()
+        if node == fan_in:
+            return
+        if node in seen or node == END:
+            continue
+        seen.add(node)
+        if node in spec.fanouts:
+            todo.append(spec.fanouts[node].fan_in)
+        todo.extend(spec.edges.get(node, ()))
+        cond = spec.conditionals.get(node)
+        if cond is not None:
+            todo.extend(cond.targets.values())
+    raise GraphError(f"branch '{branch}' cannot reach its fan-in node '{fan_in}'")

@@ -1,0 +1,122 @@
+"""Calling node callables: parameter injection, sync and ``async def`` alike.
+
+A node receives only the parameters it names, out of ``state``, ``config``, ``node``,
+``parallel_results`` and ``cancel_token`` (all of them if it takes ``**kwargs``; the state
+positionally if it names none of them). It returns a dict merged into the state; ``None``
+means no change and any other value is stored under ``"result"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Any
+
+INJECTABLE = ("state", "config", "node", "parallel_results", "cancel_token")
+
+
+class CancelToken:
+    """Cooperative cancellation for a branch: set on timeout or fail-fast.
+
+    Long-running nodes that name ``cancel_token`` should check ``is_cancelled()`` (or use
+    ``wait(seconds)`` instead of ``time.sleep``) and return early.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Signal cancellation."""
+        self._event.set()
+
+    def is_cancelled(self) -> bool:
+        """Whether cancellation was signalled."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early on cancellation; True if cancelled."""
+        return self._event.wait(timeout)
+
+
+@lru_cache(maxsize=4096)
+def _plan(fn: Callable[..., Any]) -> tuple[tuple[str, ...], bool, bool]:
+    """(names to inject, takes **kwargs, pass state positionally) for a callable."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ("state",), False, False
+    names = tuple(p.name for p in params if p.name in INJECTABLE and p.kind is not p.VAR_POSITIONAL)
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names, var_kw, not names and not var_kw and bool(positional)
+
+
+def _invoke(fn: Callable[..., Any], values: Mapping[str, Any]) -> Any:
+    names, var_kw, state_positional = _plan(fn)
+    if state_positional:
+        return fn(values["state"])
+    if var_kw:
+        return fn(**values)
+    return fn(**{name: values[name] for name in names})
+
+
+def normalise(result: Any) -> dict[str, Any]:
+    """A node's return value as a state update."""
+    if result is None:
+        return {}
+    if isinstance(result, Mapping):
+        return dict(result)
+    return {"result": result}
+
+
+def call_node(fn: Callable[..., Any] | None, **values: Any) -> dict[str, Any]:
+    """Call a node synchronously; an ``async def`` node is run to completion."""
+    if fn is None:
+        return {}
+    result = _invoke(fn, values)
+    if inspect.isawaitable(result):
+        result = run_sync(result)
+    return normalise(result)
+
+
+async def acall_node(fn: Callable[..., Any] | None, **values: Any) -> dict[str, Any]:
+    """Call a node from a coroutine: async nodes are awaited, sync ones run off the loop."""
+    if fn is None:
+        return {}
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        return normalise(await _invoke(fn, values))
+    result = await asyncio.to_thread(_invoke, fn, values)
+    if inspect.isawaitable(result):
+        result = await result
+    return normalise(result)
+
+
+def run_sync(awaitable: Any) -> Any:
+    """Run an awaitable to completion from synchronous code, even inside a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_await(awaitable))
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(_await(awaitable))
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="tea-dist-async-node")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

@@ -1,0 +1,130 @@
+"""Running a compiled graph: ``CompiledGraph.invoke`` and ``stream``.
+
+Both are generators of The Edge Agent's event dicts and share one walk, so the fan-in gets
+the same ``parallel_results`` either way:
+
+- ``{"type": "final", "state": {...}}`` when the run ends;
+- ``{"type": "error", "node": n, "error": "...", "error_type": "..."}`` when it fails
+  (raised instead with ``raise_exceptions=True``);
+- in ``stream`` only: ``{"type": "state", "node": n, "state": {...}}`` after each node, and for
+  each branch of a fan-out ``{"type": "parallel_state", "branch": b, "state": {...},
+  "result": r}`` or ``{"type": "parallel_error", "branch": b, "error": ..., "error_type": ...,
+  "timeout": bool, "result": r}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from .breaker import BreakerStore, MemoryBreakerStore
+from .errors import BranchError, NodeError, TeaDistError
+from .events import Dispatcher, FlowContext
+from .executors import check_strategy, get_executor
+from .graph import END, GraphSpec
+from .results import CircuitState, ParallelFlowResult
+from .runtime import Runtime
+from .walk import Cursor, walk
+
+Event = dict[str, Any]
+
+
+class CompiledGraph:
+    """A validated graph, ready to ``invoke`` and ``stream`` any number of times."""
+
+    def __init__(
+        self,
+        spec: GraphSpec,
+        *,
+        raise_exceptions: bool = False,
+        callbacks: Iterable[Any] = (),
+        callback_timeout: float = 5.0,
+        breaker_store: BreakerStore | None = None,
+    ) -> None:
+        if callback_timeout <= 0:
+            raise TeaDistError(f"callback_timeout must be > 0, got {callback_timeout}")
+        self.spec = spec
+        self.raise_exceptions = raise_exceptions
+        self.callbacks = list(callbacks)
+        self.callback_timeout = callback_timeout
+        self.breakers: BreakerStore = breaker_store or MemoryBreakerStore()
+        for fan in spec.fanouts.values():
+            for config in fan.configs:
+                get_executor(check_strategy(config.strategy)).check(spec, fan)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def invoke(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Iterator[Event]:
+        """Run the graph; yields the ``final`` event (or an ``error`` event)."""
+        return self._run(state, config, detailed=False)
+
+    def stream(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Iterator[Event]:
+        """Run the graph, yielding an event after every node and every branch."""
+        return self._run(state, config, detailed=True)
+
+    def _run(self, state: Mapping[str, Any], config: Mapping[str, Any] | None, detailed: bool) -> Iterator[Event]:
+        runtime = Runtime(
+            graph_name=self.spec.name,
+            dispatcher=Dispatcher(self.callbacks, self.callback_timeout),
+            shared_breakers=self.breakers,
+        )
+        cursor = Cursor()
+        final = dict(state)
+        steps = walk(self.spec, self.spec.entry, END, final, fanout=runtime.fanout, run_config=config, cursor=cursor)
+        try:
+            for step in steps:
+                if step.results:
+                    if detailed:
+                        yield from map(_branch_event, step.results)
+                else:
+                    final = step.state
+                    if detailed:
+                        yield {"type": "state", "node": step.node, "state": step.state}
+        except Exception as exc:
+            runtime.dispatcher.flush()
+            if self.raise_exceptions:
+                if isinstance(exc, TeaDistError):
+                    raise
+                raise NodeError(f"node '{cursor.node}' failed: {type(exc).__name__}: {exc}") from exc
+            yield _error_event(cursor.node, exc)
+            return
+        runtime.dispatcher.flush()
+        yield {"type": "final", "state": final}
+
+    # -- circuits --
+
+    def reset_circuit(self, name: str | None = None) -> None:
+        """Close one circuit (by name, or by branch name), or every circuit when None."""
+        names = [name] if name is None or name in self.breakers.states() else [f"{self.spec.name}:{name}"]
+        dispatcher = Dispatcher(self.callbacks, self.callback_timeout)
+        for circuit_name in names:
+            for circuit, old, new in self.breakers.reset(circuit_name):
+                dispatcher.emit("on_circuit_state_change", FlowContext(branch="", circuit=circuit), old, new)
+        dispatcher.flush()
+
+    def get_circuit_states(self) -> dict[str, CircuitState]:
+        """Every known circuit and its state."""
+        return self.breakers.states()
+
+
+def _branch_event(result: ParallelFlowResult) -> Event:
+    if result.success:
+        return {"type": "parallel_state", "branch": result.branch, "state": result.state, "result": result}
+    return {
+        "type": "parallel_error",
+        "branch": result.branch,
+        "error": result.error,
+        "error_type": result.error_type,
+        "timeout": result.timeout,
+        "result": result,
+    }
+
+
+def _error_event(node: str, exc: BaseException) -> Event:
+    error_type = exc.error_type if isinstance(exc, BranchError) else type(exc).__name__
+    event: Event = {"type": "error", "node": node, "error": str(exc), "error_type": error_type}
+    if isinstance(exc, BranchError):
+        event["branch"] = exc.branch
+    return event

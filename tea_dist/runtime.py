@@ -1,0 +1,163 @@
+"""What one invocation shares with its executors: events, circuits, and the fan-out entry.
+
+A ``Runtime`` is made per ``invoke()``/``stream()``. Executors ask it to ``admit`` a branch
+through its circuit breaker and to ``record`` outcomes (transitions become events), and
+``emit`` lifecycle events through it. ``fanout`` is where the walker hands over a fan-out:
+it builds one ``BranchTask`` per branch, runs them on their strategies' executors and, under
+``fail_fast``, turns the first failure into a ``BranchError``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .attempt import BranchTask
+from .breaker import Admission, BreakerStore, MemoryBreakerStore
+from .config import ParallelConfig
+from .errors import BranchError, BranchTimeoutError, CircuitOpenError
+from .events import Dispatcher, FlowContext
+from .executors import get_executor
+from .graph import FanOut, GraphSpec
+from .results import CircuitState, ParallelFlowResult
+
+
+@dataclass
+class Runtime:
+    """Per-invocation services for executors."""
+
+    graph_name: str = "graph"
+    dispatcher: Dispatcher = field(default_factory=Dispatcher)
+    shared_breakers: BreakerStore = field(default_factory=MemoryBreakerStore)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- events --
+
+    def context(self, task: BranchTask, config: ParallelConfig, attempt: int = 0) -> FlowContext:
+        """The callback context of a branch."""
+        return FlowContext(
+            branch=task.branch,
+            fan_in_node=task.fan_in,
+            state_snapshot=task.state,
+            start_time=time.time(),
+            config=config,
+            graph_name=self.graph_name,
+            run_id=self.run_id,
+            attempt=attempt,
+            circuit=self.circuit_name(task.branch, config),
+        )
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Fire a lifecycle event through the dispatcher."""
+        self.dispatcher.emit(event, *args)
+
+    # -- circuits --
+
+    def circuit_name(self, branch: str, config: ParallelConfig) -> str | None:
+        """The circuit guarding a branch: the configured name, else graph:branch."""
+        breaker = config.circuit_breaker
+        if breaker is None:
+            return None
+        return breaker.name or f"{self.graph_name}:{branch}"
+
+    def breakers(self, config: ParallelConfig) -> BreakerStore:
+        """The store holding a config's circuits (fresh per invocation for that scope)."""
+        breaker = config.circuit_breaker
+        if breaker is not None and breaker.scope == "invocation":
+            return self._invocation_breakers
+        return self.shared_breakers
+
+    def admit(self, ctx: FlowContext, config: ParallelConfig) -> Admission | None:
+        """Ask the branch's circuit for admission (None: no breaker configured)."""
+        breaker, name = config.circuit_breaker, ctx.circuit
+        if breaker is None or name is None:
+            return None
+        admission = self.breakers(config).acquire(name, breaker)
+        if admission.transition:
+            self.emit("on_circuit_state_change", ctx, *admission.transition)
+        return admission
+
+    def record(
+        self, ctx: FlowContext, config: ParallelConfig, success: bool, admission: Admission | None
+    ) -> CircuitState | None:
+        """Record an attempt's outcome on its circuit; returns the circuit state after it."""
+        breaker, name = config.circuit_breaker, ctx.circuit
+        if breaker is None or name is None or admission is None:
+            return None
+        store = self.breakers(config)
+        transition = store.record(name, breaker, success, admission.probe)
+        if transition:
+            self.emit("on_circuit_state_change", ctx, *transition)
+            return transition[1]
+        return store.snapshot(name).state
+
+    # -- fan-out --
+
+    def fanout(
+        self,
+        spec: GraphSpec,
+        fan: FanOut,
+        state: dict[str, Any],
+        run_config: Mapping[str, Any],
+    ) -> list[ParallelFlowResult]:
+        """Run a fan-out's branches, one result per branch in declaration order."""
+        tasks = [
+            BranchTask(
+                spec=spec,
+                branch=branch,
+                fan_in=fan.fan_in,
+                state=state,
+                run_config=run_config,
+                include_traceback=config.include_traceback,
+                index=i,
+            )
+            for i, (branch, config) in enumerate(zip(fan.branches, fan.configs, strict=True))
+        ]
+        groups: dict[str, list[int]] = {}
+        for i, config in enumerate(fan.configs):
+            groups.setdefault(config.strategy, []).append(i)
+        results: list[ParallelFlowResult | None] = [None] * len(tasks)
+
+        def run_group(strategy: str, indices: Sequence[int]) -> None:
+            done = get_executor(strategy).execute(
+                [tasks[i] for i in indices], [fan.configs[i] for i in indices], self
+            )
+            for i, result in zip(indices, done, strict=True):
+                results[i] = result
+
+        if len(groups) == 1:
+            (strategy, indices), = groups.items()
+            run_group(strategy, indices)
+        else:
+            with ThreadPoolExecutor(len(groups), thread_name_prefix="tea-dist-group") as pool:
+                for future in [pool.submit(run_group, s, ix) for s, ix in groups.items()]:
+                    future.result()
+        final = [r for r in results if r is not None]
+        _raise_for_fail_fast(final, fan.configs)
+        return final
+
+    def for_worker(self) -> Runtime:
+        """A runtime for nested fan-outs inside a branch running in this process."""
+        return replace(self, dispatcher=Dispatcher())
+
+
+def _raise_for_fail_fast(results: Sequence[ParallelFlowResult], configs: Sequence[ParallelConfig]) -> None:
+    """Under ``fail_fast``, the first failed branch ends the run."""
+    for result, config in zip(results, configs, strict=True):
+        if config.fail_fast and not result.success and result.error_type != "CancelledError":
+            cls = {"TimeoutError": BranchTimeoutError, "CircuitOpenError": CircuitOpenError}.get(
+                result.error_type or "", BranchError
+            )
+            raise cls(
+                f"branch '{result.branch}' failed ({result.error_type}: {result.error}); "
+                "fail_fast stopped the other branches",
+                branch=result.branch,
+                error_type=result.error_type,
+            )

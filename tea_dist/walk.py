@@ -1,0 +1,154 @@
+"""Walking a graph segment: run nodes from ``start`` until ``stop_at`` (a fan-in, or END).
+
+The main run and every branch attempt are walks; a fan-out met on the way is handed to the
+``FanOutRunner`` (the driver's, or a default one in a worker process), whose results feed the
+fan-in node. ``walk`` is a generator of ``Step``s returning the final state; ``awalk`` is the
+same walk for the asyncio strategy, awaiting ``async def`` nodes on the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .graph import END, FanOut, GraphSpec
+from .nodes import CancelToken, acall_node, call_node
+from .results import ParallelFlowResult
+
+
+class FanOutRunner(Protocol):
+    """Runs the branches of a fan-out and returns one result per branch, in order."""
+
+    def __call__(
+        self, spec: GraphSpec, fanout: FanOut, state: dict[str, Any], run_config: Mapping[str, Any]
+    ) -> list[ParallelFlowResult]: ...
+
+
+class Cancelled(Exception):
+    """Raised inside a walk when its cancel token was set between two nodes."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node done: its name and the state after it (``results``: a fan-out's results)."""
+
+    node: str
+    state: dict[str, Any]
+    results: tuple[ParallelFlowResult, ...] = ()
+
+
+@dataclass
+class Cursor:
+    """Where a walk is: the node running now (for error reports)."""
+
+    node: str = ""
+    steps: list[Step] = field(default_factory=list)
+
+
+def _merge(state: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    return {**state, **update} if update else state
+
+
+def walk(
+    spec: GraphSpec,
+    start: str,
+    stop_at: str,
+    state: dict[str, Any],
+    *,
+    fanout: FanOutRunner,
+    run_config: Mapping[str, Any] | None = None,
+    cancel_token: CancelToken | None = None,
+    cursor: Cursor | None = None,
+) -> Generator[Step, None, dict[str, Any]]:
+    """Run nodes from ``start`` up to (not including) ``stop_at``; return the final state."""
+    cursor = cursor or Cursor()
+    config = dict(run_config or {})
+    node, results = start, None
+    while node not in (stop_at, END):
+        if cancel_token is not None and cancel_token.is_cancelled():
+            raise Cancelled(f"cancelled before node '{node}'")
+        cursor.node = node
+        update = call_node(
+            spec.nodes[node].run,
+            state=state,
+            config=config,
+            node=node,
+            parallel_results=results,
+            cancel_token=cancel_token,
+        )
+        state, results = _merge(state, update), None
+        yield Step(node, state)
+        node, results = _next(spec, node, state, fanout, config)
+        if results is not None:
+            yield Step(node, state, tuple(results))
+    return state
+
+
+async def awalk(
+    spec: GraphSpec,
+    start: str,
+    stop_at: str,
+    state: dict[str, Any],
+    *,
+    fanout: FanOutRunner,
+    run_config: Mapping[str, Any] | None = None,
+    cancel_token: CancelToken | None = None,
+    cursor: Cursor | None = None,
+) -> AsyncIterator[Step]:
+    """``walk`` for a running event loop; the final state is the last step's state."""
+    cursor = cursor or Cursor()
+    config = dict(run_config or {})
+    node, results = start, None
+    while node not in (stop_at, END):
+        if cancel_token is not None and cancel_token.is_cancelled():
+            raise Cancelled(f"cancelled before node '{node}'")
+        cursor.node = node
+        update = await acall_node(
+            spec.nodes[node].run,
+            state=state,
+            config=config,
+            node=node,
+            parallel_results=results,
+            cancel_token=cancel_token,
+        )
+        state, results = _merge(state, update), None
+        yield Step(node, state)
+        if node in spec.fanouts:
+            node, results = await asyncio.to_thread(_next, spec, node, state, fanout, config)
+        else:
+            node, results = _next(spec, node, state, fanout, config)
+        if results is not None:
+            yield Step(node, state, tuple(results))
+
+
+def _next(
+    spec: GraphSpec,
+    node: str,
+    state: dict[str, Any],
+    fanout: FanOutRunner,
+    config: Mapping[str, Any],
+) -> tuple[str, list[ParallelFlowResult] | None]:
+    """The next node, and for a fan-out the branch results its fan-in will receive."""
+    fan = spec.fanouts.get(node)
+    if fan is None:
+        return spec.successor(node, state), None
+    return fan.fan_in, fanout(spec, fan, state, config)
+
+
+def run_segment(
+    spec: GraphSpec,
+    start: str,
+    stop_at: str,
+    state: dict[str, Any],
+    **kwargs: Any,
+) -> tuple[dict[str, Any], list[Step]]:
+    """Walk to the end of a segment, keeping the steps; returns (final state, steps)."""
+    steps: list[Step] = []
+    gen = walk(spec, start, stop_at, state, **kwargs)
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            return stop.value, steps
