@@ -168,7 +168,9 @@ async def arun_attempt(
 def _failed(
     task: BranchTask, exc: Exception, cursor: Cursor, started: float, steps: list[Step]
 ) -> AttemptOutcome:
-    error = ErrorInfo.from_exception(exc, include_traceback=task.include_traceback, node=cursor.node)
+    error = ErrorInfo.from_exception(
+        exc, include_traceback=task.include_traceback, node=cursor.node
+    )
     return AttemptOutcome(
         False, None, started, time.time(), steps, error=error, exception=exc, worker=worker_id()
     )
@@ -241,7 +243,9 @@ def after_attempt(ledger: BranchLedger, outcome: AttemptOutcome, now: float) -> 
     return Finish(_result(ledger, outcome, error))
 
 
-def _result(ledger: BranchLedger, outcome: AttemptOutcome, error: ErrorInfo | None) -> ParallelFlowResult:
+def _result(
+    ledger: BranchLedger, outcome: AttemptOutcome, error: ErrorInfo | None
+) -> ParallelFlowResult:
     start = ledger.first_start or outcome.started
     return ParallelFlowResult(
         branch=ledger.branch,
@@ -263,7 +267,9 @@ def _result(ledger: BranchLedger, outcome: AttemptOutcome, error: ErrorInfo | No
 
 def timeout_outcome(started: float, seconds: float | None, what: str = "attempt") -> AttemptOutcome:
     """The outcome of an attempt that was stopped by its timeout."""
-    return AttemptOutcome(False, None, started, time.time(), error=ErrorInfo.timed_out(seconds, what))
+    return AttemptOutcome(
+        False, None, started, time.time(), error=ErrorInfo.timed_out(seconds, what)
+    )
 
 
 def circuit_open_result(branch: str, circuit: str) -> ParallelFlowResult:
@@ -281,7 +287,9 @@ def circuit_open_result(branch: str, circuit: str) -> ParallelFlowResult:
     )
 
 
-def cancelled_result(branch: str, reason: str, ledger: BranchLedger | None = None) -> ParallelFlowResult:
+def cancelled_result(
+    branch: str, reason: str, ledger: BranchLedger | None = None
+) -> ParallelFlowResult:
     """The result of a branch cancelled because a sibling failed under ``fail_fast``."""
     now = time.time()
     start = ledger.first_start if ledger and ledger.first_start else now

@@ -76,7 +76,9 @@ class RetryPolicy(_Frozen):
             elif isinstance(item, str) and item.strip():
                 names.append(item.strip())
             else:
-                raise ValueError(f"retry_on entries must be exception classes or names, got {item!r}")
+                raise ValueError(
+                    f"retry_on entries must be exception classes or names, got {item!r}"
+                )
         return tuple(names)
 
     def delay_for(self, retry: int, rand: Callable[[], float] = random.random) -> float:

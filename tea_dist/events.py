@@ -109,7 +109,9 @@ class _Lane:
             try:
                 getattr(self.listener, event)(*args)
             except Exception:
-                logger.exception("callback %s.%s raised; ignored", type(self.listener).__name__, event)
+                logger.exception(
+                    "callback %s.%s raised; ignored", type(self.listener).__name__, event
+                )
             with self.lock:
                 if self.thread is not me:  # abandoned while hanging: a new thread took over
                     return
@@ -172,7 +174,12 @@ def _log(event: str, args: tuple[Any, ...]) -> None:
         attempt, delay, error = args[1], args[2], args[3]
         logger.warning(
             "branch %s: attempt %d failed (%s: %s); retry %d in %.3fs",
-            ctx.branch, attempt, type(error).__name__, error, attempt, delay,
+            ctx.branch,
+            attempt,
+            type(error).__name__,
+            error,
+            attempt,
+            delay,
         )
     elif event == "on_flow_error":
         logger.info("branch %s: attempt %d failed: %s", ctx.branch, args[2], args[1])

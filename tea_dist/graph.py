@@ -203,7 +203,9 @@ class StateGraph:
             raise GraphError("the graph has no entry point: call set_entry_point(node)")
         if len(entry) > 1:
             raise GraphError(f"the graph has several entry points: {entry}")
-        fanouts = {src: self._fanout(src, edges, graph_config) for src, edges in self._parallel.items()}
+        fanouts = {
+            src: self._fanout(src, edges, graph_config) for src, edges in self._parallel.items()
+        }
         spec = GraphSpec(
             name=self.name,
             nodes=dict(self._nodes),
@@ -259,7 +261,9 @@ class StateGraph:
     def _fanout(self, src: str, edges: list[ParallelEdge], graph_config: ParallelConfig) -> FanOut:
         fan_ins = {e.fan_in for e in edges}
         if len(fan_ins) > 1:
-            raise GraphError(f"parallel edges of '{src}' join at different fan-in nodes: {sorted(fan_ins)}")
+            raise GraphError(
+                f"parallel edges of '{src}' join at different fan-in nodes: {sorted(fan_ins)}"
+            )
         targets = [e.target for e in edges]
         if len(set(targets)) != len(targets):
             raise GraphError(f"node '{src}' has the same parallel edge twice: {targets}")

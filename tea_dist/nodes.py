@@ -88,7 +88,8 @@ async def acall_node(fn: Callable[..., Any] | None, **values: Any) -> dict[str, 
     """Call a node from a coroutine: async nodes are awaited, sync ones run off the loop."""
     if fn is None:
         return {}
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+    call = type(fn).__call__ if not inspect.isfunction(fn) else fn
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call):
         return normalise(await _invoke(fn, values))
     result = await asyncio.to_thread(_invoke, fn, values)
     if inspect.isawaitable(result):

@@ -47,24 +47,33 @@ class CompiledGraph:
         self.raise_exceptions = raise_exceptions
         self.callbacks = list(callbacks)
         self.callback_timeout = callback_timeout
-        self.breakers: BreakerStore = breaker_store or MemoryBreakerStore()
+        strategies = {
+            check_strategy(c.strategy) for fan in spec.fanouts.values() for c in fan.configs
+        }
         for fan in spec.fanouts.values():
-            for config in fan.configs:
-                get_executor(check_strategy(config.strategy)).check(spec, fan)
+            for strategy in {c.strategy for c in fan.configs}:
+                get_executor(strategy).check(spec, fan)
+        self.breakers: BreakerStore = breaker_store or _default_breakers("celery" in strategies)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def invoke(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Iterator[Event]:
+    def invoke(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
+    ) -> Iterator[Event]:
         """Run the graph; yields the ``final`` event (or an ``error`` event)."""
         return self._run(state, config, detailed=False)
 
-    def stream(self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Iterator[Event]:
+    def stream(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
+    ) -> Iterator[Event]:
         """Run the graph, yielding an event after every node and every branch."""
         return self._run(state, config, detailed=True)
 
-    def _run(self, state: Mapping[str, Any], config: Mapping[str, Any] | None, detailed: bool) -> Iterator[Event]:
+    def _run(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None, detailed: bool
+    ) -> Iterator[Event]:
         runtime = Runtime(
             graph_name=self.spec.name,
             dispatcher=Dispatcher(self.callbacks, self.callback_timeout),
@@ -72,7 +81,15 @@ class CompiledGraph:
         )
         cursor = Cursor()
         final = dict(state)
-        steps = walk(self.spec, self.spec.entry, END, final, fanout=runtime.fanout, run_config=config, cursor=cursor)
+        steps = walk(
+            self.spec,
+            self.spec.entry,
+            END,
+            final,
+            fanout=runtime.fanout,
+            run_config=config,
+            cursor=cursor,
+        )
         try:
             for step in steps:
                 if step.results:
@@ -87,7 +104,9 @@ class CompiledGraph:
             if self.raise_exceptions:
                 if isinstance(exc, TeaDistError):
                     raise
-                raise NodeError(f"node '{cursor.node}' failed: {type(exc).__name__}: {exc}") from exc
+                raise NodeError(
+                    f"node '{cursor.node}' failed: {type(exc).__name__}: {exc}"
+                ) from exc
             yield _error_event(cursor.node, exc)
             return
         runtime.dispatcher.flush()
@@ -97,11 +116,17 @@ class CompiledGraph:
 
     def reset_circuit(self, name: str | None = None) -> None:
         """Close one circuit (by name, or by branch name), or every circuit when None."""
-        names = [name] if name is None or name in self.breakers.states() else [f"{self.spec.name}:{name}"]
+        names = (
+            [name]
+            if name is None or name in self.breakers.states()
+            else [f"{self.spec.name}:{name}"]
+        )
         dispatcher = Dispatcher(self.callbacks, self.callback_timeout)
         for circuit_name in names:
             for circuit, old, new in self.breakers.reset(circuit_name):
-                dispatcher.emit("on_circuit_state_change", FlowContext(branch="", circuit=circuit), old, new)
+                dispatcher.emit(
+                    "on_circuit_state_change", FlowContext(branch="", circuit=circuit), old, new
+                )
         dispatcher.flush()
 
     def get_circuit_states(self) -> dict[str, CircuitState]:
@@ -109,9 +134,26 @@ class CompiledGraph:
         return self.breakers.states()
 
 
+def _default_breakers(distributed: bool) -> BreakerStore:
+    """Circuits of a graph with celery branches live in Redis, shared by every process."""
+    if not distributed:
+        return MemoryBreakerStore()
+    from .breaker_redis import RedisBreakerStore
+    from .celery_app import current_settings
+    from .keys import Keys
+
+    settings = current_settings()
+    return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
+
+
 def _branch_event(result: ParallelFlowResult) -> Event:
     if result.success:
-        return {"type": "parallel_state", "branch": result.branch, "state": result.state, "result": result}
+        return {
+            "type": "parallel_state",
+            "branch": result.branch,
+            "state": result.state,
+            "result": result,
+        }
     return {
         "type": "parallel_error",
         "branch": result.branch,

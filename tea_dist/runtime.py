@@ -65,12 +65,21 @@ class Runtime:
         breaker = config.circuit_breaker
         if breaker is None:
             return None
-        return breaker.name or f"{self.graph_name}:{branch}"
+        name = breaker.name or f"{self.graph_name}:{branch}"
+        if breaker.scope == "invocation" and not isinstance(
+            self.shared_breakers, MemoryBreakerStore
+        ):
+            return f"{self.run_id}/{name}"  # a fresh circuit per run in the shared store
+        return name
 
     def breakers(self, config: ParallelConfig) -> BreakerStore:
         """The store holding a config's circuits (fresh per invocation for that scope)."""
         breaker = config.circuit_breaker
-        if breaker is not None and breaker.scope == "invocation":
+        if (
+            breaker is not None
+            and breaker.scope == "invocation"
+            and isinstance(self.shared_breakers, MemoryBreakerStore)
+        ):
             return self._invocation_breakers
         return self.shared_breakers
 
@@ -133,7 +142,7 @@ class Runtime:
                 results[i] = result
 
         if len(groups) == 1:
-            (strategy, indices), = groups.items()
+            ((strategy, indices),) = groups.items()
             run_group(strategy, indices)
         else:
             with ThreadPoolExecutor(len(groups), thread_name_prefix="tea-dist-group") as pool:
@@ -148,7 +157,9 @@ class Runtime:
         return replace(self, dispatcher=Dispatcher())
 
 
-def _raise_for_fail_fast(results: Sequence[ParallelFlowResult], configs: Sequence[ParallelConfig]) -> None:
+def _raise_for_fail_fast(
+    results: Sequence[ParallelFlowResult], configs: Sequence[ParallelConfig]
+) -> None:
     """Under ``fail_fast``, the first failed branch ends the run."""
     for result, config in zip(results, configs, strict=True):
         if config.fail_fast and not result.success and result.error_type != "CancelledError":

@@ -49,3 +49,43 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     keys = list(client.scan_iter(match=f"{prefix}*", count=500))
     if keys:
         client.delete(*keys)
+
+
+CELERY_REDIS_URL = os.environ.get("TEA_DIST_TEST_CELERY_URL", "redis://127.0.0.1:6379/14")
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_url: str) -> Iterator[object]:
+    """A real flow worker (prefork, 2 processes) on its own queue and key prefix.
+
+    The test process's Celery app is pointed at the same settings.
+    """
+    import redis
+
+    from tea_dist.celery_app import configure, current_settings
+    from tests.cluster import TestCluster
+
+    url = CELERY_REDIS_URL if _redis_answers(CELERY_REDIS_URL) else redis_url
+    test_cluster = TestCluster(url)
+    previous = current_settings()
+    configure(test_cluster.settings())
+    test_cluster.start_worker("flows", concurrency=2)
+    try:
+        yield test_cluster
+    finally:
+        test_cluster.stop_all()
+        configure(previous)
+        client = redis.Redis.from_url(url)
+        for pattern in (f"{test_cluster.env['TEA_DIST_KEY_PREFIX']}*", f"*{test_cluster.tag}*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                client.delete(*keys)
+
+
+IN_PROCESS_STRATEGIES = ("thread", "process", "asyncio")
+
+
+@pytest.fixture(params=IN_PROCESS_STRATEGIES)
+def strategy(request: pytest.FixtureRequest) -> str:
+    """Each in-process strategy in turn: the same behavioural test runs on all of them."""
+    return str(request.param)

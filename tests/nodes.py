@@ -113,3 +113,176 @@ def fan_graph(
 def final_state(events: list[dict[str, Any]]) -> dict[str, Any]:
     assert events[-1]["type"] == "final", events[-1]
     return events[-1]["state"]
+
+
+# -- reliability suite (timeouts, retries, circuits, callbacks, stress) --
+#
+# Counters and markers live in files under ``config["counter_dir"]`` / ``config["marker_dir"]``
+# so that they count across processes too. Every node keeps its own file (named after the node).
+
+
+def _bump(config: dict[str, Any], node: str) -> int:
+    """Count one call of ``node``; returns the 1-based call number."""
+    path = Path(config["counter_dir"]) / f"{node}.count"
+    count = (int(path.read_text()) if path.exists() else 0) + 1
+    path.write_text(str(count))
+    return count
+
+
+def calls(directory: Any, node: str) -> int:
+    """How many times ``node`` ran (see ``_bump``)."""
+    path = Path(directory) / f"{node}.count"
+    return int(path.read_text()) if path.exists() else 0
+
+
+def _seconds(value: Any, node: str) -> float:
+    return float(value.get(node, 0.0) if isinstance(value, dict) else value)
+
+
+def slow_marker(
+    state: dict[str, Any], config: dict[str, Any], node: str, cancel_token: CancelToken
+) -> dict[str, Any]:
+    """Waits ``config['slow']`` seconds (cooperatively), then leaves a marker file.
+
+    A marker proves the work ran to its end: it must be absent for a cancelled branch.
+    """
+    if cancel_token.wait(_seconds(config.get("slow", 1.0), node)):
+        return {"cancelled": True}
+    (Path(config["marker_dir"]) / f"{node}.done").write_text("done")
+    return {f"done_{node}": True}
+
+
+def stubborn_marker(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Sleeps ``config['slow']`` seconds ignoring cancellation, then leaves a marker file."""
+    time.sleep(_seconds(config.get("slow", 1.0), node))
+    (Path(config["marker_dir"]) / f"{node}.done").write_text("done")
+    return {f"done_{node}": True}
+
+
+def fail_counted(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Counts its call, then raises ``ValueError('boom')``."""
+    _bump(config, node)
+    raise ValueError("boom")
+
+
+def service(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Counts its call; raises ``ConnectionError`` while ``node`` is in ``config['down']``."""
+    _bump(config, node)
+    if node in config.get("down", ()):
+        raise ConnectionError(f"{node} is down")
+    return {"value": state.get("value", 0) + 1, f"served_{node}": True}
+
+
+def slow_then_fast(
+    state: dict[str, Any], config: dict[str, Any], node: str, cancel_token: CancelToken
+) -> dict[str, Any]:
+    """Its first ``config['slow_times']`` calls hang (cooperatively, up to 10 s); later ones
+    take ``config['fast']`` seconds."""
+    count = _bump(config, node)
+    if count <= int(config.get("slow_times", 1)):
+        cancel_token.wait(10)
+        return {"late": True}
+    time.sleep(float(config.get("fast", 0.0)))
+    return {"attempts": count}
+
+
+def raise_named(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Counts its call; raises the builtin exception named by ``config['raise'][node]``."""
+    _bump(config, node)
+    import builtins
+
+    raise getattr(builtins, config["raise"][node])(f"{node} failed")
+
+
+def read_items_later(state: dict[str, Any]) -> dict[str, Any]:
+    """Waits a little (a sibling mutates its copy meanwhile), then reports what it sees."""
+    time.sleep(0.15)
+    return {"reader_saw": list(state.get("items", []))}
+
+
+def mutate_nested(state: dict[str, Any]) -> None:
+    """Mutates nested containers of its state in place, then returns nothing."""
+    state["items"].append("mutated")
+    state["nested"]["inner"].append("mutated")
+
+
+def echo(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Sleeps ``config['sleeps'][node]`` seconds, then returns its identity and input."""
+    time.sleep(float(config.get("sleeps", {}).get(node, 0.0)))
+    return {"who": node, "value": state.get("value", 0) * 1000 + int(node.rsplit("_", 1)[-1])}
+
+
+def chaos(
+    state: dict[str, Any], config: dict[str, Any], node: str, cancel_token: CancelToken
+) -> dict[str, Any]:
+    """Does what ``config['chaos'][node]`` says: ``ok``, ``fail`` or ``hang`` (cooperatively)."""
+    what = config["chaos"][node]
+    if what == "fail":
+        raise ValueError(f"chaos failure in {node}")
+    if what == "hang":
+        cancel_token.wait(10)
+        return {"late": True}
+    return {"who": node, "value": state.get("value", 0) + 1}
+
+
+# -- process and asyncio strategies --
+
+ASYNC_RECORD: list[str] = []  # what async nodes saw (same process: the asyncio strategy)
+CONCURRENCY = {"now": 0, "max": 0}  # async nodes running at once, and the peak
+
+
+def crash(state: dict[str, Any]) -> dict[str, Any]:
+    """Ends its process at once, as a segfault or the OOM killer would."""
+    os._exit(3)
+
+
+def where(state: dict[str, Any]) -> dict[str, Any]:
+    """Reports the process and thread it runs in."""
+    import threading
+
+    return {"pid": os.getpid(), "thread": threading.current_thread().name}
+
+
+def stubborn_with_pid(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Writes its pid to ``marker_dir/<node>.pid``, then behaves as ``stubborn_marker``."""
+    (Path(config["marker_dir"]) / f"{node}.pid").write_text(str(os.getpid()))
+    return stubborn_marker(state, config, node)
+
+
+def nested_structures(state: dict[str, Any]) -> dict[str, Any]:
+    """Transforms nested containers (dicts, lists, tuples, sets) of its input."""
+    data = state["data"]
+    return {
+        "data": {**data, "list": [*data["list"], {"added": (4, 5)}]},
+        "keys": sorted(data),
+        "pair": tuple(reversed(data["pair"])),
+        "tags": data["tags"] | {"new"},
+    }
+
+
+async def async_add_one(state: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(0)
+    return {"value": state.get("value", 0) + 1}
+
+
+async def async_cancellable(state: dict[str, Any], node: str) -> dict[str, Any]:
+    """Sleeps ``state['sleep']`` seconds; records in ``ASYNC_RECORD`` how it ended."""
+    try:
+        await asyncio.sleep(float(state.get("sleep", 5.0)))
+    except asyncio.CancelledError:
+        ASYNC_RECORD.append(f"cancelled:{node}")
+        raise
+    finally:
+        ASYNC_RECORD.append(f"finally:{node}")
+    return {f"done_{node}": True}
+
+
+async def async_count_concurrency(state: dict[str, Any]) -> dict[str, Any]:
+    """Counts the async nodes running at once in ``CONCURRENCY`` (one loop: no lock needed)."""
+    CONCURRENCY["now"] += 1
+    CONCURRENCY["max"] = max(CONCURRENCY["max"], CONCURRENCY["now"])
+    try:
+        await asyncio.sleep(0.005)
+    finally:
+        CONCURRENCY["now"] -= 1
+    return {"counted": True}

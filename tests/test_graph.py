@@ -35,7 +35,11 @@ def test_invoke_yields_final_event_with_state() -> None:
 
 def test_stream_yields_state_after_each_node() -> None:
     events = list(linear().compile().stream({"value": 1}))
-    assert [(e["type"], e.get("node")) for e in events] == [("state", "a"), ("state", "b"), ("final", None)]
+    assert [(e["type"], e.get("node")) for e in events] == [
+        ("state", "a"),
+        ("state", "b"),
+        ("final", None),
+    ]
     assert events[0]["state"]["value"] == 2
 
 
@@ -86,7 +90,9 @@ def test_conditional_edges_choose_target() -> None:
     g.add_node("check")
     g.add_node("big", run=lambda state: {"size": "big"})
     g.add_node("small", run=lambda state: {"size": "small"})
-    g.add_conditional_edges("check", lambda state: state["value"] > 5, {True: "big", False: "small"})
+    g.add_conditional_edges(
+        "check", lambda state: state["value"] > 5, {True: "big", False: "small"}
+    )
     g.set_entry_point("check")
     g.set_finish_point("big")
     g.set_finish_point("small")
@@ -155,7 +161,7 @@ def test_compile_rejects_fan_in_not_declared_as_fan_in() -> None:
     g.add_parallel_edge("s", "a", "m")
     g.add_edge("a", "m")
     g.set_entry_point("s")
-    with pytest.raises(GraphError, match="'m' .* is not a fan-in node"):
+    with pytest.raises(GraphError, match=r"'m' .* is not a fan-in node"):
         g.compile()
 
 
@@ -168,7 +174,9 @@ def test_compile_rejects_duplicate_node() -> None:
 
 def test_compile_rejects_unknown_strategy_listing_known_ones() -> None:
     g = fan_graph({"a": nodes.add_one}, config=ParallelConfig(strategy="quantum"))
-    with pytest.raises(ConfigError, match=r"unknown parallel strategy 'quantum'; known strategies: .*thread"):
+    with pytest.raises(
+        ConfigError, match=r"unknown parallel strategy 'quantum'; known strategies: .*thread"
+    ):
         g.compile()
 
 
@@ -243,12 +251,20 @@ def test_invoke_and_stream_give_fan_in_the_same_parallel_results() -> None:
 
     def merge(state: dict[str, Any], parallel_results: list[ParallelFlowResult]) -> dict[str, Any]:
         captured.append(
-            [{k: v for k, v in r.to_dict().items() if k not in ("timing_ms", "start_time", "end_time", "worker")}
-             for r in parallel_results]
+            [
+                {
+                    k: v
+                    for k, v in r.to_dict().items()
+                    if k not in ("timing_ms", "start_time", "end_time", "worker")
+                }
+                for r in parallel_results
+            ]
         )
         return {}
 
-    app = fan_graph({"a": nodes.add_one, "b": nodes.fail, "c": nodes.double}, fan_in=merge).compile()
+    app = fan_graph(
+        {"a": nodes.add_one, "b": nodes.fail, "c": nodes.double}, fan_in=merge
+    ).compile()
     list(app.invoke({"value": 2}))
     events = list(app.stream({"value": 2}))
     assert captured[0] == captured[1]
@@ -263,7 +279,10 @@ def test_nested_fan_out_inside_a_branch() -> None:
     g.add_node("outer_b")
     g.add_node("inner_x", run=nodes.add_one)
     g.add_node("inner_y", run=nodes.double)
-    g.add_fanin_node("inner_merge", run=lambda state, parallel_results: {"value": sum(r["value"] for r in parallel_results)})
+    g.add_fanin_node(
+        "inner_merge",
+        run=lambda state, parallel_results: {"value": sum(r["value"] for r in parallel_results)},
+    )
     g.add_fanin_node("merge", run=nodes.collect)
     g.add_parallel_edge("start", "outer_a", "merge")
     g.add_parallel_edge("start", "outer_b", "merge")

@@ -16,8 +16,12 @@ from tests import nodes
 from tests.nodes import fan_graph, final_state
 
 
-def results_of(graph_branches: dict[str, Any], config: ParallelConfig | None = None) -> list[dict[str, Any]]:
-    state = final_state(list(fan_graph(graph_branches, config=config).compile().invoke({"value": 1})))
+def results_of(
+    graph_branches: dict[str, Any], config: ParallelConfig | None = None
+) -> list[dict[str, Any]]:
+    state = final_state(
+        list(fan_graph(graph_branches, config=config).compile().invoke({"value": 1}))
+    )
     return state["results"]
 
 
@@ -34,7 +38,9 @@ def test_td13_unit_008_failure_result_fields() -> None:
     assert r["success"] is False and r["state"] is None
     assert r["error"] == "boom" and r["error_type"] == "ValueError"
     assert r["timeout"] is False and r["traceback"] is None
-    assert r["attempt_errors"] == [{"attempt": 1, "error": "boom", "error_type": "ValueError", "timeout": False}]
+    assert r["attempt_errors"] == [
+        {"attempt": 1, "error": "boom", "error_type": "ValueError", "timeout": False}
+    ]
 
 
 def test_td13_unit_009_timing_ms_is_end_minus_start() -> None:
@@ -89,7 +95,9 @@ def test_result_json_round_trip() -> None:
         start_time=time.time(),
         end_time=time.time(),
         circuit_state=CircuitState.HALF_OPEN,
-        attempt_errors=[{"attempt": 1, "error": "slow", "error_type": "TimeoutError", "timeout": True}],
+        attempt_errors=[
+            {"attempt": 1, "error": "slow", "error_type": "TimeoutError", "timeout": True}
+        ],
     )
     text = json.dumps(r.to_dict())
     assert ParallelFlowResult.from_dict(json.loads(text)) == r

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 class Backend(Protocol):
     """Where an in-process strategy runs one attempt, and how it stops one."""
 
-    def start(self, task: BranchTask, token: CancelToken, runtime: Runtime) -> Future[AttemptOutcome]:
+    def start(
+        self, task: BranchTask, token: CancelToken, runtime: Runtime
+    ) -> Future[AttemptOutcome]:
         """Begin an attempt; the future resolves to its outcome (never raises)."""
         ...
 
@@ -86,7 +88,13 @@ class _Supervisor:
         now = time.monotonic()
         self.runtime, self.backend, self.slots = runtime, backend, slots
         self.branches = [
-            _Branch(i, task, config, BranchLedger(task.branch, config, now), runtime.context(task, config))
+            _Branch(
+                i,
+                task,
+                config,
+                BranchLedger(task.branch, config, now),
+                runtime.context(task, config),
+            )
             for i, (task, config) in enumerate(zip(tasks, configs, strict=True))
         ]
         self.ready: deque[int] = deque(range(len(self.branches)))
@@ -173,7 +181,9 @@ class _Supervisor:
 
     # -- outcomes --
 
-    def _after(self, index: int, outcome: AttemptOutcome, now: float, emit_error: bool = True) -> None:
+    def _after(
+        self, index: int, outcome: AttemptOutcome, now: float, emit_error: bool = True
+    ) -> None:
         branch = self.branches[index]
         if branch.result is not None:  # already cancelled by fail-fast
             return
@@ -196,7 +206,9 @@ class _Supervisor:
     def _finish(self, branch: _Branch, result: ParallelFlowResult) -> None:
         branch.result = result
         self.pending -= 1
-        self.runtime.emit("on_flow_complete", _with_attempt(branch.ctx, branch.ledger.attempts), result)
+        self.runtime.emit(
+            "on_flow_complete", _with_attempt(branch.ctx, branch.ledger.attempts), result
+        )
         if branch.config.fail_fast and not result.success and result.error_type != "CancelledError":
             self._cancel_all(f"cancelled: fail_fast after branch '{branch.task.branch}' failed")
 

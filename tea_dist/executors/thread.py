@@ -109,7 +109,8 @@ class DaemonPool:
             count = len(self.abandoned)
         logger.warning(
             "a timed-out branch thread ignored its cancel token and is still running "
-            "(%d such threads now); nodes should check cancel_token", count,
+            "(%d such threads now); nodes should check cancel_token",
+            count,
         )
 
 
@@ -130,7 +131,9 @@ class ThreadExecutor:
 
     # -- Backend --
 
-    def start(self, task: BranchTask, token: CancelToken, runtime: Runtime) -> Future[AttemptOutcome]:
+    def start(
+        self, task: BranchTask, token: CancelToken, runtime: Runtime
+    ) -> Future[AttemptOutcome]:
         return self.pool.submit(lambda: run_attempt(task, runtime.fanout, token))
 
     def stop(self, future: Future[AttemptOutcome], token: CancelToken) -> None:

@@ -1,0 +1,76 @@
+"""The Celery application: built by a factory from ``Settings``, JSON only.
+
+``app`` is the process-wide instance (``celery -A tea_dist.celery_app worker`` finds it);
+``configure(settings)`` points it elsewhere from code. Creating or configuring it makes no
+connection. Worker-side policy: late acknowledgement and reject-on-worker-lost (a branch
+whose worker dies is delivered again), prefetch 1 (a long branch never holds short ones
+back), task events on (Flower), no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import Settings, get_settings
+
+TASK_NAMES = ("tea_dist.run_flow", "tea_dist.collect_flows")
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery configuration for ``settings``."""
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_expires": int(settings.result_expires),
+        "result_extended": False,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.flows_queue,
+        "task_routes": {
+            "tea_dist.run_flow": {"queue": settings.flows_queue},
+            "tea_dist.collect_flows": {"queue": settings.flows_queue},
+            "tea_dist.run_workflow": {"queue": settings.runs_queue},
+        },
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from ``settings`` (the environment by default)."""
+    settings = settings or get_settings()
+    celery = Celery("tea_dist", set_as_current=False)
+    celery.conf.update(celery_config(settings))
+    celery.tea_settings = settings  # type: ignore[attr-defined]
+    return celery
+
+
+app = make_app()
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the process-wide app at ``settings`` (before any task is sent)."""
+    app.conf.update(celery_config(settings))
+    app.tea_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings the process-wide app was configured with."""
+    return app.tea_settings  # type: ignore[attr-defined,no-any-return]
+
+
+# Register the tasks on the app whenever the app is imported (workers import this module).
+from . import tasks as _tasks  # noqa: E402,F401

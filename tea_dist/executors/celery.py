@@ -1,0 +1,390 @@
+"""The ``celery`` strategy: each branch is a ``tea_dist.run_flow`` task on a flow worker.
+
+The driver (this module, in the caller's process) checks everything before sending anything
+(JSON state, size limit, importable code, visibility timeout), asks each branch's circuit in
+Redis for admission (an open circuit sends no task), sends the branches as a chord whose body
+collects their results in declaration order, and then watches the run's event stream: it
+relays worker events to the callbacks, keeps one result per branch (a redelivered branch
+counts once), enforces ``timeout_total``, cancels siblings under ``fail_fast`` (a cooperative
+interrupt first, ``revoke(terminate=True)`` after a grace period), and notices a branch whose
+worker died (its heartbeat key lapsed) and sends it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import chord
+from celery.result import AsyncResult
+
+from ..attempt import BranchTask, cancelled_result, circuit_open_result
+from ..config import ParallelConfig
+from ..errors import ConfigError, RemoteError, SerializationError
+from ..graph import FanOut, GraphSpec
+from ..results import CircuitState, ParallelFlowResult
+from ..wire import check_fanout, check_json_state, encode_branch
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+MAX_REDISPATCH = 3
+
+
+class CeleryExecutor:
+    """Branches as Celery tasks; see the module docstring."""
+
+    def check(self, spec: GraphSpec, fanout: FanOut) -> None:
+        """Importable callables and no nested celery fan-out (``GraphError`` naming the node)."""
+        check_fanout(spec, fanout)
+
+    def execute(
+        self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
+    ) -> list[ParallelFlowResult]:
+        driver = _Driver(tasks, configs, runtime)
+        driver.validate()
+        try:
+            driver.dispatch()
+            driver.wait()
+        finally:
+            driver.cleanup()
+        return [r for r in driver.results if r is not None]
+
+
+class _Driver:
+    def __init__(
+        self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
+    ) -> None:
+        from ..celery_app import app, current_settings
+        from ..connections import redis_for
+        from ..keys import Keys
+
+        self.app = app
+        self.settings = current_settings()
+        self.client = redis_for(self.settings.redis)
+        self.keys = Keys(self.settings.key_prefix)
+        self.tasks, self.configs, self.runtime = list(tasks), list(configs), runtime
+        self.fanout_id = uuid.uuid4().hex
+        n = len(self.tasks)
+        self.results: list[ParallelFlowResult | None] = [None] * n
+        self.payloads: list[dict[str, Any] | None] = [None] * n
+        self.task_ids: list[str | None] = [None] * n
+        self.started = [False] * n
+        self.silent_since: list[float | None] = [None] * n
+        self.redispatched = [0] * n
+        self.stopping: dict[int, float] = {}  # branch -> time its cooperative cancel was sent
+        self.chord_result: AsyncResult | None = None
+        self.contexts = [
+            runtime.context(t, c) for t, c in zip(self.tasks, self.configs, strict=True)
+        ]
+        self.graphs: dict[str, Any] = {}
+
+    # -- before anything is sent --
+
+    def validate(self) -> None:
+        """Every check that must pass before the first message is published."""
+        for task, config in zip(self.tasks, self.configs, strict=True):
+            check_json_state(task.state, task.branch, self.settings.max_state_bytes)
+            try:
+                json.dumps(dict(task.run_config))
+            except (TypeError, ValueError) as exc:
+                raise SerializationError(
+                    f"the run config of branch '{task.branch}' cannot be sent as JSON: {exc}"
+                ) from exc
+            worst = self._longest_hold(config)
+            if worst >= self.settings.visibility_timeout:
+                raise ConfigError(
+                    f"branch '{task.branch}' may hold a message for {worst:g}s (retry delay plus "
+                    f"time limit), not below the broker visibility timeout of "
+                    f"{self.settings.visibility_timeout:g}s: it would be delivered twice; raise "
+                    "TEA_DIST_VISIBILITY_TIMEOUT or lower max_delay"
+                )
+            key = f"{task.branch}->{task.fan_in}"
+            if key not in self.graphs:
+                self.graphs[key] = encode_branch(task.spec, task.branch, task.fan_in)
+
+    def _longest_hold(self, config: ParallelConfig) -> float:
+        policy = config.retry()
+        delay = policy.delay_for(policy.max_retries - 1) if policy.max_retries else 0.0
+        limit = (config.timeout_seconds or 0.0) + self.settings.hard_limit_grace
+        return delay + limit
+
+    # -- sending --
+
+    def dispatch(self) -> None:
+        from ..tasks import collect_flows, run_flow
+
+        now = time.time()
+        signatures = []
+        for i, (task, config) in enumerate(zip(self.tasks, self.configs, strict=True)):
+            ctx = self.contexts[i]
+            admission = self.runtime.admit(ctx, config)
+            if admission is not None and not admission.allowed:
+                self._resolve(i, circuit_open_result(task.branch, ctx.circuit or ""))
+                continue
+            payload = {
+                "run": self.runtime.run_id,
+                "fanout": self.fanout_id,
+                "index": i,
+                "branch": task.branch,
+                "fan_in": task.fan_in,
+                "graph": self.graphs[f"{task.branch}->{task.fan_in}"],
+                "state": task.state,
+                "run_config": dict(task.run_config),
+                "config": config.model_dump(mode="json"),
+                "dispatched": now,
+                "circuit": ctx.circuit,
+                "probe": bool(admission and admission.probe),
+                "ledger": {"attempts": 0, "errors": [], "first_start": None},
+            }
+            self.payloads[i] = payload
+            signatures.append(run_flow.signature((payload,), **self._options(i, config, now)))
+        if signatures:
+            body = collect_flows.signature(queue=self.configs[0].queue or self.settings.flows_queue)
+            self.chord_result = chord(signatures)(body)
+
+    def _options(self, i: int, config: ParallelConfig, now: float) -> dict[str, Any]:
+        task_id = uuid.uuid4().hex
+        self.task_ids[i] = task_id
+        options: dict[str, Any] = {
+            "task_id": task_id,
+            "queue": config.queue or self.settings.flows_queue,
+            "argsrepr": f"(run={self.runtime.run_id[:8]}, graph={self.runtime.graph_name}, "
+            f"branch={self.tasks[i].branch})",
+            "kwargsrepr": "{}",
+        }
+        if config.timeout_seconds is not None:
+            options["soft_time_limit"] = config.timeout_seconds
+            options["time_limit"] = config.timeout_seconds + self.settings.hard_limit_grace
+        if config.timeout_total is not None:
+            options["expires"] = now + config.timeout_total
+        return options
+
+    # -- watching --
+
+    def wait(self) -> None:
+        stream, last = self.keys.events(self.runtime.run_id), "0-0"
+        next_check = time.monotonic() + self.settings.heartbeat_seconds
+        while any(r is None for r in self.results):
+            reply = self.client.xread({stream: last}, count=1000, block=100)
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    self._on_event({_s(k): _s(v) for k, v in fields.items()})
+            self._check_deadlines()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.settings.heartbeat_seconds
+                self._check_chord()
+                self._check_silent()
+        self._kill_stragglers()
+
+    def _on_event(self, fields: dict[str, str]) -> None:
+        if fields.get("fanout") != self.fanout_id:
+            return
+        i, event = int(fields["index"]), fields["event"]
+        data = json.loads(fields.get("data") or "{}")
+        ctx = self._ctx(i, int(fields.get("attempt", 1)), fields.get("worker"))
+        if event == "on_flow_start":
+            self.started[i] = True
+            self.runtime.emit(event, ctx)
+        elif event == "on_flow_error":
+            self.runtime.emit(event, ctx, _remote(data["error"]), ctx.attempt)
+        elif event == "on_flow_timeout":
+            self.runtime.emit(event, ctx, data.get("seconds"))
+        elif event == "on_flow_retry":
+            self.runtime.emit(event, ctx, ctx.attempt, data["delay"], _remote(data["error"]))
+        elif event == "on_circuit_state_change":
+            self.runtime.emit(event, ctx, CircuitState(data["old"]), CircuitState(data["new"]))
+        elif event == "on_flow_complete":
+            self._resolve(i, ParallelFlowResult.from_dict(data["result"]), ctx)
+
+    def _ctx(self, i: int, attempt: int = 1, worker: str | None = None) -> Any:
+        from dataclasses import replace
+
+        return replace(self.contexts[i], attempt=attempt, worker=worker)
+
+    def _resolve(self, i: int, result: ParallelFlowResult, ctx: Any = None) -> None:
+        """Keep the first result of a branch; later ones (redeliveries) are ignored."""
+        if self.results[i] is not None:
+            return
+        self.results[i] = result
+        self.runtime.emit("on_flow_complete", ctx or self._ctx(i), result)
+        config = self.configs[i]
+        if config.fail_fast and not result.success and result.error_type != "CancelledError":
+            reason = f"cancelled: fail_fast after branch '{result.branch}' failed"
+            for j, other in enumerate(self.results):
+                if other is None:
+                    self._stop(j)
+                    self._resolve(j, cancelled_result(self.tasks[j].branch, reason))
+
+    def _check_deadlines(self) -> None:
+        now = time.time()
+        for i, config in enumerate(self.configs):
+            payload = self.payloads[i]
+            if self.results[i] is not None or config.timeout_total is None or payload is None:
+                continue
+            if now >= payload["dispatched"] + config.timeout_total:
+                self._stop(i)
+                ctx = self._ctx(i)
+                self.runtime.emit("on_flow_timeout", ctx, config.timeout_total)
+                self._resolve(
+                    i,
+                    _timed_out(self.tasks[i].branch, payload["dispatched"], config.timeout_total),
+                    ctx,
+                )
+
+    def _check_chord(self) -> None:
+        """The chord body's result, when it arrives, is the authoritative ordered list."""
+        if self.chord_result is None or not self.chord_result.ready():
+            return
+        if self.chord_result.successful():
+            header = [i for i, p in enumerate(self.payloads) if p is not None]
+            for i, data in zip(header, self.chord_result.result, strict=True):
+                self._resolve(i, ParallelFlowResult.from_dict(data))
+        self.chord_result = None
+
+    def _check_silent(self) -> None:
+        """A started branch with no heartbeat: finished, died hard, waiting to retry, or lost."""
+        live = [i for i in range(len(self.tasks)) if self.results[i] is None and self.started[i]]
+        if not live:
+            return
+        beats = self.client.mget([self.keys.heartbeat(self.fanout_id, i) for i in live])
+        now = time.monotonic()
+        for i, beat in zip(live, beats, strict=True):
+            if beat is not None:
+                self.silent_since[i] = None
+                continue
+            async_result = AsyncResult(self.task_ids[i], app=self.app)
+            state = async_result.state
+            if state == "FAILURE":
+                self._resolve(
+                    i, _hard_failure(self.tasks[i].branch, async_result.result, self.configs[i])
+                )
+            elif state == "SUCCESS" and isinstance(async_result.result, dict):
+                self._resolve(i, ParallelFlowResult.from_dict(async_result.result))
+            elif state in ("STARTED", "PENDING"):
+                since = self.silent_since[i] = self.silent_since[i] or now
+                if now - since > self.settings.heartbeat_ttl:
+                    self._redispatch(i)
+
+    def _redispatch(self, i: int) -> None:
+        """The worker running branch ``i`` is gone: send the branch again."""
+        from ..tasks import run_flow
+
+        old = self.task_ids[i]
+        self.silent_since[i] = None
+        self.started[i] = False
+        if self.redispatched[i] >= MAX_REDISPATCH:
+            self._resolve(i, _lost(self.tasks[i].branch, self.redispatched[i]))
+            return
+        self.redispatched[i] += 1
+        if old:
+            self.app.control.revoke(old, terminate=True, signal="SIGKILL")
+        options = self._options(i, self.configs[i], time.time())
+        run_flow.apply_async((self.payloads[i],), **options)
+
+    # -- stopping --
+
+    def _stop(self, i: int) -> None:
+        """Interrupt branch ``i`` cooperatively now; it is killed if still running after a grace."""
+        task_id = self.task_ids[i]
+        if task_id is None or i in self.stopping:
+            return
+        key = self.keys.cancel(self.fanout_id, i)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, "cancel")
+        pipe.expire(key, int(self.settings.run_expires))
+        pipe.execute()
+        if not self.started[i]:
+            self.app.control.revoke(task_id)  # still queued: workers discard it
+        self.stopping[i] = time.monotonic()
+
+    def _kill_stragglers(self) -> None:
+        """Branches that ignored the interrupt are revoked with terminate after the grace."""
+        if not self.stopping:
+            return
+        deadline = max(self.stopping.values()) + self.settings.cancel_grace
+        pending = dict(self.stopping)
+        while pending and time.monotonic() < deadline:
+            beats = self.client.mget([self.keys.heartbeat(self.fanout_id, i) for i in pending])
+            pending = {
+                i: t
+                for (i, t), beat in zip(pending.items(), beats, strict=True)
+                if beat is not None
+            }
+            if pending:
+                time.sleep(0.05)
+        ids = [self.task_ids[i] for i in pending if self.task_ids[i]]
+        if ids:
+            self.app.control.revoke(ids, terminate=True, signal="SIGKILL")
+
+    def cleanup(self) -> None:
+        """Tell late deliveries the fan-out is over and forget consumed results."""
+        keys = [self.keys.cancel(self.fanout_id, i) for i in range(len(self.tasks))]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.keys.fanout_finished(self.fanout_id), 1, ex=int(self.settings.run_expires))
+        pipe.delete(*keys)
+        backend = self.app.backend
+        ids = [t for t in self.task_ids if t]
+        if self.chord_result is not None:
+            ids.append(self.chord_result.id)
+        for task_id in ids:
+            pipe.delete(backend.get_key_for_task(task_id))
+        pipe.execute()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _remote(error: dict[str, Any]) -> RemoteError:
+    return RemoteError(error.get("message", ""), error_type=error.get("type"))
+
+
+def _timed_out(branch: str, dispatched: float, seconds: float) -> ParallelFlowResult:
+    now = time.time()
+    return ParallelFlowResult(
+        branch=branch,
+        success=False,
+        error=f"branch timed out after {seconds:g}s (timeout_total)",
+        error_type="TimeoutError",
+        timeout=True,
+        timing_ms=(now - dispatched) * 1000,
+        start_time=dispatched,
+        end_time=now,
+    )
+
+
+def _hard_failure(branch: str, exc: Any, config: ParallelConfig) -> ParallelFlowResult:
+    """A task that died without returning: hard time limit, or a crash the worker saw."""
+    now = time.time()
+    name = type(exc).__name__ if isinstance(exc, BaseException) else "WorkerError"
+    timeout = name == "TimeLimitExceeded"
+    return ParallelFlowResult(
+        branch=branch,
+        success=False,
+        error=(
+            f"attempt timed out after {config.timeout_seconds:g}s; the worker process was killed"
+            if timeout and config.timeout_seconds
+            else f"{name}: {exc}"
+        ),
+        error_type="TimeoutError" if timeout else name,
+        timeout=timeout,
+        start_time=now,
+        end_time=now,
+    )
+
+
+def _lost(branch: str, times: int) -> ParallelFlowResult:
+    now = time.time()
+    return ParallelFlowResult(
+        branch=branch,
+        success=False,
+        error=f"the worker running this branch was lost {times + 1} times",
+        error_type="WorkerLostError",
+        start_time=now,
+        end_time=now,
+    )

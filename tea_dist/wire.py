@@ -1,0 +1,203 @@
+"""How a branch travels to a Celery worker: JSON naming code, never carrying it.
+
+A Python graph's branch travels as its nodes and edges, each callable named by
+``module:qualname`` (checked at compile time: a lambda, a closure or a ``__main__`` function
+fails naming its node). A YAML graph travels as its file path plus the file's SHA-256; the
+worker loads the file and refuses to run a different one. ``check_json_state`` rejects a state
+that cannot cross, naming the key and the branch, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .config import ParallelConfig
+from .errors import GraphError, SerializationError, StateTooLargeError
+from .graph import END, Conditional, FanOut, GraphSpec, Node
+
+
+def callable_path(fn: Callable[..., Any], node: str) -> str:
+    """``module:qualname`` of a module-level callable; ``GraphError`` naming the node otherwise."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<lambda>" in qualname or "<locals>" in qualname:
+        raise GraphError(
+            f"node '{node}' runs {fn!r}, which a Celery worker cannot import: "
+            "celery branches need module-level functions (no lambdas or closures)"
+        )
+    if module == "__main__":
+        raise GraphError(
+            f"node '{node}' runs {qualname} from __main__, which a Celery worker cannot import: "
+            "move it into an importable module"
+        )
+    try:
+        found = import_callable(f"{module}:{qualname}")
+    except GraphError:
+        found = None
+    if found is not fn and getattr(found, "__wrapped__", None) is not fn:
+        raise GraphError(
+            f"node '{node}' runs {module}:{qualname}, which does not import back to the same "
+            "object; celery branches need module-level functions"
+        )
+    return f"{module}:{qualname}"
+
+
+@lru_cache(maxsize=1024)
+def import_callable(path: str) -> Callable[..., Any]:
+    """Import ``module:qualname``; ``GraphError`` saying what could not be imported."""
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise GraphError(f"cannot import '{path}' on this worker: {exc}") from exc
+    return obj  # type: ignore[no-any-return]
+
+
+def branch_nodes(spec: GraphSpec, branch: str, fan_in: str) -> list[str]:
+    """Every node a branch may run, from its first node up to (not including) its fan-in."""
+    seen: list[str] = []
+    todo = [branch]
+    while todo:
+        node = todo.pop()
+        if node in seen or node in (fan_in, END):
+            continue
+        seen.append(node)
+        fan = spec.fanouts.get(node)
+        if fan is not None:
+            todo.extend(fan.branches)
+            todo.append(fan.fan_in)
+        todo.extend(spec.edges.get(node, ()))
+        cond = spec.conditionals.get(node)
+        if cond is not None:
+            todo.extend(cond.targets.values())
+    return seen
+
+
+def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
+    """The JSON description of the part of ``spec`` a branch runs."""
+    if spec.origin and "yaml" in spec.origin:
+        return {"yaml": spec.origin["yaml"], "sha256": spec.origin["sha256"], "name": spec.name}
+    names = branch_nodes(spec, branch, fan_in)
+    nodes = {}
+    for name in names:
+        node = spec.nodes[name]
+        run = callable_path(node.run, name) if node.run is not None else None
+        nodes[name] = {"run": run, "fan_in": node.fan_in}
+    conditionals = {
+        name: {
+            "func": callable_path(c.func, name),
+            "targets": [[k, t] for k, t in c.targets.items()],
+        }
+        for name, c in spec.conditionals.items()
+        if name in nodes
+    }
+    fanouts = {
+        name: {
+            "fan_in": f.fan_in,
+            "branches": list(f.branches),
+            "configs": [c.model_dump(mode="json", exclude_unset=False) for c in f.configs],
+        }
+        for name, f in spec.fanouts.items()
+        if name in nodes
+    }
+    edges = {name: list(spec.edges[name]) for name in names if name in spec.edges}
+    return {
+        "name": spec.name,
+        "nodes": nodes,
+        "edges": edges,
+        "conditionals": conditionals,
+        "fanouts": fanouts,
+    }
+
+
+def decode_branch(data: Mapping[str, Any], entry: str) -> GraphSpec:
+    """The ``GraphSpec`` a worker runs for an encoded branch (``GraphError`` if it cannot)."""
+    if "yaml" in data:
+        return load_checked_yaml(data["yaml"], data["sha256"])
+    nodes = {
+        name: Node(name, import_callable(n["run"]) if n["run"] else None, bool(n["fan_in"]))
+        for name, n in data["nodes"].items()
+    }
+    conditionals = {
+        name: Conditional(import_callable(c["func"]), {k: t for k, t in c["targets"]})
+        for name, c in data["conditionals"].items()
+    }
+    fanouts = {
+        name: FanOut(
+            name,
+            f["fan_in"],
+            tuple(f["branches"]),
+            tuple(ParallelConfig.model_validate(c) for c in f["configs"]),
+        )
+        for name, f in data["fanouts"].items()
+    }
+    edges = {name: tuple(t) for name, t in data["edges"].items()}
+    return GraphSpec(data["name"], nodes, edges, conditionals, fanouts, entry)
+
+
+def load_checked_yaml(path: str, sha256: str) -> GraphSpec:
+    """Load a YAML agent, refusing a file whose hash differs from the caller's."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise GraphError(f"this worker cannot read the YAML agent '{path}': {exc}") from exc
+    if digest != sha256:
+        raise GraphError(
+            f"the YAML agent '{path}' on this worker differs from the caller's "
+            f"(sha256 {digest[:12]} here, {sha256[:12]} sent); refusing to run other code"
+        )
+    return _load_yaml_spec(path, digest)
+
+
+@lru_cache(maxsize=64)
+def _load_yaml_spec(path: str, digest: str) -> GraphSpec:
+    from .yaml_loader import load_yaml
+
+    return load_yaml(path).to_spec()
+
+
+def check_json_state(state: Mapping[str, Any], branch: str, limit: int) -> str:
+    """The state as JSON text; ``SerializationError`` naming the key, or size over ``limit``."""
+    try:
+        text = json.dumps(state)
+    except (TypeError, ValueError):
+        for key, value in state.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise SerializationError(
+                    f"state key '{key}' of branch '{branch}' cannot be sent to a Celery worker "
+                    f"as JSON: {exc}"
+                ) from exc
+        raise
+    size = len(text.encode())
+    if size > limit:
+        raise StateTooLargeError(
+            f"the state of branch '{branch}' is {size} bytes of JSON, over the limit of "
+            f"{limit} bytes (TEA_DIST_MAX_STATE_BYTES)"
+        )
+    return text
+
+
+def check_fanout(spec: GraphSpec, fan: FanOut) -> None:
+    """Compile-time check of a celery fan-out: importable code, no nested celery fan-out."""
+    for branch, config in zip(fan.branches, fan.configs, strict=True):
+        if config.strategy != "celery":
+            continue
+        encode_branch(spec, branch, fan.fan_in)
+        for name in branch_nodes(spec, branch, fan.fan_in):
+            inner = spec.fanouts.get(name)
+            if inner is not None and any(c.strategy == "celery" for c in inner.configs):
+                raise GraphError(
+                    f"node '{name}' inside celery branch '{branch}' fans out with the celery "
+                    "strategy; a worker cannot wait on its own cluster: use thread, process or "
+                    "asyncio for the inner fan-out"
+                )

@@ -1,0 +1,69 @@
+"""Module-level nodes for the distributed tests (imported by the worker processes too)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def whoami(state: dict[str, Any], node: str) -> dict[str, Any]:
+    return {f"pid_{node}": os.getpid(), "value": state.get("value", 0) + 1}
+
+
+def sleep_then_mark(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Sleeps ``config['sleep'][node]`` seconds, then leaves a marker file (a side effect)."""
+    time.sleep(float(config.get("sleep", {}).get(node, 1.0)))
+    Path(config["marker_dir"], f"{node}.done").write_text(str(os.getpid()))
+    return {f"done_{node}": True}
+
+
+def mark_start_then_sleep(
+    state: dict[str, Any], config: dict[str, Any], node: str
+) -> dict[str, Any]:
+    """Records when it started (to measure slot reuse), then sleeps briefly."""
+    Path(config["marker_dir"], f"{node}.start").write_text(repr(time.time()))
+    time.sleep(float(config.get("sleep", {}).get(node, 0.1)))
+    return {f"done_{node}": True}
+
+
+def ignore_soft_limit(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Swallows every exception, the soft time limit included: only a kill stops it."""
+    end = time.time() + float(config.get("sleep", {}).get(node, 30))
+    while time.time() < end:
+        with contextlib.suppress(BaseException):  # deliberately ignores the soft limit
+            time.sleep(0.05)
+    Path(config["marker_dir"], f"{node}.done").write_text("survived")
+    return {}
+
+
+def flaky_file(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Fails ``config['fail_times']`` times, counting attempts in a file."""
+    path = Path(config["marker_dir"], f"{node}.count")
+    count = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(count + 1))
+    if count < int(config.get("fail_times", 1)):
+        raise ConnectionError(f"attempt {count + 1} failed")
+    return {"attempts": count + 1}
+
+
+def fail(state: dict[str, Any]) -> dict[str, Any]:
+    raise ValueError("remote boom")
+
+
+def collect(state: dict[str, Any], parallel_results: list[Any]) -> dict[str, Any]:
+    return {
+        "branches": [r.branch for r in parallel_results],
+        "ok": [r.success for r in parallel_results],
+        "results": [r.to_dict() for r in parallel_results],
+        "total": sum(r.get("value", 0) for r in parallel_results),
+    }
+
+
+def mark_and_fail(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Counts its runs in a file, then fails."""
+    path = Path(config["marker_dir"], f"{node}.count")
+    path.write_text(str(int(path.read_text()) + 1 if path.exists() else 1))
+    raise RuntimeError("always fails")
