@@ -1,0 +1,77 @@
+"""Every Redis key name tea_dist uses, built from one namespace.
+
+No other module spells a key: it asks ``Keys``. One prefix (``Settings.key_prefix``, default
+``"tea"``) scopes a deployment, so two deployments (or two test runs) can share a server, and
+``SCAN prefix*`` finds everything one of them wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+DEFAULT_PREFIX = "tea"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names under one ``prefix``.
+
+    Raises ``ConfigError`` when the prefix is empty or ends with ``":"`` (it would make keys
+    such as ``"tea::circuit:x"`` or collide with another namespace).
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or self.prefix.endswith(":"):
+            raise ConfigError(
+                f"Redis key prefix must be non-empty without a trailing ':': {self.prefix!r}"
+            )
+
+    # -- circuit breakers --
+
+    def circuit(self, name: str) -> str:
+        """The hash holding one circuit's state (fields state, failures, opened_at, probes)."""
+        return f"{self.circuit_prefix()}{name}"
+
+    def circuit_prefix(self) -> str:
+        """The start of every circuit hash name: ``circuit(name) == circuit_prefix() + name``."""
+        return f"{self.prefix}:circuit:"
+
+    def circuits_index(self) -> str:
+        """The set of every circuit name, so listing circuits needs no SCAN."""
+        return f"{self.prefix}:circuits"
+
+    # -- runs and fan-outs --
+
+    def events(self, run_id: str) -> str:
+        """The stream of lifecycle events of one run (expires with the run)."""
+        return f"{self.prefix}:run:{run_id}:events"
+
+    def heartbeat(self, fanout_id: str, index: int) -> str:
+        """Kept alive (short TTL) by the worker running branch ``index`` of a fan-out."""
+        return f"{self.prefix}:fanout:{fanout_id}:hb:{index}"
+
+    def cancel(self, fanout_id: str, index: int) -> str:
+        """A list the driver pushes to when branch ``index`` of a fan-out must stop."""
+        return f"{self.prefix}:fanout:{fanout_id}:cancel:{index}"
+
+    def fanout_finished(self, fanout_id: str) -> str:
+        """Set when a fan-out's driver is done; a late delivery of its branches is skipped."""
+        return f"{self.prefix}:fanout:{fanout_id}:finished"
+
+    # -- submitted workflow runs --
+
+    def run(self, run_id: str) -> str:
+        """The hash of a submitted run: status, graph, timestamps, result or error."""
+        return f"{self.prefix}:run:{run_id}"
+
+    def run_heartbeat(self, run_id: str) -> str:
+        """Kept alive by the run worker while it drives the run."""
+        return f"{self.prefix}:run:{run_id}:hb"
+
+    def run_cancelled(self, run_id: str) -> str:
+        """Set by ``WorkflowRun.cancel()``; the driver stops the run when it sees it."""
+        return f"{self.prefix}:run:{run_id}:cancel"
