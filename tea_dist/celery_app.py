@@ -58,13 +58,29 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+_explicit = "broker_url" in get_settings().model_fields_set
 
 
 def configure(settings: Settings) -> Celery:
     """Point the process-wide app at ``settings`` (before any task is sent)."""
+    global _explicit
+    _explicit = True
     app.conf.update(celery_config(settings))
     app.tea_settings = settings  # type: ignore[attr-defined]
     return app
+
+
+def driver_settings() -> Settings:
+    """Settings for a caller about to dispatch work.
+
+    With no broker configured anywhere (no ``TEA_DIST_BROKER_URL``, no ``configure()``), a
+    local cluster is started for this process and used.
+    """
+    if not _explicit:
+        from .local_cluster import ensure_cluster
+
+        configure(ensure_cluster().settings)
+    return current_settings()
 
 
 def current_settings() -> Settings:
@@ -73,4 +89,5 @@ def current_settings() -> Settings:
 
 
 # Register the tasks on the app whenever the app is imported (workers import this module).
+from . import apps as _apps  # noqa: E402,F401
 from . import tasks as _tasks  # noqa: E402,F401

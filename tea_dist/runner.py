@@ -14,6 +14,7 @@ the same ``parallel_results`` either way:
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from .errors import BranchError, NodeError, TeaDistError
 from .events import Dispatcher, FlowContext
 from .executors import check_strategy, get_executor
 from .graph import END, GraphSpec
+from .nodes import CancelToken
 from .results import CircuitState, ParallelFlowResult
 from .runtime import Runtime
 from .walk import Cursor, walk
@@ -53,31 +55,60 @@ class CompiledGraph:
         for fan in spec.fanouts.values():
             for strategy in {c.strategy for c in fan.configs}:
                 get_executor(strategy).check(spec, fan)
-        self.breakers: BreakerStore = breaker_store or _default_breakers("celery" in strategies)
+        self._breakers = breaker_store
+        self._distributed = "celery" in strategies
+
+    @property
+    def breakers(self) -> BreakerStore:
+        """Where this graph's circuits live (Redis when it has celery branches)."""
+        if self._breakers is None:
+            self._breakers = _default_breakers(self._distributed)
+        return self._breakers
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def invoke(
-        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
+        self,
+        state: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        cancel_token: CancelToken | None = None,
     ) -> Iterator[Event]:
-        """Run the graph; yields the ``final`` event (or an ``error`` event)."""
-        return self._run(state, config, detailed=False)
+        """Run the graph; yields the ``final`` event (or an ``error`` event).
+
+        ``run_id`` names the run (events of celery branches go to its stream);
+        ``cancel_token`` stops the run between nodes and cancels running branches.
+        """
+        return self._run(state, config, False, run_id, cancel_token)
 
     def stream(
-        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
+        self,
+        state: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        cancel_token: CancelToken | None = None,
     ) -> Iterator[Event]:
         """Run the graph, yielding an event after every node and every branch."""
-        return self._run(state, config, detailed=True)
+        return self._run(state, config, True, run_id, cancel_token)
 
     def _run(
-        self, state: Mapping[str, Any], config: Mapping[str, Any] | None, detailed: bool
+        self,
+        state: Mapping[str, Any],
+        config: Mapping[str, Any] | None,
+        detailed: bool,
+        run_id: str | None,
+        cancel_token: CancelToken | None,
     ) -> Iterator[Event]:
         runtime = Runtime(
             graph_name=self.spec.name,
             dispatcher=Dispatcher(self.callbacks, self.callback_timeout),
             shared_breakers=self.breakers,
+            run_id=run_id or uuid.uuid4().hex,
+            cancel_token=cancel_token or CancelToken(),
         )
         cursor = Cursor()
         final = dict(state)
@@ -88,6 +119,7 @@ class CompiledGraph:
             final,
             fanout=runtime.fanout,
             run_config=config,
+            cancel_token=runtime.cancel_token,
             cursor=cursor,
         )
         try:
@@ -139,10 +171,10 @@ def _default_breakers(distributed: bool) -> BreakerStore:
     if not distributed:
         return MemoryBreakerStore()
     from .breaker_redis import RedisBreakerStore
-    from .celery_app import current_settings
+    from .celery_app import driver_settings
     from .keys import Keys
 
-    settings = current_settings()
+    settings = driver_settings()
     return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
 
 

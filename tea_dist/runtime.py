@@ -24,6 +24,7 @@ from .errors import BranchError, BranchTimeoutError, CircuitOpenError
 from .events import Dispatcher, FlowContext
 from .executors import get_executor
 from .graph import FanOut, GraphSpec
+from .nodes import CancelToken
 from .results import CircuitState, ParallelFlowResult
 
 
@@ -35,6 +36,7 @@ class Runtime:
     dispatcher: Dispatcher = field(default_factory=Dispatcher)
     shared_breakers: BreakerStore = field(default_factory=MemoryBreakerStore)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancel_token: CancelToken = field(default_factory=CancelToken)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -164,8 +164,11 @@ def _load_yaml_spec(path: str, digest: str) -> GraphSpec:
     return load_yaml(path).to_spec()
 
 
-def check_json_state(state: Mapping[str, Any], branch: str, limit: int) -> str:
-    """The state as JSON text; ``SerializationError`` naming the key, or size over ``limit``."""
+def check_json_state(state: Mapping[str, Any], where: str, limit: int) -> str:
+    """The state as JSON text; ``SerializationError`` naming the key, or size over ``limit``.
+
+    ``where`` names whose state it is in messages, e.g. ``"branch 'b'"``.
+    """
     try:
         text = json.dumps(state)
     except (TypeError, ValueError):
@@ -174,14 +177,13 @@ def check_json_state(state: Mapping[str, Any], branch: str, limit: int) -> str:
                 json.dumps(value)
             except (TypeError, ValueError) as exc:
                 raise SerializationError(
-                    f"state key '{key}' of branch '{branch}' cannot be sent to a Celery worker "
-                    f"as JSON: {exc}"
+                    f"state key '{key}' of {where} cannot be sent to a Celery worker as JSON: {exc}"
                 ) from exc
         raise
     size = len(text.encode())
     if size > limit:
         raise StateTooLargeError(
-            f"the state of branch '{branch}' is {size} bytes of JSON, over the limit of "
+            f"the state of {where} is {size} bytes of JSON, over the limit of "
             f"{limit} bytes (TEA_DIST_MAX_STATE_BYTES)"
         )
     return text

@@ -6,11 +6,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tea_dist.settings import Settings
+from tea_dist.worker import spawn_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,59 +34,22 @@ class TestCluster:
             "TEA_DIST_RESULT_EXPIRES": "600",
         }
 
-    def settings(self):  # type: ignore[no-untyped-def]
-        from tea_dist.settings import Settings
-
+    def settings(self) -> Settings:
         return Settings(**{k.removeprefix("TEA_DIST_").lower(): v for k, v in self.env.items()})
 
     def start_worker(
-        self, name: str, concurrency: int = 2, queues: str | None = None
+        self, name: str, concurrency: int = 2, role: str = "flows", **overrides: str
     ) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
-        log = open(ROOT / f".worker-{self.tag}-{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tea_dist.celery_app",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                str(concurrency),
-                "-Q",
-                queues or self.env["TEA_DIST_FLOWS_QUEUE"],
-                "-n",
-                f"{name}-{self.tag}@%h",
-                "--without-mingle",
-                "--without-gossip",
-                "-E",
-                "--loglevel",
-                "INFO",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        proc = spawn_worker(
+            self.settings().with_overrides(**overrides),
+            role,
+            concurrency=concurrency,
+            name=f"{name}-{self.tag}@%h",
+            log_path=ROOT / f".worker-{self.tag}-{name}.log",
+            extra_env={"PYTHONPATH": str(ROOT)},
         )
         self.workers.append(proc)
-        self._wait_ready(f"{name}-{self.tag}", proc)
         return proc
-
-    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        from tea_dist.celery_app import app
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker {name} exited with {proc.returncode}")
-            replies = app.control.ping(timeout=0.3)
-            if any(name in host for reply in replies for host in reply):
-                return
-        raise RuntimeError(f"worker {name} did not come up within 30 s")
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Kill a worker and its pool children (its own process group)."""

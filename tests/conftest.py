@@ -70,6 +70,7 @@ def cluster(redis_url: str) -> Iterator[object]:
     previous = current_settings()
     configure(test_cluster.settings())
     test_cluster.start_worker("flows", concurrency=2)
+    test_cluster.start_worker("runs", concurrency=4, role="runs")
     try:
         yield test_cluster
     finally:

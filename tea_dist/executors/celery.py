@@ -58,12 +58,12 @@ class _Driver:
     def __init__(
         self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
     ) -> None:
-        from ..celery_app import app, current_settings
+        from ..celery_app import app, driver_settings
         from ..connections import redis_for
         from ..keys import Keys
 
         self.app = app
-        self.settings = current_settings()
+        self.settings = driver_settings()
         self.client = redis_for(self.settings.redis)
         self.keys = Keys(self.settings.key_prefix)
         self.tasks, self.configs, self.runtime = list(tasks), list(configs), runtime
@@ -87,7 +87,7 @@ class _Driver:
     def validate(self) -> None:
         """Every check that must pass before the first message is published."""
         for task, config in zip(self.tasks, self.configs, strict=True):
-            check_json_state(task.state, task.branch, self.settings.max_state_bytes)
+            check_json_state(task.state, f"branch '{task.branch}'", self.settings.max_state_bytes)
             try:
                 json.dumps(dict(task.run_config))
             except (TypeError, ValueError) as exc:
@@ -175,6 +175,8 @@ class _Driver:
                     last = entry_id
                     self._on_event({_s(k): _s(v) for k, v in fields.items()})
             self._check_deadlines()
+            if self.runtime.cancel_token.is_cancelled():
+                self._cancel_all("cancelled: the run was cancelled")
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.heartbeat_seconds
                 self._check_chord()
@@ -214,11 +216,13 @@ class _Driver:
         self.runtime.emit("on_flow_complete", ctx or self._ctx(i), result)
         config = self.configs[i]
         if config.fail_fast and not result.success and result.error_type != "CancelledError":
-            reason = f"cancelled: fail_fast after branch '{result.branch}' failed"
-            for j, other in enumerate(self.results):
-                if other is None:
-                    self._stop(j)
-                    self._resolve(j, cancelled_result(self.tasks[j].branch, reason))
+            self._cancel_all(f"cancelled: fail_fast after branch '{result.branch}' failed")
+
+    def _cancel_all(self, reason: str) -> None:
+        for j, other in enumerate(self.results):
+            if other is None:
+                self._stop(j)
+                self._resolve(j, cancelled_result(self.tasks[j].branch, reason))
 
     def _check_deadlines(self) -> None:
         now = time.time()

@@ -1,0 +1,263 @@
+"""Enqueue whole workflows from apps and come back for them: ``submit`` and ``WorkflowRun``.
+
+``submit(graph_ref, state)`` checks everything it can first (the graph resolves and compiles
+here, the state is JSON and within the size limit), records the run as ``pending`` and sends
+``tea_dist.run_workflow`` to the run queue. A run worker (thread pool) drives the run exactly
+as ``invoke()`` does, appending every graph event to the run's Redis stream, where branch
+workers append theirs. ``WorkflowRun(run_id)`` re-attaches from any process.
+
+Delivery: a run is executed at most once (its message is acknowledged when a run worker takes
+it); a run worker that dies mid-run leaves a ``running`` run without a heartbeat, which
+``status()`` reports as ``failed`` with that reason. Branches inside the run are delivered at
+least once (see the celery strategy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .celery_app import app, current_settings, driver_settings
+from .connections import redis_for
+from .errors import GraphError, RunCancelledError, RunFailedError, TeaDistError
+from .graph import StateGraph
+from .keys import Keys
+from .nodes import CancelToken
+from .wire import check_json_state
+
+FAIL_IF_ORPHANED = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'ended', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class RunStatus(StrEnum):
+    """Where a submitted run is."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
+
+
+def resolve_graph(graph_ref: str) -> StateGraph:
+    """A ``StateGraph`` from ``"pkg.module:attr"`` (a graph or a factory) or a YAML path."""
+    if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
+        from .yaml_loader import load_yaml
+
+        return load_yaml(str(Path(graph_ref).resolve()))
+    module_name, sep, attr = graph_ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise GraphError(f"graph reference '{graph_ref}' must be 'pkg.module:attr' or a YAML path")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise GraphError(f"cannot import graph '{graph_ref}': {exc}") from exc
+    if callable(obj) and not isinstance(obj, StateGraph):
+        obj = obj()
+    if not isinstance(obj, StateGraph):
+        raise GraphError(f"'{graph_ref}' is not a StateGraph or a factory returning one")
+    return obj
+
+
+def submit(
+    graph_ref: str, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> WorkflowRun:
+    """Enqueue a whole workflow run; returns its handle at once."""
+    settings = driver_settings()
+    resolve_graph(graph_ref).compile()  # a bad graph fails here, before anything is sent
+    check_json_state(state, "the run input", settings.max_state_bytes)
+    check_json_state(dict(config or {}), "the run config", settings.max_state_bytes)
+    if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
+        graph_ref = str(Path(graph_ref).resolve())  # run workers load YAML by absolute path
+    run = WorkflowRun(uuid.uuid4().hex)
+    now = time.time()
+    pipe = run.client.pipeline()
+    pipe.hset(run.key, mapping={"status": RunStatus.PENDING, "graph": graph_ref, "created": now})
+    pipe.expire(run.key, int(settings.run_expires))
+    pipe.execute()
+    run_workflow.apply_async(
+        (run.run_id, graph_ref, dict(state), dict(config or {})),
+        task_id=run.run_id,
+        queue=settings.runs_queue,
+        argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
+        kwargsrepr="{}",
+    )
+    return run
+
+
+class WorkflowRun:
+    """A submitted run, re-attachable by id from any process."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        settings = current_settings()
+        self.keys = Keys(settings.key_prefix)
+        self.client = redis_for(settings.redis)
+        self.key = self.keys.run(run_id)
+
+    def __repr__(self) -> str:
+        return f"WorkflowRun({self.run_id!r})"
+
+    def _record(self) -> dict[str, str]:
+        data = self.client.hgetall(self.key)
+        if not data:
+            raise TeaDistError(f"no run '{self.run_id}' (unknown, or expired)")
+        return {k.decode(): v.decode() for k, v in data.items()}
+
+    def status(self) -> RunStatus:
+        """pending, running, succeeded, failed or cancelled."""
+        self.client.eval(
+            FAIL_IF_ORPHANED,
+            2,
+            self.key,
+            self.keys.run_heartbeat(self.run_id),
+            "the run worker stopped (its heartbeat lapsed) during the run; the run was not retried",
+            time.time(),
+        )
+        return RunStatus(self._record()["status"])
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The final state; waits up to ``timeout`` seconds (forever when None).
+
+        Raises ``RunFailedError`` (with the reason) or ``RunCancelledError``, and
+        ``TimeoutError`` when the run is not done in time.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.02
+        while (status := self.status()) not in TERMINAL:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {self.run_id} is still {status} after {timeout}s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
+        record = self._record()
+        if status is RunStatus.CANCELLED:
+            raise RunCancelledError(f"run {self.run_id} was cancelled")
+        if status is RunStatus.FAILED:
+            raise RunFailedError(
+                f"run {self.run_id} failed: {record.get('error', 'unknown error')}"
+            )
+        return json.loads(record["result"])  # type: ignore[no-any-return]
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Every event of the run so far, from the start: graph events and branch events."""
+        for _id, fields in self.client.xrange(self.keys.events(self.run_id)):
+            data = {k.decode(): v.decode() for k, v in fields.items()}
+            payload = json.loads(data.pop("data", "{}") or "{}")
+            if data.get("event") == "graph":
+                yield payload
+            else:
+                yield {"type": "branch", **data, **payload}
+
+    def cancel(self) -> None:
+        """Stop the run: queued, it never starts; running, its branches are stopped."""
+        settings = current_settings()
+        pipe = self.client.pipeline()
+        pipe.set(self.keys.run_cancelled(self.run_id), 1, ex=int(settings.run_expires))
+        pipe.hget(self.key, "status")
+        _, status = pipe.execute()
+        if status is not None and status.decode() == RunStatus.PENDING:
+            self.client.hset(
+                self.key, mapping={"status": RunStatus.CANCELLED, "ended": time.time()}
+            )
+            app.control.revoke(self.run_id)
+
+
+class _RunWatch:
+    """While a run worker drives a run: keep its heartbeat, and turn a cancel into a token."""
+
+    def __init__(self, run: WorkflowRun) -> None:
+        self.run, self.token = run, CancelToken()
+        settings = current_settings()
+        self.every, self.ttl = settings.heartbeat_seconds, settings.heartbeat_ttl
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tea-dist-run-watch", daemon=True)
+
+    def __enter__(self) -> CancelToken:
+        self._beat()
+        self._thread.start()
+        return self.token
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(self.every * 2 + 1)
+        self.run.client.delete(self.run.keys.run_heartbeat(self.run.run_id))
+
+    def _beat(self) -> None:
+        key = self.run.keys.run_heartbeat(self.run.run_id)
+        pipe = self.run.client.pipeline()
+        pipe.set(key, 1, px=int(self.ttl * 1000))
+        pipe.exists(self.run.keys.run_cancelled(self.run.run_id))
+        if pipe.execute()[1]:
+            self.token.cancel()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                self._beat()
+            except Exception:  # a Redis hiccup: the next beat tries again
+                continue
+
+
+@app.task(bind=True, name="tea_dist.run_workflow", acks_late=False)
+def run_workflow(
+    self: Any, run_id: str, graph_ref: str, state: dict[str, Any], config: dict[str, Any]
+) -> str:
+    """Drive one submitted run on a run worker; the outcome goes to the run's record."""
+    run = WorkflowRun(run_id)
+    settings = current_settings()
+    if run._record()["status"] != RunStatus.PENDING:
+        return "skipped"
+    run.client.hset(run.key, mapping={"status": RunStatus.RUNNING, "started": time.time()})
+    stream = run.keys.events(run_id)
+    outcome: dict[str, Any] = {
+        "status": RunStatus.FAILED,
+        "error": "the run ended without a final event",
+    }
+    with _RunWatch(run) as token:
+        try:
+            graph = resolve_graph(graph_ref).compile()
+            for event in graph.stream(state, config, run_id=run_id, cancel_token=token):
+                run.client.xadd(
+                    stream, {"event": "graph", "data": json.dumps(event, default=_jsonable)}
+                )
+                if event["type"] == "final":
+                    outcome = {
+                        "status": RunStatus.SUCCEEDED,
+                        "result": json.dumps(event["state"], default=str),
+                    }
+                elif event["type"] == "error":
+                    outcome = {
+                        "status": RunStatus.FAILED,
+                        "error": f"{event.get('error_type')}: {event['error']}",
+                    }
+        except Exception as exc:
+            outcome = {"status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
+        if token.is_cancelled():
+            outcome = {"status": RunStatus.CANCELLED}
+    pipe = run.client.pipeline()
+    pipe.hset(run.key, mapping={**outcome, "ended": time.time()})
+    pipe.expire(stream, int(settings.run_expires))
+    pipe.execute()
+    return str(outcome["status"])
+
+
+def _jsonable(value: Any) -> Any:
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)

@@ -1,0 +1,142 @@
+"""Enqueueing whole workflows: submit, WorkflowRun, run workers (real Redis, real workers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tea_dist import WorkflowRun, submit
+from tea_dist.apps import RunStatus
+from tea_dist.errors import GraphError, RunCancelledError, RunFailedError, SerializationError
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def watch_statuses(run: WorkflowRun, timeout: float = 30) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run.status()
+        if not seen or seen[-1] != status:
+            seen.append(str(status))
+        if status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
+            return seen
+        time.sleep(0.02)
+    raise AssertionError(f"run still {seen[-1]} after {timeout}s")
+
+
+def test_submit_status_moves_pending_running_succeeded(cluster: Any, tmp_path: Path) -> None:
+    run = submit(
+        "tests.apps_graphs:two_branches",
+        {"value": 1},
+        {"marker_dir": str(tmp_path), "sleep": {"a": 0.5, "b": 0.5}},
+    )
+    seen = watch_statuses(run)
+    assert seen[-1] == "succeeded"
+    assert "running" in seen
+    assert seen[0] in ("pending", "running") and seen.index("running") < seen.index("succeeded")
+    state = run.result(timeout=5)
+    assert state["branches"] == ["a", "b"] and state["ok"] == [True, True]
+
+
+def test_submit_from_one_process_result_from_another(cluster: Any) -> None:
+    run = submit("tests.apps_graphs:quick", {"value": 2})
+    env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT)}
+    code = (
+        "import json, sys\n"
+        "from tea_dist import WorkflowRun\n"
+        "print(json.dumps(WorkflowRun(sys.argv[1]).result(timeout=30)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, run.run_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"total": 6' in out.stdout
+
+
+def test_events_replay_from_the_start(cluster: Any) -> None:
+    run = submit("tests.apps_graphs:quick", {"value": 0})
+    run.result(timeout=30)
+    events = list(WorkflowRun(run.run_id).events())
+    graph = [e["type"] for e in events if e["type"] != "branch"]
+    assert graph[0] == "state" and graph[-1] == "final"
+    branch = [(e["branch"], e["event"]) for e in events if e["type"] == "branch"]
+    assert ("a", "on_flow_start") in branch and ("b", "on_flow_complete") in branch
+
+
+def test_cancel_stops_running_branches(cluster: Any, tmp_path: Path) -> None:
+    run = submit(
+        "tests.apps_graphs:two_branches",
+        {},
+        {"marker_dir": str(tmp_path), "sleep": {"a": 3, "b": 3}},
+    )
+    deadline = time.monotonic() + 20
+    while not any(e.get("event") == "on_flow_start" for e in run.events()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run.cancel()
+    with pytest.raises(RunCancelledError):
+        run.result(timeout=20)
+    assert run.status() == "cancelled"
+    time.sleep(3.5)
+    assert not list(tmp_path.glob("*.done"))  # the branches' side effects never happened
+
+
+def test_cancel_pending_run_never_starts(cluster: Any, tmp_path: Path) -> None:
+    run = submit(
+        "tests.apps_graphs:two_branches",
+        {},
+        {"marker_dir": str(tmp_path), "sleep": {"a": 0.1, "b": 0.1}},
+    )
+    run.cancel()
+    with pytest.raises(RunCancelledError):
+        run.result(timeout=10)
+    time.sleep(1)
+    assert not list(tmp_path.glob("*.done"))
+
+
+def test_failed_run_result_raises_with_reason(cluster: Any) -> None:
+    run = submit("tests.apps_graphs:failing", {})
+    with pytest.raises(RunFailedError, match="ValueError: remote boom"):
+        run.result(timeout=30)
+    assert run.status() == "failed"
+
+
+def test_submit_rejects_bad_input_before_sending(cluster: Any) -> None:
+    with pytest.raises(GraphError, match=r"cannot import graph 'tests\.nope:graph'"):
+        submit("tests.nope:graph", {})
+    with pytest.raises(SerializationError, match="state key 'f' of the run input"):
+        submit("tests.apps_graphs:quick", {"f": object()})
+
+
+def test_run_worker_killed_mid_run_is_reported_failed(cluster: Any, tmp_path: Path) -> None:
+    """Choice: a run is executed at most once; its worker dying fails it with a clear reason."""
+    from tea_dist.celery_app import configure, current_settings
+
+    queue = f"tea.runs.victim.{cluster.tag}"
+    victim = cluster.start_worker("runs-victim", concurrency=2, role="runs", runs_queue=queue)
+    settings = current_settings()
+    configure(settings.with_overrides(runs_queue=queue))
+    try:
+        run_config = {"marker_dir": str(tmp_path), "sleep": {"a": 4, "b": 4}}
+        run = submit("tests.apps_graphs:two_branches", {}, run_config)
+    finally:
+        configure(settings)
+    deadline = time.monotonic() + 20
+    while run.status() != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cluster.kill(victim)
+    with pytest.raises(RunFailedError, match="run worker stopped"):
+        run.result(timeout=30)
