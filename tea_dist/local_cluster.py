@@ -65,6 +65,59 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 @dataclass
+class EmbeddedRedis:
+    """A Redis server child process on a free loopback port, keeping nothing on disk."""
+
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tea-dist-redis-")))
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        """Start the server and wait until it answers (``TeaDistError`` if it does not)."""
+        import redis
+
+        self.process = proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=open(self.workdir / "redis.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise TeaDistError(f"the embedded Redis server exited with code {proc.returncode}")
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise TeaDistError("the embedded Redis server did not answer within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
 class LocalCluster:
     """Redis + flow workers + a run worker (+ Flower) as child processes of this one."""
 
@@ -78,6 +131,7 @@ class LocalCluster:
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="tea-dist-cluster-"))
     )
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    redis: EmbeddedRedis | None = None
 
     @property
     def redis_url(self) -> str:
@@ -123,37 +177,9 @@ class LocalCluster:
         return self
 
     def _start_redis(self) -> None:
-        proc = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=open(self.workdir / "redis.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes["redis"] = proc
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise TeaDistError(f"the embedded Redis server exited with code {proc.returncode}")
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    return
-            time.sleep(0.05)
-        raise TeaDistError("the embedded Redis server did not answer within 10 s")
+        self.redis = EmbeddedRedis(port=self.redis_port, workdir=self.workdir / "redis")
+        self.redis.workdir.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
 
     def _start_flower(self) -> None:
         argv = [
@@ -178,12 +204,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop workers and Flower first, Redis last; remove the work directory."""
-        for name, proc in reversed(list(self.processes.items())):
-            if name != "redis":
-                _stop(proc)
-        if "redis" in self.processes:
-            _stop(self.processes["redis"])
+        for proc in reversed(list(self.processes.values())):
+            _stop(proc)
         self.processes.clear()
+        if self.redis is not None:
+            self.redis.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:

@@ -31,11 +31,22 @@ def _redis_answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """URL of a live Redis server for this test session."""
-    if not _redis_answers(TEST_REDIS_URL):
-        pytest.fail(f"no Redis answers at {TEST_REDIS_URL}")
-    return TEST_REDIS_URL
+def redis_url() -> Iterator[str]:
+    """URL of a live Redis server for this test session.
+
+    The machine's server when it answers; otherwise the embedded server of the local
+    cluster, started for the session (a fresh machine needs nothing but Python).
+    """
+    if _redis_answers(TEST_REDIS_URL):
+        yield TEST_REDIS_URL
+        return
+    from tea_dist.local_cluster import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    try:
+        yield server.url.rsplit("/", 1)[0] + "/13"
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -65,7 +76,11 @@ def cluster(redis_url: str) -> Iterator[object]:
     from tea_dist.celery_app import configure, current_settings
     from tests.cluster import TestCluster
 
-    url = CELERY_REDIS_URL if _redis_answers(CELERY_REDIS_URL) else redis_url
+    url = (
+        CELERY_REDIS_URL
+        if _redis_answers(CELERY_REDIS_URL)
+        else redis_url.rsplit("/", 1)[0] + "/14"
+    )
     test_cluster = TestCluster(url)
     previous = current_settings()
     configure(test_cluster.settings())

@@ -1,0 +1,71 @@
+"""The zero set-up path: a distributed run with no broker configured anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import json
+from tea_dist import ParallelConfig
+from tea_dist.celery_app import current_settings
+from tests import celery_nodes as cn
+from tests.nodes import fan_graph
+
+app = fan_graph({"a": cn.whoami, "b": cn.whoami}, config=ParallelConfig(strategy="celery"),
+                fan_in=cn.collect).compile()
+events = list(app.invoke({"value": 1}))
+print(json.dumps({"state": events[-1]["state"], "broker": current_settings().broker}))
+"""
+
+
+@pytest.mark.celery
+def test_celery_run_without_broker_starts_and_stops_a_local_cluster() -> None:
+    prefix = f"tea-zero-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEA_DIST_")}
+    env.update(PYTHONPATH=str(ROOT), TEA_DIST_KEY_PREFIX=prefix)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["state"]["ok"] == [True, True] and report["state"]["total"] == 4
+    pids = {r["state"][f"pid_{r['branch']}"] for r in report["state"]["results"]}
+    assert len(pids) >= 1 and all(isinstance(p, int) for p in pids)
+    port = int(report["broker"].rsplit(":", 1)[1].split("/")[0])
+    assert port != 6379  # an embedded server on its own port, not the machine's Redis
+    _assert_machine_redis_untouched(prefix)
+    _assert_port_closed(port)  # the cluster was stopped with the process
+
+
+def _assert_machine_redis_untouched(prefix: str) -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=0.5)
+        client.ping()
+    except redis.ConnectionError:
+        return  # no machine Redis at all: nothing could have been used
+    for db in range(16):
+        keys = list(redis.Redis(host="127.0.0.1", port=6379, db=db).scan_iter(match=f"{prefix}*"))
+        assert keys == [], f"the machine's Redis db {db} got keys {keys[:3]}"
+
+
+def _assert_port_closed(port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
