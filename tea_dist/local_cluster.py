@@ -94,7 +94,7 @@ class EmbeddedRedis:
                 "--dir",
                 str(self.workdir),
             ],
-            stdout=open(self.workdir / "redis.log", "wb"),  # noqa: SIM115
+            stdout=open(self.workdir / "redis.log", "wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -197,7 +197,7 @@ class LocalCluster:
         self.processes["flower"] = subprocess.Popen(
             argv,
             env={**os.environ, **settings_env(self.settings)},
-            stdout=open(self.workdir / "flower.log", "wb"),  # noqa: SIM115
+            stdout=open(self.workdir / "flower.log", "wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -85,7 +85,7 @@ def spawn_worker(
     """Start a worker process in its own process group and wait until it answers a ping."""
     env = {**os.environ, **settings_env(settings), **(extra_env or {})}
     argv = worker_argv(settings, role, concurrency=concurrency, name=name)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", *argv],
         env=env,

@@ -1,0 +1,90 @@
+"""The executor abstraction (seed 002): protocol, factory, default, same results everywhere."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import pytest
+
+from tea_dist import ParallelConfig, ParallelExecutor, get_executor
+from tea_dist.errors import ConfigError
+from tea_dist.executors import known_strategies
+from tea_dist.executors.asyncio import AsyncioExecutor
+from tea_dist.executors.process import ProcessExecutor
+from tea_dist.executors.thread import ThreadExecutor
+from tests import nodes
+from tests.nodes import fan_graph, final_state
+
+VOLATILE = ("timing_ms", "start_time", "end_time", "worker")
+
+
+def stable_results(state: dict[str, Any], parallel_results: list[Any]) -> dict[str, Any]:
+    """Fan-in keeping what must not depend on the strategy (not timing, not the worker)."""
+    return {
+        "results": [
+            {k: v for k, v in r.to_dict().items() if k not in VOLATILE} for r in parallel_results
+        ]
+    }
+
+
+def test_p001_unit_001_protocol_defines_execute_and_check() -> None:
+    execute = inspect.signature(ParallelExecutor.execute)
+    check = inspect.signature(ParallelExecutor.check)
+    assert list(execute.parameters) == ["self", "tasks", "configs", "runtime"]
+    assert list(check.parameters) == ["self", "spec", "fanout"]
+    assert not isinstance(object(), ParallelExecutor)
+
+
+def test_p001_unit_002_thread_executor_implements_protocol() -> None:
+    assert isinstance(ThreadExecutor(), ParallelExecutor)
+
+
+def test_p001_unit_003_process_executor_implements_protocol() -> None:
+    assert isinstance(ProcessExecutor(), ParallelExecutor)
+    assert isinstance(AsyncioExecutor(), ParallelExecutor)
+
+
+def test_p001_int_001_factory_returns_executor_types() -> None:
+    assert type(get_executor("thread")) is ThreadExecutor
+    assert type(get_executor("process")) is ProcessExecutor
+    assert type(get_executor("asyncio")) is AsyncioExecutor
+    assert get_executor(" Process ") is get_executor("process")  # one shared instance
+
+
+def test_p001_unit_007_unknown_strategy_error_lists_known_ones() -> None:
+    assert {"thread", "process", "asyncio", "celery"} <= set(known_strategies())
+    with pytest.raises(ConfigError, match="unknown parallel strategy 'gpu'") as info:
+        get_executor("gpu")
+    assert "asyncio, celery, process, thread" in str(info.value)
+
+
+def test_p001_e2e_002_default_strategy_is_thread() -> None:
+    assert ParallelConfig().strategy == "thread"
+    state = final_state(list(fan_graph({"a": nodes.where}).compile().invoke({})))
+    (result,) = state["results"]
+    assert result["state"]["pid"] == os.getpid()
+    assert result["state"]["thread"].startswith("tea-dist-branch")
+
+
+@pytest.mark.parametrize("strategy", ["process", "asyncio"])
+def test_p001_int_002_thread_results_identical_across_strategies(strategy: str) -> None:
+    branches = {
+        "inc": nodes.add_one,
+        "dbl": nodes.double,
+        "mut": nodes.mutate_in_place,
+        "bad": nodes.fail,
+        "conn": nodes.fail_connection,
+    }
+    start = {"value": 3, "items": ["orig"]}
+
+    def run(config: ParallelConfig) -> dict[str, Any]:
+        graph = fan_graph(branches, config=config, fan_in=stable_results)
+        return final_state(list(graph.compile().invoke(start)))
+
+    reference = run(ParallelConfig(strategy="thread"))
+    other = run(ParallelConfig(strategy=strategy))
+    assert other == reference
+    assert [r["success"] for r in reference["results"]] == [True, True, True, False, False]
+    assert reference["results"][3]["error_type"] == "ValueError"
