@@ -9,7 +9,7 @@ business of ``tea_dist.runner``.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .config import ParallelConfig, resolve_config
@@ -86,6 +86,45 @@ class GraphSpec:
             return cond.targets[key]
         targets = self.edges.get(node, ())
         return targets[0] if targets else END
+
+    def branch_nodes(self, branch: str, fan_in: str) -> tuple[list[str], bool]:
+        """Nodes a branch may run before ``fan_in`` (nested fan-outs included), in visit
+        order, and whether ``fan_in`` is reachable at all."""
+        seen: list[str] = []
+        reached = False
+        todo = [branch]
+        while todo:
+            node = todo.pop()
+            if node == fan_in:
+                reached = True
+                continue
+            if node in seen or node == END:
+                continue
+            seen.append(node)
+            fan = self.fanouts.get(node)
+            if fan is not None:
+                todo.extend((*fan.branches, fan.fan_in))
+            todo.extend(self.edges.get(node, ()))
+            cond = self.conditionals.get(node)
+            if cond is not None:
+                todo.extend(cond.targets.values())
+        return seen, reached
+
+    def branch_part(self, branch: str, fan_in: str) -> GraphSpec:
+        """The part of this graph a branch runs: what another process needs, nothing more."""
+        names = set(self.branch_nodes(branch, fan_in)[0])
+
+        def keep(mapping: Mapping[str, Any]) -> dict[str, Any]:
+            return {name: value for name, value in mapping.items() if name in names}
+
+        return replace(
+            self,
+            nodes=keep(self.nodes),
+            edges=keep(self.edges),
+            conditionals=keep(self.conditionals),
+            fanouts=keep(self.fanouts),
+            entry=branch,
+        )
 
 
 def call_condition(func: NodeFn, state: Mapping[str, Any]) -> Any:
@@ -217,7 +256,10 @@ class StateGraph:
         )
         for fanout in fanouts.values():
             for branch in fanout.branches:
-                _check_reaches(spec, branch, fanout.fan_in)
+                if not spec.branch_nodes(branch, fanout.fan_in)[1]:
+                    raise GraphError(
+                        f"branch '{branch}' cannot reach its fan-in node '{fanout.fan_in}'"
+                    )
         return spec
 
     def _check_references(self) -> None:
@@ -273,23 +315,3 @@ class StateGraph:
             branches=tuple(targets),
             configs=tuple(resolve_config(graph_config, e.config) for e in edges),
         )
-
-
-def _check_reaches(spec: GraphSpec, branch: str, fan_in: str) -> None:
-    """Every branch must be able to reach its fan-in by normal, conditional or nested edges."""
-    seen: set[str] = set()
-    todo = [branch]
-    while todo:
-        node = todo.pop()
-        if node == fan_in:
-            return
-        if node in seen or node == END:
-            continue
-        seen.add(node)
-        if node in spec.fanouts:
-            todo.append(spec.fanouts[node].fan_in)
-        todo.extend(spec.edges.get(node, ()))
-        cond = spec.conditionals.get(node)
-        if cond is not None:
-            todo.extend(cond.targets.values())
-    raise GraphError(f"branch '{branch}' cannot reach its fan-in node '{fan_in}'")

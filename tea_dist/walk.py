@@ -22,7 +22,7 @@ class FanOutRunner(Protocol):
     """Runs the branches of a fan-out and returns one result per branch, in order."""
 
     def __call__(
-        self, spec: GraphSpec, fanout: FanOut, state: dict[str, Any], run_config: Mapping[str, Any]
+        self, spec: GraphSpec, fan: FanOut, state: dict[str, Any], run_config: Mapping[str, Any]
     ) -> list[ParallelFlowResult]: ...
 
 

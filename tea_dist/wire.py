@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import ParallelConfig
 from .errors import GraphError, SerializationError, StateTooLargeError
-from .graph import END, Conditional, FanOut, GraphSpec, Node
+from .graph import Conditional, FanOut, GraphSpec, Node
 
 
 def callable_path(fn: Callable[..., Any], node: str) -> str:
@@ -61,31 +61,11 @@ def import_callable(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def branch_nodes(spec: GraphSpec, branch: str, fan_in: str) -> list[str]:
-    """Every node a branch may run, from its first node up to (not including) its fan-in."""
-    seen: list[str] = []
-    todo = [branch]
-    while todo:
-        node = todo.pop()
-        if node in seen or node in (fan_in, END):
-            continue
-        seen.append(node)
-        fan = spec.fanouts.get(node)
-        if fan is not None:
-            todo.extend(fan.branches)
-            todo.append(fan.fan_in)
-        todo.extend(spec.edges.get(node, ()))
-        cond = spec.conditionals.get(node)
-        if cond is not None:
-            todo.extend(cond.targets.values())
-    return seen
-
-
 def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
     """The JSON description of the part of ``spec`` a branch runs."""
     if spec.origin and "yaml" in spec.origin:
         return {"yaml": spec.origin["yaml"], "sha256": spec.origin["sha256"], "name": spec.name}
-    names = branch_nodes(spec, branch, fan_in)
+    names = spec.branch_nodes(branch, fan_in)[0]
     nodes = {}
     for name in names:
         node = spec.nodes[name]
@@ -195,7 +175,7 @@ def check_fanout(spec: GraphSpec, fan: FanOut) -> None:
         if config.strategy != "celery":
             continue
         encode_branch(spec, branch, fan.fan_in)
-        for name in branch_nodes(spec, branch, fan.fan_in):
+        for name in spec.branch_nodes(branch, fan.fan_in)[0]:
             inner = spec.fanouts.get(name)
             if inner is not None and any(c.strategy == "celery" for c in inner.configs):
                 raise GraphError(

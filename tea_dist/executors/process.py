@@ -15,8 +15,8 @@ at a time, received pickled over a pipe, through the shared ``run_attempt`` and 
   ``SerializationError`` naming the key and the branch, and ``compile()`` refuses a branch
   whose node or condition callables cannot be pickled (a lambda, a closure), naming the node.
 
-Only the nodes a branch can reach travel with it (``branch_spec``), so lambdas elsewhere in the
-graph do not matter. A nested fan-out inside a branch runs in the worker on a fresh
+Only the nodes a branch can reach travel with it (``GraphSpec.branch_part``), so lambdas
+elsewhere in the graph do not matter. A nested fan-out inside a branch runs in the worker on a fresh
 ``Runtime`` (thread strategy unless configured otherwise); its callbacks fire in the worker.
 Workers are reused across invocations; idle ones stay (up to the largest ``max_workers`` seen)
 and all are killed at interpreter exit. As with ``multiprocessing``, a script using this
@@ -24,7 +24,7 @@ strategy needs the ``if __name__ == "__main__":`` guard (workers import the main
 node functions defined there work).
 
 Public helpers: ``dump_task`` (the pickle pre-check), ``check_branch`` (the compile-time
-check), ``branch_spec``; ``WorkerPool`` and ``ProcessExecutor.shutdown`` for tests and tools.
+check); ``WorkerPool`` and ``ProcessExecutor.shutdown`` for tests and tools.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt
 from ..config import ParallelConfig, exception_names
 from ..errors import ConfigError, GraphError, SerializationError
-from ..graph import END, FanOut, GraphSpec
+from ..graph import FanOut, GraphSpec
 from ..nodes import CancelToken
 from ..results import ParallelFlowResult
 from .local import supervise
@@ -73,36 +73,6 @@ def default_workers() -> int:
 # -- what travels: the branch's part of the graph, pickled once per fan-out --
 
 
-def branch_spec(spec: GraphSpec, branch: str, fan_in: str) -> GraphSpec:
-    """The part of ``spec`` a branch can reach before ``fan_in`` (nested fan-outs included)."""
-    seen: set[str] = set()
-    todo = [branch]
-    while todo:
-        node = todo.pop()
-        if node in seen or node in (fan_in, END):
-            continue
-        seen.add(node)
-        fan = spec.fanouts.get(node)
-        if fan is not None:
-            todo.extend((*fan.branches, fan.fan_in))
-        todo.extend(spec.edges.get(node, ()))
-        cond = spec.conditionals.get(node)
-        if cond is not None:
-            todo.extend(cond.targets.values())
-
-    def keep(mapping: Mapping[str, Any]) -> dict[str, Any]:
-        return {name: value for name, value in mapping.items() if name in seen}
-
-    return replace(
-        spec,
-        nodes=keep(spec.nodes),
-        edges=keep(spec.edges),
-        conditionals=keep(spec.conditionals),
-        fanouts=keep(spec.fanouts),
-        entry=branch,
-    )
-
-
 def _pickle_error(value: Any) -> str | None:
     """Why ``value`` cannot be pickled, or None when it can."""
     try:
@@ -125,7 +95,7 @@ def _callables(spec: GraphSpec) -> list[tuple[str, Callable[..., Any] | None]]:
 
 def check_branch(spec: GraphSpec, branch: str, fan_in: str) -> None:
     """Raise ``GraphError`` naming the node when a branch's graph cannot be pickled."""
-    part = branch_spec(spec, branch, fan_in)
+    part = spec.branch_part(branch, fan_in)
     for what, fn in _callables(part):
         error = _pickle_error(fn)
         if error is not None:
@@ -143,7 +113,7 @@ def dump_task(task: BranchTask) -> bytes:
 
     This is the pre-check: ``execute`` dumps every task before any branch starts.
     """
-    task = replace(task, spec=branch_spec(task.spec, task.branch, task.fan_in))
+    task = replace(task, spec=task.spec.branch_part(task.branch, task.fan_in))
     try:
         return pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
