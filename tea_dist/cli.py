@@ -1,0 +1,276 @@
+"""The ``tea-dist`` command line.
+
+    tea-dist run AGENT.yaml --input '{"query": "x"}' [--strategy S] [--stream] [--debug]
+    tea-dist validate AGENT.yaml
+
+stdout carries only JSON (the final state, or one event per line with ``--stream``); messages
+and the live branch table go to stderr. Every failure is one line ``error: ...`` on stderr
+(a traceback too with ``--debug``) and a non-zero exit: 2 for bad input (file, YAML, JSON,
+options), 1 for a run that failed. Each command is one ``@app.command()`` function built
+from the shared helpers below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .config import ParallelConfig
+from .errors import TeaDistError
+from .executors import check_strategy
+from .graph import GraphSpec, StateGraph
+
+EXIT_RUN_FAILED = 1
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    name="tea-dist",
+    help="Run workflow graphs whose parallel branches run on threads, processes or Celery.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+AgentArg = Annotated[Path, typer.Argument(help="A YAML agent file.", show_default=False)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+
+
+class InputError(Exception):
+    """Raised when a command-line input (``--input`` JSON, a file) cannot be used."""
+
+
+# -- shared helpers -----------------------------------------------------------------------
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def reporting(debug: bool, code: int = EXIT_USAGE) -> Iterator[None]:
+    """Turn any exception in the block into ``fail`` (plus its traceback with ``--debug``)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        known = isinstance(exc, TeaDistError | InputError)
+        fail(str(exc) if known else f"{type(exc).__name__}: {exc}", code)
+
+
+def parse_input(text: str) -> dict[str, Any]:
+    """The initial state from ``--input``: JSON, ``@file`` with JSON, or ``@-`` for stdin."""
+    where = "--input"
+    if text.startswith("@"):
+        name = text[1:]
+        where = f"--input file '{name}'"
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{where} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if not isinstance(state, dict):
+        raise InputError(f"{where} must be a JSON object, got {type(state).__name__}")
+    return state
+
+
+def load_agent(path: Path) -> StateGraph:
+    """Load a YAML agent; modules next to the caller (``uses: mynodes:f``) are importable."""
+    from .yaml_loader import load_yaml
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return load_yaml(path)
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    """JSON text for states and events; results as dicts, anything else via ``str``."""
+    return json.dumps(value, default=_jsonable, ensure_ascii=False, **kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    to_dict = getattr(value, "to_dict", None) or getattr(value, "model_dump", None)
+    return to_dict() if callable(to_dict) else str(value)
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+# -- live progress ------------------------------------------------------------------------
+
+
+class BranchProgress:
+    """A live table of fan-out branches (branch, status, ms), drawn on stderr.
+
+    It is a ``ParallelFlowCallback``: the run's dispatcher feeds it lifecycle events.
+    """
+
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
+        self.console, self.clock = console, clock
+        self._rows: dict[tuple[str, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _update(self, context: Any, **fields: Any) -> None:
+        key = (getattr(context, "fan_in_node", ""), context.branch)
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = {"started": self.clock(), "ms": None, "detail": ""}
+            row.update(fields)
+
+    def on_flow_start(self, context: Any) -> None:
+        self._update(context, status="running", started=self.clock())
+
+    def on_flow_retry(self, context: Any, attempt: int, delay: float, error: Any) -> None:
+        self._update(context, status="retrying", detail=f"attempt {attempt} failed: {error}")
+
+    def on_flow_error(self, context: Any, error: Any, attempt: int) -> None:
+        self._update(context, status="failed", detail=f"{type(error).__name__}: {error}")
+
+    def on_flow_timeout(self, context: Any, timeout_seconds: float) -> None:
+        self._update(context, status="timeout", detail=f"after {timeout_seconds}s")
+
+    def on_flow_complete(self, context: Any, result: Any) -> None:
+        status = "ok" if result.success else ("timeout" if result.timeout else "failed")
+        detail = "" if result.success else f"{result.error_type}: {result.error}"
+        self._update(context, status=status, ms=result.timing_ms, detail=detail)
+
+    def table(self) -> Table:
+        """The current state of every branch seen so far."""
+        table = Table("branch", "status", "ms", "detail", title="branches", title_justify="left")
+        colours = {"ok": "green", "failed": "red", "timeout": "red", "retrying": "yellow"}
+        now = self.clock()
+        with self._lock:
+            rows = [(key, dict(row)) for key, row in self._rows.items()]
+        for (_, branch), row in rows:
+            status = row.get("status", "")
+            ms = row["ms"] if row["ms"] is not None else (now - row["started"]) * 1000
+            style = colours.get(status, "cyan")
+            table.add_row(branch, f"[{style}]{status}[/]", f"{ms:.0f}", row["detail"][:60])
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def live(self) -> Live:
+        """A ``Live`` display of this table (use as a context manager)."""
+        return Live(self, console=self.console, refresh_per_second=8, transient=False)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    agent: AgentArg,
+    input_: Annotated[
+        str,
+        typer.Option("--input", "-i", help="Initial state: JSON, @file.json, or @- for stdin."),
+    ] = "{}",
+    strategy: Annotated[
+        str | None,
+        typer.Option(help="Parallel strategy for the whole graph (edges that set one keep it)."),
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print every event as a JSON line.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a YAML agent and print its final state as JSON."""
+    with reporting(debug, EXIT_USAGE):
+        state = parse_input(input_)
+        graph = load_agent(agent)
+        config = ParallelConfig(strategy=check_strategy(strategy)) if strategy else None
+        progress = None
+        if not stream and _stderr_is_terminal():
+            progress = BranchProgress(Console(file=sys.stderr))
+        callbacks: list[Any] = [progress] if progress else []
+        compiled = graph.compile(parallel_config=config, parallel_callbacks=callbacks)
+    with reporting(debug, EXIT_RUN_FAILED), progress.live() if progress else nullcontext():
+        events = compiled.stream(state) if stream else compiled.invoke(state)
+        last = _drain(events, stream)
+    if last is None:
+        fail("the run produced no events", EXIT_RUN_FAILED)
+    if last.get("type") == "error":
+        fail(_describe_error(last), EXIT_RUN_FAILED)
+    if not stream:
+        typer.echo(to_json(last.get("state", {}), indent=2))
+
+
+def _drain(events: Iterable[Mapping[str, Any]], stream: bool) -> Mapping[str, Any] | None:
+    """Consume the events (printing each one as a JSON line when streaming); the last one."""
+    last = None
+    for event in events:
+        if stream:
+            sys.stdout.write(to_json(event) + "\n")
+            sys.stdout.flush()
+        last = event
+    return last
+
+
+def _describe_error(event: Mapping[str, Any]) -> str:
+    where = f"node '{event.get('node')}'"
+    if event.get("branch"):
+        where += f" (branch '{event['branch']}')"
+    kind = event.get("error_type")
+    return f"{where} failed: {kind + ': ' if kind else ''}{event.get('error', 'unknown error')}"
+
+
+@app.command()
+def validate(agent: AgentArg, debug: DebugOpt = False) -> None:
+    """Check a YAML agent (schema, nodes, edges, strategies) without running it."""
+    with reporting(debug, EXIT_USAGE):
+        graph = load_agent(agent)
+        spec = graph.to_spec()
+    typer.echo(f"OK {agent}: {summary(spec)}")
+
+
+def summary(spec: GraphSpec) -> str:
+    """``graph 'research': 4 nodes, 5 edges, 1 fan-out (2 branches, thread)``."""
+    edges = 1 + sum(len(t) for t in spec.edges.values())
+    edges += sum(len(c.targets) for c in spec.conditionals.values())
+    branches = sum(len(f.branches) for f in spec.fanouts.values())
+    strategies = sorted({c.strategy for f in spec.fanouts.values() for c in f.configs})
+    text = f"graph '{spec.name}': {_count(len(spec.nodes), 'node')}, "
+    text += f"{_count(edges + branches, 'edge')}, {_count(len(spec.fanouts), 'fan-out')}"
+    if branches:
+        text += f" ({_count(branches, 'branch', 'branches')}, {', '.join(strategies)})"
+    return text
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def main() -> None:
+    """Entry point of the ``tea-dist`` console script."""
+    app(prog_name="tea-dist")
+
+
+if __name__ == "__main__":
+    main()

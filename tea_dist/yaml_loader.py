@@ -1,0 +1,557 @@
+"""Loading YAML agents: ``load_yaml(path) -> StateGraph``.
+
+The whole document is validated before a graph is built: pydantic models describe it (unknown
+keys are errors) and every problem becomes ONE ``YAMLError`` naming its file, line and place,
+e.g. ``agent.yaml:14: edges[2].fan_inn: unknown key (did you mean 'fan_in'?)``.
+
+Node code comes from ``uses: "module:callable"`` (imported at load time) or an inline ``run:``
+body, compiled into an ``InlineCode``; the ``when:`` edges leaving a node become one
+``WhenCondition``. Both keep their source, compile it again when unpickled (so the process
+strategy can send them to child processes) and report the YAML file's own line numbers, in
+syntax errors and in tracebacks alike.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import hashlib
+import importlib
+import re
+import textwrap
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from types import CodeType
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from .config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from .errors import ConfigError, GraphError, YAMLError
+from .executors import check_strategy
+from .graph import END, START, StateGraph
+
+__all__ = ["InlineCode", "UnknownStrategyError", "WhenCondition", "load_yaml", "load_yaml_string"]
+
+
+class UnknownStrategyError(YAMLError, ConfigError):
+    """Raised when a YAML agent names a parallel strategy that is not registered."""
+
+
+# -- code from the document --------------------------------------------------------------
+
+
+def _compile(text: str, filename: str, first_line: int, mode: str, what: str) -> CodeType:
+    """Compile ``text`` so that its first line is line ``first_line`` of ``filename``."""
+    pad = max(first_line - 1, 0)
+    try:
+        return compile("\n" * pad + text, filename, mode)
+    except SyntaxError as exc:
+        line = (exc.lineno or pad + 1) - pad + first_line - 1
+        raise YAMLError(f"{filename}:{line}: {what}: invalid Python: {exc.msg}") from None
+
+
+_SIGNATURE = "state, config=None, node=None, parallel_results=None, cancel_token=None"
+
+
+class InlineCode:
+    """A node body written inline in YAML (``run: |``), callable like a node function.
+
+    The body runs as a function of ``state, config, node, parallel_results, cancel_token``
+    and returns the state update. Pickling keeps only the source, so the copy in a child
+    process compiles it again.
+    """
+
+    def __init__(self, source: str, name: str, filename: str = "<yaml>", first_line: int = 1):
+        self.source, self.name, self.filename, self.first_line = source, name, filename, first_line
+        body = textwrap.indent(textwrap.dedent(source).rstrip(), "    ")
+        # The header goes on the line before the body, so body lines keep their YAML numbers;
+        # the trailing ``pass`` makes an empty (or comment-only) body valid.
+        text = f"def __inline__({_SIGNATURE}):\n{body}\n    pass\n"
+        code = _compile(text, filename, first_line - 1, "exec", f"node '{name}'")
+        namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": "tea_dist.inline"}
+        exec(code, namespace)
+        fn = namespace["__inline__"]
+        fn.__code__ = fn.__code__.replace(co_name=name, co_qualname=name)
+        self._fn = fn
+
+    def __call__(
+        self,
+        state: dict[str, Any],
+        config: Any = None,
+        node: Any = None,
+        parallel_results: Any = None,
+        cancel_token: Any = None,
+    ) -> Any:
+        return self._fn(state, config, node, parallel_results, cancel_token)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.name, self.filename, self.first_line))
+
+    def __repr__(self) -> str:
+        first = next((ln.strip() for ln in self.source.splitlines() if ln.strip()), "")
+        return (
+            f"<InlineCode node={self.name!r} at {self.filename}:{self.first_line}: {first[:40]!r}>"
+        )
+
+
+class WhenCondition:
+    """Routing after ``node``: the index of the first ``when`` expression true for the state.
+
+    Expressions see ``state``. When none holds, the edge without ``when`` is taken (key
+    ``"default"``); with no such edge the run fails with a ``GraphError``.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        expressions: Sequence[tuple[str, int]],
+        filename: str = "<yaml>",
+        has_default: bool = False,
+    ):
+        self.node, self.filename, self.has_default = node, filename, has_default
+        self.expressions = tuple((expr, line) for expr, line in expressions)
+        self._codes = [
+            _compile(expr.strip(), filename, line, "eval", f"'when' after node '{node}'")
+            for expr, line in self.expressions
+        ]
+
+    def __call__(self, state: dict[str, Any]) -> int | str:
+        scope = {"__builtins__": builtins, "state": state}
+        for index, code in enumerate(self._codes):
+            if eval(code, scope):
+                return index
+        if self.has_default:
+            return "default"
+        shown = ", ".join(expr for expr, _ in self.expressions)
+        raise GraphError(
+            f"no 'when' condition after node '{self.node}' holds ({shown}) "
+            "and it has no edge without 'when'"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.node, self.expressions, self.filename, self.has_default))
+
+    def __repr__(self) -> str:
+        return f"<WhenCondition after {self.node!r}: {[e for e, _ in self.expressions]}>"
+
+
+# -- the document -------------------------------------------------------------------------
+
+# ParallelConfig field -> other spellings accepted in YAML.
+_ALIASES = {"retry_policy": ("retry",), "strategy": ("parallel_strategy",)}
+_EDGE_SETTINGS = frozenset(ParallelConfig.model_fields) | {a for v in _ALIASES.values() for a in v}
+_USES = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _yaml_spellings(value: Any) -> Any:
+    """Accept ``retry:`` and ``parallel_strategy:``; check the strategy is registered."""
+    if not isinstance(value, Mapping):
+        return value
+    data = dict(value)
+    for field, aliases in _ALIASES.items():
+        given = [key for key in (field, *aliases) if key in data]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(map(repr, given))} are the same setting: give one")
+        if given:
+            data[field] = data.pop(given[0])
+    if isinstance(data.get("strategy"), str):
+        try:
+            check_strategy(data["strategy"])
+        except ConfigError as exc:
+            raise PydanticCustomError("unknown_strategy", str(exc)) from None
+    return data
+
+
+ParallelSettings = Annotated[ParallelConfig, BeforeValidator(_yaml_spellings)]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeDoc(_Doc):
+    """``nodes[i]``: a name and its code (``run`` inline or ``uses`` an import path)."""
+
+    name: str = Field(min_length=1)
+    run: str | None = None
+    uses: str | None = None
+    fan_in: bool = False
+
+    @model_validator(mode="after")
+    def _one_code(self) -> NodeDoc:
+        if self.run is not None and self.uses is not None:
+            raise ValueError("give 'run' or 'uses', not both")
+        if self.uses is not None and not _USES.match(self.uses):
+            raise ValueError(f"'uses' must look like 'module:callable', got {self.uses!r}")
+        return self
+
+
+class EdgeDoc(_Doc):
+    """``edges[i]``: normal, conditional (``when``) or parallel, with per-edge settings."""
+
+    source: str = Field(alias="from", min_length=1)
+    to: str | list[str]
+    parallel: bool = False
+    type: Literal["normal", "parallel"] | None = None
+    fan_in: str | None = None
+    when: str | None = None
+    parallel_config: ParallelSettings | None = None  # filled from the flat per-edge settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_settings(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        settings = {key: data.pop(key) for key in list(data) if key in _EDGE_SETTINGS}
+        if settings:
+            if "parallel_config" in data:
+                raise ValueError("give edge settings flat or under 'parallel_config', not both")
+            data["parallel_config"] = settings
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EdgeDoc:
+        if self.is_parallel:
+            if self.fan_in is None:
+                raise ValueError("a parallel edge needs 'fan_in'")
+            if self.when is not None:
+                raise ValueError("a parallel edge cannot have 'when'")
+        else:
+            if isinstance(self.to, list):
+                raise ValueError("several targets in 'to' need 'parallel: true'")
+            if self.fan_in is not None:
+                raise ValueError("'fan_in' belongs on parallel edges ('parallel: true')")
+            if self.parallel_config is not None:
+                keys = ", ".join(sorted(self.parallel_config.model_fields_set))
+                raise ValueError(f"parallel settings ({keys}) belong on parallel edges")
+        return self
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.parallel or self.type == "parallel"
+
+    @property
+    def targets(self) -> list[str]:
+        return self.to if isinstance(self.to, list) else [self.to]
+
+
+class SettingsDoc(_Doc):
+    """``settings``: the graph-level ``ParallelConfig`` and run options."""
+
+    parallel: ParallelSettings | None = None
+    raise_exceptions: bool = False
+
+
+class AgentDoc(_Doc):
+    """A YAML agent document."""
+
+    name: str | None = None
+    description: str | None = None
+    state_schema: dict[str, Any] | None = None
+    settings: SettingsDoc = SettingsDoc()
+    nodes: list[NodeDoc] = Field(min_length=1)
+    edges: list[EdgeDoc] = Field(default_factory=list)
+
+
+_VOCABULARY = sorted(
+    {
+        f.alias or n
+        for m in (AgentDoc, SettingsDoc, NodeDoc, EdgeDoc)
+        for n, f in m.model_fields.items()
+    }
+    | _EDGE_SETTINGS
+    | set(RetryPolicy.model_fields)
+    | set(CircuitBreakerConfig.model_fields)
+)
+
+
+# -- places, lines and messages -------------------------------------------------------------
+
+
+class _Source:
+    """The parsed file: its name, data and node tree, to turn paths into places and lines."""
+
+    def __init__(self, name: str, data: Any, root: yaml.Node):
+        self.name, self.data, self.root = name, data, root
+
+    def locate(self, loc: Sequence[Any]) -> tuple[str, int]:
+        """A pydantic location as the user wrote it (``edges[2].retry``) and its line."""
+        place, data, node, line = "", self.data, self.root, self.root.start_mark.line + 1
+        for seg in loc:
+            if isinstance(data, list) and isinstance(seg, int):
+                place += f"[{seg}]"
+                inside = 0 <= seg < len(data)
+                data = data[seg] if inside else None
+                node = node.value[seg] if inside and isinstance(node, yaml.SequenceNode) else None
+                mark = node
+            elif isinstance(data, Mapping):
+                if seg not in data:
+                    if seg == "parallel_config":  # synthetic: the settings sit on the edge itself
+                        continue
+                    seg = next((a for a in _ALIASES.get(seg, ()) if a in data), seg)
+                place += f".{seg}" if place else str(seg)
+                data = data.get(seg)
+                mark, node = _entry(node, seg)
+            else:  # a union member's tag such as 'list[str]'
+                continue
+            if mark is not None:
+                line = mark.start_mark.line + 1
+        return place, line
+
+    def value_node(self, *path: Any) -> yaml.Node | None:
+        node: yaml.Node | None = self.root
+        for seg in path:
+            node = node.value[seg] if isinstance(node, yaml.SequenceNode) else _entry(node, seg)[1]
+        return node
+
+    def error(
+        self, loc: Sequence[Any], problem: str, cls: type[YAMLError] = YAMLError
+    ) -> YAMLError:
+        place, line = self.locate(loc)
+        return cls(
+            f"{self.name}:{line}: {place}: {problem}" if place else f"{self.name}:{line}: {problem}"
+        )
+
+
+def _entry(node: yaml.Node | None, key: Any) -> tuple[yaml.Node | None, yaml.Node | None]:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.value == str(key):
+                return key_node, value_node
+    return None, None
+
+
+def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), candidates, n=1, cutoff=0.7)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_PHRASES = {
+    "missing": "required",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "list_type": "must be a list",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_too_short": "must not be empty",
+    "too_short": "must not be empty",
+}
+_NO_VALUE = {"missing", "extra_forbidden", "value_error", "unknown_strategy"}
+_COMPARISONS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One pydantic error as a short phrase: ``must be > 0``."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown key" + _did_you_mean(error["loc"][-1], _VOCABULARY)
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind in _COMPARISONS:
+        bound = next(iter(ctx.values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"must be {_COMPARISONS[kind]} {bound}"
+    return _PHRASES.get(kind) or error["msg"].replace("Input should be", "must be")
+
+
+def _validation_error(source: _Source, exc: ValidationError) -> YAMLError:
+    """The first problem (unknown keys first: often a typo of a missing one), as one error.
+
+    Alternatives of a union at the same place are joined: ``must be a string or a list``.
+    """
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    place, _ = source.locate(first["loc"])
+    problems = [_problem(e) for e in errors if source.locate(e["loc"])[0] == place]
+    problem = problems[0] + "".join(
+        " or " + p.removeprefix("must be ")
+        for p in dict.fromkeys(problems[1:])
+        if p.startswith("must be")
+    )
+    value = first.get("input")
+    if first["type"] not in _NO_VALUE and isinstance(value, str | int | float | bool):
+        problem += f", got {value!r}"
+    strategy = first["type"] == "unknown_strategy"
+    loc = (*first["loc"], "strategy") if strategy else first["loc"]
+    return source.error(loc, problem, UnknownStrategyError if strategy else YAMLError)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> StateGraph:
+    """Load and validate a YAML agent file; return its ``StateGraph``.
+
+    ``graph.origin`` records the absolute path and the SHA-256 of the file, which distributed
+    workers use to load the same graph and to refuse a different file.
+    """
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise YAMLError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise YAMLError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise YAMLError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    graph = load_yaml_string(text, str(path))
+    graph.origin = {"yaml": str(file.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}
+    return graph
+
+
+def load_yaml_string(text: str, path: str | None = None) -> StateGraph:
+    """Load a YAML agent from text; ``path`` names it in messages (no ``origin`` is set)."""
+    source = _parse(text, path or "<yaml>")
+    try:
+        doc = AgentDoc.model_validate(source.data)
+    except ValidationError as exc:
+        raise _validation_error(source, exc) from None
+    graph = _build(doc, source)
+    try:
+        graph.to_spec()
+    except GraphError as exc:
+        raise YAMLError(f"{source.name}: {exc}") from None
+    return graph
+
+
+def _parse(text: str, name: str) -> _Source:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise YAMLError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise YAMLError(f"{name}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    if root is None:
+        raise YAMLError(f"{name}: the document is empty")
+    if not isinstance(data, dict):
+        raise YAMLError(f"{name}:1: the document must be a mapping (name, settings, nodes, edges)")
+    source = _Source(name, data, root)
+    _check_duplicate_keys(source, root, [])
+    return source
+
+
+def _check_duplicate_keys(source: _Source, node: yaml.Node, path: list[Any]) -> None:
+    """PyYAML keeps the last of two equal keys silently; a duplicated key is an error here."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                raise source.error(
+                    path, f"key '{key}' appears twice (lines {seen[key]} and {line})"
+                )
+            seen[key] = line
+            _check_duplicate_keys(source, value_node, [*path, key])
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(source, item, [*path, index])
+
+
+def _first_line(node: yaml.Node | None) -> int:
+    """Line of a scalar's first text line (block scalars start after their ``|``)."""
+    if node is None:
+        return 1
+    return node.start_mark.line + (2 if getattr(node, "style", None) in ("|", ">") else 1)
+
+
+def _build(doc: AgentDoc, source: _Source) -> StateGraph:
+    settings = doc.settings
+    graph = StateGraph(
+        state_schema=doc.state_schema or {},
+        raise_exceptions=settings.raise_exceptions,
+        parallel_config=settings.parallel,
+        name=doc.name or Path(source.name).stem,
+    )
+    for index, node in enumerate(doc.nodes):
+        run = _node_code(node, index, source)
+        add = graph.add_fanin_node if node.fan_in else graph.add_node
+        try:
+            add(node.name, run)
+        except GraphError as exc:
+            raise source.error(["nodes", index], str(exc)) from None
+    _check_references(doc, source)
+    _add_edges(graph, doc, source)
+    return graph
+
+
+def _node_code(node: NodeDoc, index: int, source: _Source) -> Any:
+    if node.run is not None:
+        first = _first_line(source.value_node("nodes", index, "run"))
+        return InlineCode(node.run, node.name, source.name, first)
+    if node.uses is None:
+        return None
+    module_name, _, qualname = node.uses.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except Exception as exc:
+        problem = f"cannot import '{node.uses}' for node '{node.name}': {type(exc).__name__}: {exc}"
+        raise source.error(["nodes", index, "uses"], problem) from None
+    if not callable(target):
+        raise source.error(["nodes", index, "uses"], f"'{node.uses}' is not callable")
+    return target
+
+
+def _check_references(doc: AgentDoc, source: _Source) -> None:
+    """Every edge names declared nodes; fan-ins are fan-in nodes."""
+    nodes = {n.name: n for n in doc.nodes}
+    for index, edge in enumerate(doc.edges):
+        refs = [("from", edge.source, {START})]
+        refs += [("to", t, {END}) for t in edge.targets]
+        refs += [("fan_in", edge.fan_in, set())] if edge.fan_in is not None else []
+        for key, name, extra in refs:
+            if name not in nodes and name not in extra:
+                hint = _did_you_mean(name, [*nodes, *extra])
+                raise source.error(["edges", index, key], f"unknown node '{name}'{hint}")
+        if edge.fan_in is not None and not nodes[edge.fan_in].fan_in:
+            problem = f"'{edge.fan_in}' is not a fan-in node (add 'fan_in: true' to it)"
+            raise source.error(["edges", index, "fan_in"], problem)
+
+
+def _add_edges(graph: StateGraph, doc: AgentDoc, source: _Source) -> None:
+    routed = {e.source for e in doc.edges if e.when is not None}
+    groups: dict[str, list[tuple[int, EdgeDoc]]] = {}
+    for index, edge in enumerate(doc.edges):
+        if edge.is_parallel:
+            for target in edge.targets:
+                graph.add_parallel_edge(
+                    edge.source, target, edge.fan_in or "", edge.parallel_config
+                )
+        elif edge.source in routed:
+            groups.setdefault(edge.source, []).append((index, edge))
+        else:
+            graph.add_edge(edge.source, edge.targets[0])
+    for node, edges in groups.items():
+        whens = [(i, e) for i, e in edges if e.when is not None]
+        defaults = [(i, e) for i, e in edges if e.when is None]
+        if len(defaults) > 1:
+            problem = f"node '{node}' already has an edge without 'when' (edges[{defaults[0][0]}])"
+            raise source.error(["edges", defaults[1][0]], problem)
+        expressions = [
+            (e.when or "", _first_line(source.value_node("edges", i, "when"))) for i, e in whens
+        ]
+        targets: dict[Hashable, str] = {k: e.targets[0] for k, (_, e) in enumerate(whens)}
+        if defaults:
+            targets["default"] = defaults[0][1].targets[0]
+        condition = WhenCondition(node, expressions, source.name, has_default=bool(defaults))
+        graph.add_conditional_edges(node, condition, targets)
