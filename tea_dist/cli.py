@@ -2,6 +2,7 @@
 
     tea-dist run AGENT.yaml --input '{"query": "x"}' [--strategy S] [--stream] [--debug]
     tea-dist validate AGENT.yaml
+    tea-dist worker | submit | status | result | cancel | circuits | cluster   (see cli_ops)
 
 stdout carries only JSON (the final state, or one event per line with ``--stream``); messages
 and the live branch table go to stderr. Every failure is one line ``error: ...`` on stderr
@@ -272,5 +273,9 @@ def main() -> None:
     app(prog_name="tea-dist")
 
 
-if __name__ == "__main__":
-    main()
+from . import cli_ops  # noqa: E402,F401 - registers the distributed commands on ``app``
+
+if __name__ == "__main__":  # python -m tea_dist.cli: use the module whose app has every command
+    from tea_dist.cli import main as _main
+
+    _main()

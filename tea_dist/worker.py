@@ -51,7 +51,7 @@ def worker_argv(
         "--queues",
         queue,
         "--hostname",
-        name or f"{role}-{os.getpid()}@%h",
+        name or f"{role}@%h",
         "--task-events",
         "--without-mingle",
         "--without-gossip",

@@ -1,0 +1,200 @@
+"""The distributed part of ``tea-dist``: workers, submitted runs, circuits, a local cluster.
+
+    tea-dist worker [--role flows|runs|all] [--concurrency N] [--queues Q] [--name N]
+    tea-dist submit REF --input JSON [--config JSON] [--wait]
+    tea-dist status RUN | result RUN [--wait] | cancel RUN
+    tea-dist circuits [--reset NAME | --reset-all]
+    tea-dist cluster [--workers N] [--concurrency N] [--flower-port P]
+
+These commands talk to the broker of ``TEA_DIST_BROKER_URL`` (``submit`` with no broker set
+starts nothing: point it at a cluster, e.g. the one ``tea-dist cluster`` prints).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from .cli import EXIT_RUN_FAILED, EXIT_USAGE, DebugOpt, app, fail, parse_input, reporting, to_json
+from .settings import redact
+
+RoleOpt = Annotated[str, typer.Option("--role", help="flows (branches), runs (whole runs) or all.")]
+RunArg = Annotated[str, typer.Argument(help="A run id printed by submit.", show_default=False)]
+
+
+@app.command()
+def worker(
+    role: RoleOpt = "flows",
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes or threads.")] = None,
+    queues: Annotated[str | None, typer.Option(help="Queues to consume (comma-separated).")] = None,
+    name: Annotated[str | None, typer.Option(help="Node name, default ROLE@HOST.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a worker: branch tasks (flows, prefork), whole runs (runs, threads), or both."""
+    from .celery_app import current_settings
+    from .worker import worker_argv
+
+    settings = current_settings()
+    roles = ["flows", "runs"] if role == "all" else [role]
+    single_name = name if len(roles) == 1 else None
+    with reporting(False):
+        argvs = [
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                *worker_argv(
+                    settings,
+                    r,
+                    concurrency=concurrency,
+                    name=single_name,
+                    queues=queues,
+                    loglevel=loglevel,
+                ),
+            ]
+            for r in roles
+        ]
+    typer.echo(f"tea-dist worker {role} on {redact(settings.broker)}", err=True)
+    if len(argvs) == 1:
+        os.execv(sys.executable, argvs[0])  # the worker becomes this process (signals, PID 1)
+    children = [subprocess.Popen(argv) for argv in argvs]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    raise typer.Exit(max(codes))
+
+
+@app.command("worker-ping")
+def worker_ping(role: RoleOpt = "flows", timeout: float = 5.0) -> None:
+    """Exit 0 when this host's worker of ROLE answers a ping (a container health check)."""
+    from .celery_app import app as celery
+
+    target = f"{role}@{socket.gethostname()}"
+    replies = celery.control.ping(destination=[target], timeout=timeout)
+    if not replies:
+        fail(f"worker {target} did not answer within {timeout:g}s", EXIT_RUN_FAILED)
+    typer.echo(f"{target}: ok")
+
+
+@app.command()
+def submit(
+    ref: Annotated[str, typer.Argument(help="pkg.module:attr (graph or factory) or a YAML path.")],
+    input_: Annotated[str, typer.Option("--input", "-i", help="JSON, @file or @-.")] = "{}",
+    config: Annotated[str, typer.Option(help="Run config passed to nodes: JSON or @file.")] = "{}",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and print the final state.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Enqueue a whole workflow run on the run workers; prints its run id."""
+    from .apps import submit as submit_run
+
+    with reporting(debug):
+        run = submit_run(ref, parse_input(input_), parse_input(config))
+    typer.echo(run.run_id)
+    if wait:
+        with reporting(debug, EXIT_RUN_FAILED):
+            typer.echo(to_json(run.result(), indent=2))
+
+
+@app.command()
+def status(run_id: RunArg, debug: DebugOpt = False) -> None:
+    """Print a run's status: pending, running, succeeded, failed or cancelled."""
+    from .apps import WorkflowRun
+
+    with reporting(debug):
+        typer.echo(WorkflowRun(run_id).status())
+
+
+@app.command()
+def result(
+    run_id: RunArg,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run ends.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Print a run's final state as JSON (exit 1 if it failed, was cancelled, or is not done)."""
+    from .apps import TERMINAL, WorkflowRun
+
+    with reporting(debug, EXIT_RUN_FAILED):
+        run = WorkflowRun(run_id)
+        if not wait and (current := run.status()) not in TERMINAL:
+            fail(f"run {run_id} is {current}; use --wait to wait for it", EXIT_RUN_FAILED)
+        typer.echo(to_json(run.result(timeout=timeout), indent=2))
+
+
+@app.command()
+def cancel(run_id: RunArg, debug: DebugOpt = False) -> None:
+    """Cancel a run: a queued run never starts, a running one has its branches stopped."""
+    from .apps import WorkflowRun
+
+    with reporting(debug):
+        WorkflowRun(run_id).cancel()
+    typer.echo(f"cancel requested for {run_id}")
+
+
+@app.command()
+def circuits(
+    reset: Annotated[str | None, typer.Option(help="Close this circuit.")] = None,
+    reset_all: Annotated[bool, typer.Option("--reset-all", help="Close every circuit.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the shared circuits in Redis with their state, or reset them."""
+    from .breaker_redis import RedisBreakerStore
+    from .celery_app import current_settings
+    from .keys import Keys
+
+    with reporting(debug):
+        settings = current_settings()
+        store = RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
+        if reset or reset_all:
+            for name, old, new in store.reset(None if reset_all else reset):
+                typer.echo(f"{name}: {old} -> {new}")
+            return
+        for name, state in sorted(store.states().items()):
+            snap = store.snapshot(name)
+            typer.echo(f"{name}\t{state}\tfailures={snap.failures}")
+
+
+@app.command()
+def cluster(
+    workers: Annotated[int, typer.Option(help="Flow worker processes to start.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Branch slots per flow worker.")] = 2,
+    flower_port: Annotated[int, typer.Option(help="Flower's port (0: no Flower).")] = 5555,
+    flower_auth: Annotated[
+        str | None, typer.Option(help="Flower basic auth user:password.")
+    ] = None,
+) -> None:
+    """Start a local cluster (embedded Redis, workers, Flower) and keep it up until Ctrl-C."""
+    from .local_cluster import LocalCluster
+
+    with reporting(False, EXIT_USAGE):
+        local = LocalCluster(
+            flow_workers=workers,
+            concurrency=concurrency,
+            flower_port=flower_port or None,
+            flower_auth=flower_auth,
+        ).start()
+    try:
+        typer.echo(f"broker:  {local.redis_url}")
+        if local.flower_url:
+            typer.echo(f"flower:  {local.flower_url}")
+        typer.echo(f"use it:  export TEA_DIST_BROKER_URL={local.redis_url}")
+        typer.echo("Ctrl-C stops the cluster.", err=True)
+        while all(p.poll() is None for p in local.processes.values()):
+            time.sleep(0.5)
+        fail("a cluster process exited; stopping the cluster", EXIT_RUN_FAILED)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        local.stop()

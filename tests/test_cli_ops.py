@@ -1,0 +1,57 @@
+"""The distributed commands of tea-dist against real Redis and real workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from tea_dist.cli import app
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery]
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def test_cli_submit_wait_status_result(cluster: Any) -> None:
+    out = runner.invoke(
+        app, ["submit", "tests.apps_graphs:quick", "--input", '{"value": 1}', "--wait"]
+    )
+    assert out.exit_code == 0, out.output
+    run_id, rest = out.stdout.split("\n", 1)
+    assert json.loads(rest)["total"] == 4
+    assert runner.invoke(app, ["status", run_id]).stdout.strip() == "succeeded"
+    again = runner.invoke(app, ["result", run_id])
+    assert again.exit_code == 0 and json.loads(again.stdout)["total"] == 4
+
+
+def test_cli_result_of_failed_run_is_one_error_line(cluster: Any) -> None:
+    run_id = runner.invoke(app, ["submit", "tests.apps_graphs:failing"]).stdout.strip()
+    out = runner.invoke(app, ["result", run_id, "--wait", "--timeout", "30"])
+    assert out.exit_code == 1
+    assert out.stderr.count("\n") == 1 and "(ValueError: remote boom)" in out.stderr
+
+
+def test_cli_cancel_and_circuits(cluster: Any, tmp_path: Path) -> None:
+    config = json.dumps({"marker_dir": str(tmp_path), "sleep": {"a": 5, "b": 5}})
+    run_id = runner.invoke(
+        app, ["submit", "tests.apps_graphs:two_branches", "--config", config]
+    ).stdout.strip()
+    assert runner.invoke(app, ["cancel", run_id]).exit_code == 0
+    out = runner.invoke(app, ["result", run_id, "--wait", "--timeout", "30"])
+    assert out.exit_code == 1 and "cancelled" in out.stderr
+    listing = runner.invoke(app, ["circuits"])
+    assert listing.exit_code == 0
+
+
+def test_cli_worker_ping_finds_a_named_worker(cluster: Any) -> None:
+    env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tea_dist", "worker-ping", "--role", "nobody", "--timeout", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "did not answer" in out.stderr
