@@ -119,7 +119,7 @@ class WorkflowRun:
         data = self.client.hgetall(self.key)
         if not data:
             raise TeaDistError(f"no run '{self.run_id}' (unknown, or expired)")
-        return {k.decode(): v.decode() for k, v in data.items()}
+        return {_text(k): _text(v) for k, v in data.items()}
 
     def status(self) -> RunStatus:
         """pending, running, succeeded, failed or cancelled."""
@@ -157,8 +157,9 @@ class WorkflowRun:
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Every event of the run so far, from the start: graph events and branch events."""
-        for _id, fields in self.client.xrange(self.keys.events(self.run_id)):
-            data = {k.decode(): v.decode() for k, v in fields.items()}
+        entries: Any = self.client.xrange(self.keys.events(self.run_id))
+        for _id, fields in entries:
+            data = {_text(k): _text(v) for k, v in fields.items()}
             payload = json.loads(data.pop("data", "{}") or "{}")
             if data.get("event") == "graph":
                 yield payload
@@ -172,7 +173,7 @@ class WorkflowRun:
         pipe.set(self.keys.run_cancelled(self.run_id), 1, ex=int(settings.run_expires))
         pipe.hget(self.key, "status")
         _, status = pipe.execute()
-        if status is not None and status.decode() == RunStatus.PENDING:
+        if status is not None and _text(status) == RunStatus.PENDING:
             self.client.hset(
                 self.key, mapping={"status": RunStatus.CANCELLED, "ended": time.time()}
             )
@@ -252,10 +253,15 @@ def run_workflow(
         if token.is_cancelled():
             outcome = {"status": RunStatus.CANCELLED}
     pipe = run.client.pipeline()
-    pipe.hset(run.key, mapping={**outcome, "ended": time.time()})
+    record: dict[Any, Any] = {**outcome, "ended": time.time()}
+    pipe.hset(run.key, mapping=record)
     pipe.expire(stream, int(settings.run_expires))
     pipe.execute()
     return str(outcome["status"])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _jsonable(value: Any) -> Any:

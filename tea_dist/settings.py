@@ -86,7 +86,7 @@ class Settings(BaseSettings):
             for k, v in self.__dict__.items()
         }
         data.update(changes)
-        return Settings(**data)
+        return Settings.model_validate(data)
 
 
 @lru_cache(maxsize=1)

@@ -49,7 +49,7 @@ def publish(payload: dict[str, Any], event: str, **data: Any) -> None:
     keys = Keys(settings.key_prefix)
     client = redis_for(settings.redis)
     stream = keys.events(payload["run"])
-    fields = {
+    fields: dict[Any, Any] = {
         "event": event,
         "fanout": payload["fanout"],
         "index": payload["index"],
@@ -130,15 +130,16 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     keys = Keys(settings.key_prefix)
     config = ParallelConfig.model_validate(payload["config"])
     ledger = _ledger(payload, config)
-    store = RedisBreakerStore(client, keys) if payload.get("circuit") else None
+    breaker, circuit = config.circuit_breaker, payload.get("circuit")
+    store = RedisBreakerStore(client, keys) if breaker and circuit else None
     probe = bool(payload.get("probe"))
     if client.exists(keys.fanout_finished(payload["fanout"])):
         return _finish(payload, _abandoned(payload))
-    if store is not None and ledger.attempts > 0:  # a retry asks its circuit again
-        admission = store.acquire(payload["circuit"], config.circuit_breaker)  # type: ignore[arg-type]
+    if store and breaker and circuit and ledger.attempts > 0:  # a retry asks its circuit again
+        admission = store.acquire(circuit, breaker)
         _transition(payload, admission.transition)
         if not admission.allowed:
-            result = circuit_open_result(payload["branch"], payload["circuit"]).model_copy(
+            result = circuit_open_result(payload["branch"], circuit).model_copy(
                 update={"attempt_errors": ledger.errors, "retry_count": ledger.attempts}
             )
             return _finish(payload, result)
@@ -146,11 +147,9 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     if ledger.attempts == 0:
         publish(payload, "on_flow_start")
     outcome = _attempt(payload, config)
-    if store is not None:
-        _transition(
-            payload, store.record(payload["circuit"], config.circuit_breaker, outcome.ok, probe)
-        )  # type: ignore[arg-type]
-        ledger.circuit_state = store.snapshot(payload["circuit"]).state
+    if store and breaker and circuit:
+        _transition(payload, store.record(circuit, breaker, outcome.ok, probe))
+        ledger.circuit_state = store.snapshot(circuit).state
     if outcome.error is not None:
         if outcome.error.timeout:
             publish(payload, "on_flow_timeout", seconds=config.timeout_seconds)

@@ -169,7 +169,7 @@ class _Driver:
         stream, last = self.keys.events(self.runtime.run_id), "0-0"
         next_check = time.monotonic() + self.settings.heartbeat_seconds
         while any(r is None for r in self.results):
-            reply = self.client.xread({stream: last}, count=1000, block=100)
+            reply: Any = self.client.xread({stream: last}, count=1000, block=100)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
