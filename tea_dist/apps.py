@@ -252,11 +252,12 @@ def run_workflow(
             outcome = {"status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
         if token.is_cancelled():
             outcome = {"status": RunStatus.CANCELLED}
-    pipe = run.client.pipeline()
-    record: dict[Any, Any] = {**outcome, "ended": time.time()}
-    pipe.hset(run.key, mapping=record)
-    pipe.expire(stream, int(settings.run_expires))
-    pipe.execute()
+        # recorded while the heartbeat still beats, so status() never sees a gap
+        pipe = run.client.pipeline()
+        record: dict[Any, Any] = {**outcome, "ended": time.time()}
+        pipe.hset(run.key, mapping=record)
+        pipe.expire(stream, int(settings.run_expires))
+        pipe.execute()
     return str(outcome["status"])
 
 
