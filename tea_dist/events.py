@@ -74,6 +74,7 @@ class _Lane:
     """One listener's serial queue, drained by a daemon thread that exits when idle."""
 
     IDLE_EXIT_SECONDS = 2.0
+    STOP = ("", ())  # queued by ``stop``: the thread exits when it reaches it
 
     def __init__(self, listener: Any) -> None:
         self.listener = listener
@@ -105,6 +106,13 @@ class _Lane:
                         self.thread = None
                         return
                 continue
+            if not event:  # STOP
+                with self.lock:
+                    self.queue.task_done()
+                    if self.queue.empty() and self.thread is me:
+                        self.thread = None
+                        return
+                continue
             self.busy_since, self.busy_with = time.monotonic(), event
             try:
                 getattr(self.listener, event)(*args)
@@ -117,6 +125,12 @@ class _Lane:
                     return
                 self.busy_since = None
                 self.queue.task_done()
+
+    def stop(self) -> None:
+        """Let the thread exit once it has drained the queue (a later ``put`` starts another)."""
+        with self.lock:
+            if self.thread is not None:
+                self.queue.put(self.STOP)
 
     def hung(self, timeout: float) -> bool:
         since = self.busy_since
@@ -160,32 +174,72 @@ class Dispatcher:
         """
         deadline = time.monotonic() + (timeout if timeout is not None else 4 * self.timeout + 1)
         for lane in self._lanes:
+            done = lane.queue.all_tasks_done  # notified when the lane catches up
             while lane.queue.unfinished_tasks and time.monotonic() < deadline:
                 if lane.hung(self.timeout):
                     lane.abandon()
-                time.sleep(0.002)
+                with done:
+                    if lane.queue.unfinished_tasks:
+                        done.wait(0.05)
+
+    def close(self, timeout: float | None = None) -> None:
+        """``flush``, then let every listener's thread exit: the run emits nothing more.
+
+        Without it each run's lanes would idle for ``IDLE_EXIT_SECONDS``, one thread per
+        listener per run, and fast repeated invocations would pile threads up.
+        """
+        self.flush(timeout)
+        for lane in self._lanes:
+            lane.stop()
 
 
 def _log(event: str, args: tuple[Any, ...]) -> None:
+    """The logging listener: one record per lifecycle event, naming its run and branch.
+
+    Records carry ``event``, ``run_id``, ``branch``, ``attempt`` and ``circuit`` as
+    attributes, for handlers and formatters that correlate a run's events.
+    """
     if not args or not isinstance(args[0], FlowContext):
         return
     ctx: FlowContext = args[0]
+    extra = {
+        "event": event,
+        "run_id": ctx.run_id,
+        "branch": ctx.branch,
+        "attempt": ctx.attempt,
+        "circuit": ctx.circuit,
+    }
+    where = f"run {ctx.run_id} branch {ctx.branch}" if ctx.run_id else f"branch {ctx.branch}"
     if event == "on_flow_retry":
         attempt, delay, error = args[1], args[2], args[3]
         logger.warning(
-            "branch %s: attempt %d failed (%s: %s); retry %d in %.3fs",
-            ctx.branch,
+            "%s: attempt %d failed (%s: %s); retry %d in %.3fs",
+            where,
             attempt,
-            type(error).__name__,
+            _error_name(error),
             error,
             attempt,
             delay,
+            extra=extra,
         )
     elif event == "on_flow_error":
-        logger.info("branch %s: attempt %d failed: %s", ctx.branch, args[2], args[1])
+        error = args[1]
+        logger.info(
+            "%s: attempt %d failed (%s: %s)", where, args[2], _error_name(error), error, extra=extra
+        )
     elif event == "on_flow_timeout":
-        logger.warning("branch %s: timed out after %ss", ctx.branch, args[1])
+        logger.warning("%s: timed out after %ss", where, args[1], extra=extra)
     elif event == "on_circuit_state_change":
-        logger.warning("circuit %s: %s -> %s", ctx.circuit, args[1], args[2])
+        by = f" ({where})" if ctx.branch else ""  # a reset names no branch
+        logger.warning("circuit %s%s: %s -> %s", ctx.circuit, by, args[1], args[2], extra=extra)
+    elif event == "on_flow_complete":
+        result = args[1]
+        outcome = "succeeded" if result.success else f"failed ({result.error_type})"
+        logger.debug("%s: %s in %.1f ms", where, outcome, result.timing_ms, extra=extra)
     else:
-        logger.debug("branch %s: %s", ctx.branch, event)
+        logger.debug("%s: %s", where, event, extra=extra)
+
+
+def _error_name(error: BaseException) -> str:
+    """The user-facing type name: the original one for errors carried across processes."""
+    return getattr(error, "error_type", None) or type(error).__name__

@@ -132,7 +132,7 @@ class CompiledGraph:
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
         except Exception as exc:
-            runtime.dispatcher.flush()
+            runtime.dispatcher.close()
             if self.raise_exceptions:
                 if isinstance(exc, TeaDistError):
                     raise
@@ -141,7 +141,7 @@ class CompiledGraph:
                 ) from exc
             yield _error_event(cursor.node, exc)
             return
-        runtime.dispatcher.flush()
+        runtime.dispatcher.close()
         yield {"type": "final", "state": final}
 
     # -- circuits --
@@ -159,7 +159,7 @@ class CompiledGraph:
                 dispatcher.emit(
                     "on_circuit_state_change", FlowContext(branch="", circuit=circuit), old, new
                 )
-        dispatcher.flush()
+        dispatcher.close()
 
     def get_circuit_states(self) -> dict[str, CircuitState]:
         """Every known circuit and its state."""

@@ -176,10 +176,10 @@ def service(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[st
 def slow_then_fast(
     state: dict[str, Any], config: dict[str, Any], node: str, cancel_token: CancelToken
 ) -> dict[str, Any]:
-    """Its first ``config['slow_times']`` calls hang (cooperatively, up to 10 s); later ones
-    take ``config['fast']`` seconds."""
+    """Its first ``config['slow_times']`` calls (a number, or one per node) hang
+    (cooperatively, up to 10 s); later ones take ``config['fast']`` seconds."""
     count = _bump(config, node)
-    if count <= int(config.get("slow_times", 1)):
+    if count <= _seconds(config.get("slow_times", 1), node):
         cancel_token.wait(10)
         return {"late": True}
     time.sleep(float(config.get("fast", 0.0)))

@@ -110,8 +110,9 @@ class _Supervisor:
             done, _ = wait(list(self.running), timeout=self._sleep(), return_when=FIRST_COMPLETED)
             now = time.monotonic()
             for future in done:
-                index = self.running.pop(future)
-                self._after(index, future.result(), now)
+                index = self.running.pop(future, None)
+                if index is not None:  # else a fail-fast failure just before cancelled it
+                    self._after(index, future.result(), now)
             self._expire(now)
         return [b.result for b in self.branches if b.result is not None]
 
@@ -162,12 +163,21 @@ class _Supervisor:
         self.running[future] = branch.index
 
     def _expire(self, now: float) -> None:
+        # A timeout may end the fan-out (fail-fast): each step re-checks what is still pending.
         for future, index in list(self.running.items()):
             branch = self.branches[index]
-            if branch.attempt_deadline is not None and now >= branch.attempt_deadline:
-                del self.running[future]
+            due = branch.attempt_deadline is not None and now >= branch.attempt_deadline
+            if due and self.running.pop(future, None) is not None:
                 self.backend.stop(future, branch.token)
                 self._after_timeout(branch, now)
+        for index in [i for i in self.ready if self._overdue(i, now)]:  # queued past timeout_total
+            if index in self.ready:
+                self.ready.remove(index)
+                self._after_timeout(self.branches[index], now, waited=True)
+
+    def _overdue(self, index: int, now: float) -> bool:
+        deadline = self.branches[index].ledger.deadline()
+        return deadline is not None and now >= deadline
 
     def _after_timeout(self, branch: _Branch, now: float, waited: bool = False) -> None:
         ledger, config = branch.ledger, branch.config

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ logger = logging.getLogger("tea_dist.executors.thread")
 
 MAX_THREADS = int(os.environ.get("TEA_DIST_MAX_THREADS", "256"))
 IDLE_SECONDS = 5.0
+LEAK_GRACE_SECONDS = 0.25  # a stopped node still running after this ignored its cancel token
 
 
 def default_workers() -> int:
@@ -52,7 +54,9 @@ class DaemonPool:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
-        self.abandoned: set[Future[Any]] = set()
+        self.abandoned: set[Future[Any]] = set()  # stopped, ignored the token, still running
+        self._stopping: dict[Future[Any], float] = {}  # stopped, within their grace period
+        self._reaping = False
 
     @property
     def threads(self) -> int:
@@ -99,19 +103,44 @@ class DaemonPool:
                     future.set_exception(exc)
             with self._lock:
                 self.abandoned.discard(future)
+                self._stopping.pop(future, None)
 
     def abandon(self, future: Future[Any]) -> None:
-        """Note that nobody waits for ``future`` any more; log it while its thread still runs."""
+        """Note that nobody waits for ``future`` any more (its cancel token is set).
+
+        A thread still running ``LEAK_GRACE_SECONDS`` later ignored its token: it is counted
+        in ``abandoned`` and logged, by one short-lived reaper thread.
+        """
         if future.cancel() or future.done():
             return
         with self._lock:
-            self.abandoned.add(future)
-            count = len(self.abandoned)
-        logger.warning(
-            "a timed-out branch thread ignored its cancel token and is still running "
-            "(%d such threads now); nodes should check cancel_token",
-            count,
-        )
+            self._stopping[future] = time.monotonic()
+            if self._reaping:
+                return
+            self._reaping = True
+        threading.Thread(target=self._reap, name=f"{self.name}-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(LEAK_GRACE_SECONDS)
+            now = time.monotonic()
+            with self._lock:
+                due = [f for f, t in self._stopping.items() if now - t >= LEAK_GRACE_SECONDS]
+                for future in due:
+                    del self._stopping[future]
+                late = [f for f in due if not f.done()]
+                self.abandoned.update(late)
+                count, self._reaping = len(self.abandoned), bool(self._stopping)
+                again = self._reaping
+            if late:
+                logger.warning(
+                    "%d timed-out branch thread(s) ignored the cancel token and still run "
+                    "(%d such threads now); nodes should check cancel_token",
+                    len(late),
+                    count,
+                )
+            if not again:
+                return
 
 
 class ThreadExecutor:
