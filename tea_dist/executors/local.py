@@ -157,9 +157,10 @@ class _Supervisor:
         if ledger.attempts == 0:
             self.runtime.emit("on_flow_start", ctx)
         branch.token = CancelToken()
+        future = self.backend.start(branch.task, branch.token, self.runtime)
+        # the attempt's clock starts once the backend has it (a process start is not its time)
         branch.started = time.monotonic()
         branch.attempt_deadline = ledger.attempt_deadline(branch.started)
-        future = self.backend.start(branch.task, branch.token, self.runtime)
         self.running[future] = branch.index
 
     def _expire(self, now: float) -> None:
