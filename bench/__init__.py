@@ -1,0 +1,1 @@
+"""Benchmarks of tea_dist: ratios against raw Celery and bare in-process pools (see README.md)."""
