@@ -1,7 +1,7 @@
 """Module-level node functions for the benchmarks.
 
 Importable by path (``bench.benchnodes:name``), so process children and Celery flow workers
-run them exactly as the caller does (workers need ``/work/main`` on ``PYTHONPATH``).
+run them exactly as the caller does (workers need the repository root on ``PYTHONPATH``).
 Time markers are ``time.time()`` values written to files under ``config["marker_dir"]``:
 one machine, one clock, every process.
 """

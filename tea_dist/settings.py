@@ -48,10 +48,10 @@ class Settings(BaseSettings):
     result_expires: float = Field(3600.0, gt=0)
     run_expires: float = Field(86400.0, gt=0)
     visibility_timeout: float = Field(3600.0, gt=0)
-    hard_limit_grace: float = Field(1.0, gt=0)
+    hard_limit_grace: float = Field(0.5, gt=0)
     heartbeat_seconds: float = Field(0.5, gt=0)
-    heartbeat_ttl: float = Field(3.0, gt=0)
-    cancel_grace: float = Field(1.0, gt=0)
+    heartbeat_ttl: float = Field(2.0, gt=0)
+    cancel_grace: float = Field(0.3, gt=0)
 
     @model_validator(mode="after")
     def _follow_broker(self) -> Settings:

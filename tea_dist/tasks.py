@@ -1,12 +1,16 @@
 """The Celery tasks a flow worker runs: ``tea_dist.run_flow`` and ``tea_dist.collect_flows``.
 
 ``run_flow`` runs one attempt of one branch through the same attempt runner as every local
-strategy, publishes lifecycle events to the run's Redis stream, records the outcome on the
-branch's circuit, and then either re-publishes itself with the retry policy's countdown (the
-slot is free while it waits) or returns the final ``ParallelFlowResult`` as JSON. A failure is
-returned, never raised, so the chord always completes. While it runs, a heartbeat thread keeps
-a key alive for the driver and listens for a cancel request, which it turns into Celery's soft
-time limit exception so the slot is freed at once.
+strategy, records the outcome on the branch's circuit, publishes lifecycle events to the run's
+Redis stream, and then either re-publishes itself with the retry policy's countdown (the slot
+is free while it waits) or returns the final ``ParallelFlowResult`` as JSON. A failure is
+returned, never raised, so the chord always completes; an attempt killed at its hard time
+limit is reported by the worker's main process at once (``on_failure``).
+
+Redis I/O is batched: one pipeline before the attempt, one after. While a branch runs, the
+process's one ``Beater`` thread keeps its heartbeat key alive for the driver and listens for a
+cancel request, which it turns into Celery's soft-time-limit exception so the slot is freed
+at once.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from billiard.exceptions import SoftTimeLimitExceeded
+import redis
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Task
 
 from .attempt import (
     AttemptOutcome,
@@ -28,6 +37,7 @@ from .attempt import (
     Finish,
     after_attempt,
     circuit_open_result,
+    run_attempt,
     timeout_outcome,
     worker_id,
 )
@@ -42,74 +52,125 @@ from .results import ParallelFlowResult
 from .runtime import Runtime
 from .wire import decode_branch
 
+Event = tuple[str, dict[str, Any]]
 
-def publish(payload: dict[str, Any], event: str, **data: Any) -> None:
-    """Append a lifecycle event of this branch to the run's event stream."""
+
+def publish(pipe: Any, payload: dict[str, Any], events: list[Event]) -> None:
+    """Queue this branch's lifecycle ``events`` on the run's stream in ``pipe``."""
     settings = current_settings()
-    keys = Keys(settings.key_prefix)
-    client = redis_for(settings.redis)
-    stream = keys.events(payload["run"])
-    fields: dict[Any, Any] = {
-        "event": event,
-        "fanout": payload["fanout"],
-        "index": payload["index"],
-        "branch": payload["branch"],
-        "attempt": payload["ledger"]["attempts"] + 1,
-        "worker": worker_id(),
-        "data": json.dumps(data, default=str),
-    }
-    pipe = client.pipeline(transaction=False)
-    pipe.xadd(stream, fields, maxlen=100_000, approximate=True)
+    stream = Keys(settings.key_prefix).events(payload["run"])
+    for event, data in events:
+        fields: dict[Any, Any] = {
+            "event": event,
+            "fanout": payload["fanout"],
+            "index": payload["index"],
+            "branch": payload["branch"],
+            "attempt": payload["ledger"]["attempts"] + 1,
+            "worker": worker_id(),
+            "data": json.dumps(data, default=str),
+        }
+        pipe.xadd(stream, fields, maxlen=100_000, approximate=True)
     pipe.expire(stream, int(settings.run_expires))
-    pipe.execute()
 
 
-class Heartbeat:
-    """Keeps ``heartbeat`` alive while a branch runs; a cancel request interrupts the branch."""
+# -- heartbeats and cancel requests: one thread per worker process --
 
-    def __init__(self, payload: dict[str, Any]) -> None:
+
+@dataclass
+class Watch:
+    """The branch running in this process, as the beater sees it."""
+
+    heartbeat: str
+    cancel: str
+    token: CancelToken = field(default_factory=CancelToken)
+    cancelled: bool = False
+
+
+class Beater:
+    """Keeps the running branch's heartbeat alive and listens for its cancel request."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current: Watch | None = None
+        self.wake = threading.Event()
+        self.pid = 0
+
+    @contextmanager
+    def watching(self, watch: Watch) -> Iterator[Watch]:
+        with self.lock:
+            self.current = watch
+            if self.pid != os.getpid():  # first use in this (forked) process
+                self.pid = os.getpid()
+                threading.Thread(target=self._loop, name="tea-dist-beater", daemon=True).start()
+        self.wake.set()
+        try:
+            yield watch
+        finally:
+            with self.lock:  # after this, no interrupt can be sent for this branch
+                self.current = None
+
+    def _loop(self) -> None:
         settings = current_settings()
-        keys = Keys(settings.key_prefix)
-        self.client = redis_for(settings.redis)
-        self.key = keys.heartbeat(payload["fanout"], payload["index"])
-        self.cancel_key = keys.cancel(payload["fanout"], payload["index"])
-        self.every, self.ttl = settings.heartbeat_seconds, settings.heartbeat_ttl
-        self.token = CancelToken()
-        self.cancelled = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="tea-dist-heartbeat", daemon=True)
-        self._main = threading.main_thread().ident
-
-    def __enter__(self) -> Heartbeat:
-        self.client.set(self.key, worker_id(), px=int(self.ttl * 1000))
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()  # the thread notices within one beat; nobody waits for it
-        self.client.delete(self.key)
-
-    def _beat(self) -> None:
+        client = redis.Redis.from_url(settings.redis)  # its own connection: BLPOP blocks it
+        ttl = int(settings.heartbeat_ttl * 1000)
         while True:
+            watch = self.current
+            if watch is None:
+                self.wake.wait(settings.heartbeat_seconds)
+                self.wake.clear()
+                continue
             try:
-                cancelled = self.client.blpop([self.cancel_key], timeout=self.every)
-                if self._done.is_set():
-                    return
-                if cancelled:
-                    self._interrupt()
-                    return
-                self.client.set(self.key, worker_id(), px=int(self.ttl * 1000))
-            except Exception:  # Redis hiccup: the driver's heartbeat check covers us
-                if self._done.wait(self.every):
-                    return
+                if client.blpop([watch.cancel], timeout=settings.heartbeat_seconds):
+                    self._interrupt(watch)
+                elif self.current is watch:
+                    client.set(watch.heartbeat, worker_id(), px=ttl)
+            except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
+                time.sleep(settings.heartbeat_seconds)
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, watch: Watch) -> None:
         """Cancel cooperatively, then raise the soft-time-limit exception in the task."""
-        self.cancelled = True
-        self.token.cancel()
-        handler = signal.getsignal(signal.SIGUSR1)
-        if callable(handler) and not self._done.is_set():
-            os.kill(os.getpid(), signal.SIGUSR1)
+        with self.lock:
+            if self.current is not watch:
+                return
+            watch.cancelled = True
+            watch.token.cancel()
+            handler = signal.getsignal(signal.SIGUSR1)
+            if callable(handler):  # a prefork child: Celery's soft-limit handler is installed
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+
+BEATER = Beater()
+
+
+# -- the tasks --
+
+
+class FlowTask(Task):  # type: ignore[misc]
+    """``run_flow``'s task class: reports an attempt killed at its hard time limit."""
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if not isinstance(exc, TimeLimitExceeded) or not args:
+            return
+        payload = args[0]
+        config = ParallelConfig.model_validate(payload["config"])
+        ledger = _ledger(payload, config)
+        ledger.attempts += 1
+        ledger.note_failure(ErrorInfo.timed_out(config.timeout_seconds))
+        now = time.time()
+        result = ParallelFlowResult(
+            branch=payload["branch"],
+            success=False,
+            error=f"attempt timed out after {config.timeout_seconds:g}s; its process was killed",
+            error_type="TimeoutError",
+            timeout=True,
+            start_time=ledger.first_start or now,
+            end_time=now,
+            timing_ms=(now - (ledger.first_start or now)) * 1000,
+            retry_count=ledger.attempts - 1,
+            attempt_errors=ledger.errors,
+            worker=worker_id(),
+        )
+        _finish(payload, result, [("on_flow_timeout", {"seconds": config.timeout_seconds})])
 
 
 def _ledger(payload: dict[str, Any], config: ParallelConfig) -> BranchLedger:
@@ -122,7 +183,13 @@ def _ledger(payload: dict[str, Any], config: ParallelConfig) -> BranchLedger:
     return ledger
 
 
-@app.task(bind=True, name="tea_dist.run_flow", acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    bind=True,
+    base=FlowTask,
+    name="tea_dist.run_flow",
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
 def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Run one attempt of one branch; return its final result as JSON, or retry."""
     settings = current_settings()
@@ -133,32 +200,44 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     breaker, circuit = config.circuit_breaker, payload.get("circuit")
     store = RedisBreakerStore(client, keys) if breaker and circuit else None
     probe = bool(payload.get("probe"))
-    if client.exists(keys.fanout_finished(payload["fanout"])):
-        return _finish(payload, _abandoned(payload))
+    events: list[Event] = []
     if store and breaker and circuit and ledger.attempts > 0:  # a retry asks its circuit again
         admission = store.acquire(circuit, breaker)
-        _transition(payload, admission.transition)
+        events += _transition(admission.transition)
         if not admission.allowed:
             result = circuit_open_result(payload["branch"], circuit).model_copy(
                 update={"attempt_errors": ledger.errors, "retry_count": ledger.attempts}
             )
-            return _finish(payload, result)
+            return _finish(payload, result, events)
         probe = admission.probe
-    if ledger.attempts == 0:
-        publish(payload, "on_flow_start")
-    outcome = _attempt(payload, config)
+    watch = Watch(
+        keys.heartbeat(payload["fanout"], payload["index"]),
+        keys.cancel(payload["fanout"], payload["index"]),
+    )
+    pipe = client.pipeline(transaction=False)
+    pipe.exists(keys.fanout_finished(payload["fanout"]))
+    pipe.set(watch.heartbeat, worker_id(), px=int(settings.heartbeat_ttl * 1000))
+    publish(pipe, payload, [*events, *([("on_flow_start", {})] if ledger.attempts == 0 else [])])
+    if pipe.execute()[0]:
+        return _finish(payload, _abandoned(payload), [])
+    outcome = _attempt(payload, config, watch)
+    events = []
     if store and breaker and circuit:
-        _transition(payload, store.record(circuit, breaker, outcome.ok, probe))
+        events += _transition(store.record(circuit, breaker, outcome.ok, probe))
         ledger.circuit_state = store.snapshot(circuit).state
     if outcome.error is not None:
         if outcome.error.timeout:
-            publish(payload, "on_flow_timeout", seconds=config.timeout_seconds)
+            events.append(("on_flow_timeout", {"seconds": config.timeout_seconds}))
         else:
-            publish(payload, "on_flow_error", error=_error_dict(outcome.error))
+            events.append(("on_flow_error", {"error": _error_dict(outcome.error)}))
     decision = after_attempt(ledger, outcome, time.monotonic())
     if isinstance(decision, Finish):
-        return _finish(payload, decision.result)
-    publish(payload, "on_flow_retry", delay=decision.delay, error=_error_dict(outcome.error))
+        return _finish(payload, decision.result, events)
+    retry = {"delay": decision.delay, "error": _error_dict(outcome.error)}
+    pipe = client.pipeline(transaction=False)
+    publish(pipe, payload, [*events, ("on_flow_retry", retry)])
+    pipe.delete(watch.heartbeat)
+    pipe.execute()
     retry_payload = {
         **payload,
         "probe": False,
@@ -171,11 +250,11 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     raise self.retry(args=(retry_payload,), countdown=decision.delay, max_retries=None)
 
 
-def _attempt(payload: dict[str, Any], config: ParallelConfig) -> AttemptOutcome:
+def _attempt(payload: dict[str, Any], config: ParallelConfig, watch: Watch) -> AttemptOutcome:
+    """Run the attempt while the beater watches it; soft limits become timeouts or cancels."""
     started = time.time()
-    heartbeat = Heartbeat(payload)
     try:
-        with heartbeat:
+        with BEATER.watching(watch):
             spec = decode_branch(payload["graph"], payload["branch"])
             task = BranchTask(
                 spec=spec,
@@ -186,16 +265,15 @@ def _attempt(payload: dict[str, Any], config: ParallelConfig) -> AttemptOutcome:
                 include_traceback=config.include_traceback,
                 index=payload["index"],
             )
-            outcome = _run(task, heartbeat)
+            outcome = run_attempt(task, Runtime(graph_name=spec.name).fanout, watch.token)
     except GraphError as exc:
         error = ErrorInfo.from_exception(exc, node=payload["branch"])
         return AttemptOutcome(False, None, started, time.time(), error=error, worker=worker_id())
     except SoftTimeLimitExceeded:  # raised between nodes, outside the attempt runner
-        outcome = AttemptOutcome(
-            False, None, started, time.time(), error=ErrorInfo("SoftTimeLimitExceeded", "")
-        )
+        error = ErrorInfo("SoftTimeLimitExceeded", "")
+        outcome = AttemptOutcome(False, None, started, time.time(), error=error)
     if outcome.error is not None and outcome.error.type_name == "SoftTimeLimitExceeded":
-        if heartbeat.cancelled:
+        if watch.cancelled:
             error = ErrorInfo("CancelledError", "cancelled by the caller")
             return AttemptOutcome(
                 False, None, started, time.time(), error=error, worker=worker_id()
@@ -205,16 +283,16 @@ def _attempt(payload: dict[str, Any], config: ParallelConfig) -> AttemptOutcome:
     return outcome
 
 
-def _run(task: BranchTask, heartbeat: Heartbeat) -> AttemptOutcome:
-    from .attempt import run_attempt
-
-    runtime = Runtime(graph_name=task.spec.name)
-    return run_attempt(task, runtime.fanout, heartbeat.token)
-
-
-def _finish(payload: dict[str, Any], result: ParallelFlowResult) -> dict[str, Any]:
+def _finish(
+    payload: dict[str, Any], result: ParallelFlowResult, events: list[Event]
+) -> dict[str, Any]:
+    """Publish the final result (after ``events``) and drop the heartbeat, in one round trip."""
     data = result.to_dict()
-    publish(payload, "on_flow_complete", result=data)
+    settings = current_settings()
+    pipe = redis_for(settings.redis).pipeline(transaction=False)
+    publish(pipe, payload, [*events, ("on_flow_complete", {"result": data})])
+    pipe.delete(Keys(settings.key_prefix).heartbeat(payload["fanout"], payload["index"]))
+    pipe.execute()
     return data
 
 
@@ -230,9 +308,10 @@ def _abandoned(payload: dict[str, Any]) -> ParallelFlowResult:
     )
 
 
-def _transition(payload: dict[str, Any], transition: tuple[Any, Any] | None) -> None:
-    if transition:
-        publish(payload, "on_circuit_state_change", old=str(transition[0]), new=str(transition[1]))
+def _transition(transition: tuple[Any, Any] | None) -> list[Event]:
+    if not transition:
+        return []
+    return [("on_circuit_state_change", {"old": str(transition[0]), "new": str(transition[1])})]
 
 
 def _error_dict(error: ErrorInfo | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ worker died (its heartbeat key lapsed) and sends it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -70,6 +71,8 @@ class _Driver:
         self.fanout_id = uuid.uuid4().hex
         n = len(self.tasks)
         self.results: list[ParallelFlowResult | None] = [None] * n
+        self.unresolved = n
+        self.bounded = [i for i, c in enumerate(self.configs) if c.timeout_total is not None]
         self.payloads: list[dict[str, Any] | None] = [None] * n
         self.task_ids: list[str | None] = [None] * n
         self.started = [False] * n
@@ -77,6 +80,7 @@ class _Driver:
         self.redispatched = [0] * n
         self.stopping: dict[int, float] = {}  # branch -> time its cooperative cancel was sent
         self.chord_result: AsyncResult | None = None
+        self.chord_consumed = False
         self.contexts = [
             runtime.context(t, c) for t, c in zip(self.tasks, self.configs, strict=True)
         ]
@@ -168,7 +172,7 @@ class _Driver:
     def wait(self) -> None:
         stream, last = self.keys.events(self.runtime.run_id), "0-0"
         next_check = time.monotonic() + self.settings.heartbeat_seconds
-        while any(r is None for r in self.results):
+        while self.unresolved:
             reply: Any = self.client.xread({stream: last}, count=1000, block=100)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
@@ -213,6 +217,7 @@ class _Driver:
         if self.results[i] is not None:
             return
         self.results[i] = result
+        self.unresolved -= 1
         self.runtime.emit("on_flow_complete", ctx or self._ctx(i), result)
         config = self.configs[i]
         if config.fail_fast and not result.success and result.error_type != "CancelledError":
@@ -226,8 +231,8 @@ class _Driver:
 
     def _check_deadlines(self) -> None:
         now = time.time()
-        for i, config in enumerate(self.configs):
-            payload = self.payloads[i]
+        for i in self.bounded:
+            config, payload = self.configs[i], self.payloads[i]
             if self.results[i] is not None or config.timeout_total is None or payload is None:
                 continue
             if now >= payload["dispatched"] + config.timeout_total:
@@ -242,13 +247,13 @@ class _Driver:
 
     def _check_chord(self) -> None:
         """The chord body's result, when it arrives, is the authoritative ordered list."""
-        if self.chord_result is None or not self.chord_result.ready():
+        if self.chord_result is None or self.chord_consumed or not self.chord_result.ready():
             return
         if self.chord_result.successful():
             header = [i for i, p in enumerate(self.payloads) if p is not None]
             for i, data in zip(header, self.chord_result.result, strict=True):
                 self._resolve(i, ParallelFlowResult.from_dict(data))
-        self.chord_result = None
+        self.chord_consumed = True
 
     def _check_silent(self) -> None:
         """A started branch with no heartbeat: finished, died hard, waiting to retry, or lost."""
@@ -338,6 +343,23 @@ class _Driver:
         for task_id in ids:
             pipe.delete(backend.get_key_for_task(task_id))
         pipe.execute()
+        _unsubscribe(backend, ids)
+
+
+def _unsubscribe(backend: Any, ids: Sequence[str]) -> None:
+    """Drop the result subscriptions that sending made (the stream carried the results).
+
+    Celery's Redis backend subscribes the sender to every task's result channel; left alone,
+    a long-lived caller (a run worker) would accumulate one per branch ever sent.
+    """
+    consumer = getattr(backend, "result_consumer", None)
+    for mapping in getattr(backend, "_pending_results", ()):
+        for task_id in ids:
+            mapping.pop(task_id, None)
+    if consumer is not None:
+        for task_id in ids:
+            with contextlib.suppress(Exception):
+                consumer.cancel_for(task_id)
 
 
 def _s(value: Any) -> str:
