@@ -435,7 +435,10 @@ def timeout_section(cluster: Cluster, reps: int, quick: bool) -> str:
         return run
 
     sides = [
-        ("tea_dist stubborn, grace 1.0 s (default)", tea(stubborn_app, grace_default)),
+        (
+            f"tea_dist stubborn, grace {grace_default:g} s (default)",
+            tea(stubborn_app, grace_default),
+        ),
         ("raw stubborn, soft 0.5 + hard 1.5", raw(rawtasks.stubborn, TIMEOUT, 1.5)),
         ("tea_dist stubborn, grace 0.3 s", tea(stubborn_app, 0.3)),
         ("raw stubborn, hard 0.5 only", raw(rawtasks.stubborn, None, TIMEOUT)),

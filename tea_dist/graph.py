@@ -112,10 +112,10 @@ class GraphSpec:
 
     def branch_part(self, branch: str, fan_in: str) -> GraphSpec:
         """The part of this graph a branch runs: what another process needs, nothing more."""
-        names = set(self.branch_nodes(branch, fan_in)[0])
+        names = self.branch_nodes(branch, fan_in)[0]
 
         def keep(mapping: Mapping[str, Any]) -> dict[str, Any]:
-            return {name: value for name, value in mapping.items() if name in names}
+            return {name: mapping[name] for name in names if name in mapping}
 
         return replace(
             self,

@@ -97,6 +97,8 @@ class _Supervisor:
             )
             for i, (task, config) in enumerate(zip(tasks, configs, strict=True))
         ]
+        # only timeout_total bounds a branch that waits for a slot: skip the scans without it
+        self.queue_deadlines = any(c.timeout_total is not None for c in configs)
         self.ready: deque[int] = deque(range(len(self.branches)))
         self.timers: list[tuple[float, int]] = []
         self.running: dict[Future[AttemptOutcome], int] = {}
@@ -122,7 +124,10 @@ class _Supervisor:
         wakes = [b.attempt_deadline for b in self._running() if b.attempt_deadline is not None]
         if self.timers:
             wakes.append(self.timers[0][0])
-        wakes.extend(d for i in self.ready if (d := self.branches[i].ledger.deadline()) is not None)
+        if self.queue_deadlines:
+            wakes.extend(
+                d for i in self.ready if (d := self.branches[i].ledger.deadline()) is not None
+            )
         if not wakes:
             return None if self.running else 0.0
         return max(0.0, min(wakes) - time.monotonic())
@@ -171,6 +176,8 @@ class _Supervisor:
             if due and self.running.pop(future, None) is not None:
                 self.backend.stop(future, branch.token)
                 self._after_timeout(branch, now)
+        if not self.queue_deadlines:
+            return
         for index in [i for i in self.ready if self._overdue(i, now)]:  # queued past timeout_total
             if index in self.ready:
                 self.ready.remove(index)
