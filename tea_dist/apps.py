@@ -14,7 +14,6 @@ least once (see the celery strategy).
 
 from __future__ import annotations
 
-import importlib
 import json
 import threading
 import time
@@ -30,7 +29,7 @@ from .errors import GraphError, RunCancelledError, RunFailedError, TeaDistError
 from .graph import StateGraph
 from .keys import Keys
 from .nodes import CancelToken
-from .wire import check_json_state
+from .wire import check_json_state, import_callable
 
 FAIL_IF_ORPHANED = """
 if redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
@@ -64,11 +63,9 @@ def resolve_graph(graph_ref: str) -> StateGraph:
     if not sep or not module_name or not attr:
         raise GraphError(f"graph reference '{graph_ref}' must be 'pkg.module:attr' or a YAML path")
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise GraphError(f"cannot import graph '{graph_ref}': {exc}") from exc
+        obj: Any = import_callable(graph_ref)
+    except GraphError as exc:
+        raise GraphError(f"cannot import graph '{graph_ref}': {exc.__cause__}") from exc
     if callable(obj) and not isinstance(obj, StateGraph):
         obj = obj()
     if not isinstance(obj, StateGraph):

@@ -272,17 +272,46 @@ def timeout_outcome(started: float, seconds: float | None, what: str = "attempt"
     )
 
 
-def circuit_open_result(branch: str, circuit: str) -> ParallelFlowResult:
-    """The result of a branch refused by an open circuit (nothing was run)."""
+def failed_result(
+    branch: str,
+    error_type: str,
+    error: str,
+    *,
+    ledger: BranchLedger | None = None,
+    start: float | None = None,
+    timeout: bool = False,
+    circuit_state: CircuitState | None = None,
+    worker: str | None = None,
+) -> ParallelFlowResult:
+    """A failed result built without an attempt outcome (refused, cancelled, lost, killed).
+
+    Timing runs from ``start`` (else the ledger's first attempt, else now) to now; retries and
+    attempt errors come from the ledger when there is one.
+    """
     now = time.time()
+    start = start or (ledger.first_start if ledger is not None else None) or now
     return ParallelFlowResult(
         branch=branch,
         success=False,
-        error=f"circuit '{circuit}' is open",
-        error_type=CircuitOpenError.__name__,
-        timing_ms=0.0,
-        start_time=now,
+        error=error,
+        error_type=error_type,
+        timeout=timeout,
+        timing_ms=(now - start) * 1000.0,
+        start_time=start,
         end_time=now,
+        retry_count=max(ledger.attempts - 1, 0) if ledger is not None else 0,
+        circuit_state=circuit_state,
+        attempt_errors=list(ledger.errors) if ledger is not None else [],
+        worker=worker,
+    )
+
+
+def circuit_open_result(branch: str, circuit: str) -> ParallelFlowResult:
+    """The result of a branch refused by an open circuit (nothing was run)."""
+    return failed_result(
+        branch,
+        CircuitOpenError.__name__,
+        f"circuit '{circuit}' is open",
         circuit_state=CircuitState.OPEN,
     )
 
@@ -290,17 +319,5 @@ def circuit_open_result(branch: str, circuit: str) -> ParallelFlowResult:
 def cancelled_result(
     branch: str, reason: str, ledger: BranchLedger | None = None
 ) -> ParallelFlowResult:
-    """The result of a branch cancelled because a sibling failed under ``fail_fast``."""
-    now = time.time()
-    start = ledger.first_start if ledger and ledger.first_start else now
-    return ParallelFlowResult(
-        branch=branch,
-        success=False,
-        error=reason,
-        error_type="CancelledError",
-        timing_ms=(now - start) * 1000.0,
-        start_time=start,
-        end_time=now,
-        retry_count=max((ledger.attempts if ledger else 0) - 1, 0),
-        attempt_errors=list(ledger.errors) if ledger else [],
-    )
+    """The result of a branch stopped because a sibling failed (``fail_fast``) or the run ended."""
+    return failed_result(branch, "CancelledError", reason, ledger=ledger)

@@ -37,6 +37,7 @@ from .attempt import (
     Finish,
     after_attempt,
     circuit_open_result,
+    failed_result,
     run_attempt,
     timeout_outcome,
     worker_id,
@@ -156,18 +157,13 @@ class FlowTask(Task):  # type: ignore[misc]
         ledger = _ledger(payload, config)
         ledger.attempts += 1
         ledger.note_failure(ErrorInfo.timed_out(config.timeout_seconds))
-        now = time.time()
-        result = ParallelFlowResult(
-            branch=payload["branch"],
-            success=False,
-            error=f"attempt timed out after {config.timeout_seconds:g}s; its process was killed",
-            error_type="TimeoutError",
+        message = f"attempt timed out after {config.timeout_seconds:g}s; its process was killed"
+        result = failed_result(
+            payload["branch"],
+            "TimeoutError",
+            message,
+            ledger=ledger,
             timeout=True,
-            start_time=ledger.first_start or now,
-            end_time=now,
-            timing_ms=(now - (ledger.first_start or now)) * 1000,
-            retry_count=ledger.attempts - 1,
-            attempt_errors=ledger.errors,
             worker=worker_id(),
         )
         _finish(payload, result, [("on_flow_timeout", {"seconds": config.timeout_seconds})])
@@ -297,15 +293,8 @@ def _finish(
 
 
 def _abandoned(payload: dict[str, Any]) -> ParallelFlowResult:
-    now = time.time()
-    return ParallelFlowResult(
-        branch=payload["branch"],
-        success=False,
-        error="the run had already finished; branch not run",
-        error_type="CancelledError",
-        start_time=now,
-        end_time=now,
-    )
+    message = "the run had already finished; branch not run"
+    return failed_result(payload["branch"], "CancelledError", message)
 
 
 def _transition(transition: tuple[Any, Any] | None) -> list[Event]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from celery import chord
 from celery.result import AsyncResult
 
-from ..attempt import BranchTask, cancelled_result, circuit_open_result
+from ..attempt import BranchTask, cancelled_result, circuit_open_result, failed_result
 from ..config import ParallelConfig
 from ..errors import ConfigError, RemoteError, SerializationError
 from ..graph import FanOut, GraphSpec
@@ -241,7 +241,13 @@ class _Driver:
                 self.runtime.emit("on_flow_timeout", ctx, config.timeout_total)
                 self._resolve(
                     i,
-                    _timed_out(self.tasks[i].branch, payload["dispatched"], config.timeout_total),
+                    failed_result(
+                        self.tasks[i].branch,
+                        "TimeoutError",
+                        f"branch timed out after {config.timeout_total:g}s (timeout_total)",
+                        start=payload["dispatched"],
+                        timeout=True,
+                    ),
                     ctx,
                 )
 
@@ -287,7 +293,8 @@ class _Driver:
         self.silent_since[i] = None
         self.started[i] = False
         if self.redispatched[i] >= MAX_REDISPATCH:
-            self._resolve(i, _lost(self.tasks[i].branch, self.redispatched[i]))
+            message = f"the worker running this branch was lost {self.redispatched[i] + 1} times"
+            self._resolve(i, failed_result(self.tasks[i].branch, "WorkerLostError", message))
             return
         self.redispatched[i] += 1
         if old:
@@ -370,47 +377,10 @@ def _remote(error: dict[str, Any]) -> RemoteError:
     return RemoteError(error.get("message", ""), error_type=error.get("type"))
 
 
-def _timed_out(branch: str, dispatched: float, seconds: float) -> ParallelFlowResult:
-    now = time.time()
-    return ParallelFlowResult(
-        branch=branch,
-        success=False,
-        error=f"branch timed out after {seconds:g}s (timeout_total)",
-        error_type="TimeoutError",
-        timeout=True,
-        timing_ms=(now - dispatched) * 1000,
-        start_time=dispatched,
-        end_time=now,
-    )
-
-
 def _hard_failure(branch: str, exc: Any, config: ParallelConfig) -> ParallelFlowResult:
     """A task that died without returning: hard time limit, or a crash the worker saw."""
-    now = time.time()
     name = type(exc).__name__ if isinstance(exc, BaseException) else "WorkerError"
-    timeout = name == "TimeLimitExceeded"
-    return ParallelFlowResult(
-        branch=branch,
-        success=False,
-        error=(
-            f"attempt timed out after {config.timeout_seconds:g}s; the worker process was killed"
-            if timeout and config.timeout_seconds
-            else f"{name}: {exc}"
-        ),
-        error_type="TimeoutError" if timeout else name,
-        timeout=timeout,
-        start_time=now,
-        end_time=now,
-    )
-
-
-def _lost(branch: str, times: int) -> ParallelFlowResult:
-    now = time.time()
-    return ParallelFlowResult(
-        branch=branch,
-        success=False,
-        error=f"the worker running this branch was lost {times + 1} times",
-        error_type="WorkerLostError",
-        start_time=now,
-        end_time=now,
-    )
+    if name == "TimeLimitExceeded":
+        message = f"attempt timed out after {config.timeout_seconds}s; its process was killed"
+        return failed_result(branch, "TimeoutError", message, timeout=True)
+    return failed_result(branch, name, f"{name}: {exc}")
