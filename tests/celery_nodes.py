@@ -31,6 +31,7 @@ def mark_start_then_sleep(
 
 def ignore_soft_limit(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
     """Swallows every exception, the soft time limit included: only a kill stops it."""
+    Path(config["marker_dir"], f"{node}.start").write_text(repr(time.time()))
     end = time.time() + float(config.get("sleep", {}).get(node, 30))
     while time.time() < end:
         with contextlib.suppress(BaseException):  # deliberately ignores the soft limit

@@ -80,6 +80,11 @@ def test_celery_timeout_kills_the_work_and_frees_the_slot(cluster: Any, tmp_path
     assert x["success"] is False and x["timeout"] is True  # 1.2 s > 0.5 s: soft limit stopped it
     assert y["success"] is True
     assert not (tmp_path / "stuck.done").exists()  # the process was killed, not abandoned
+    # 'y' waited for a slot; 'x' freed one at its soft limit (0.5 s) and 'stuck' at its hard
+    # limit (0.5 s + grace): the freed slot starts 'y' within a second or two
+    stuck_start = float((tmp_path / "stuck.start").read_text())
+    y_start = float((tmp_path / "y.start").read_text())
+    assert y_start - (stuck_start + 0.5) < 2.0
     time.sleep(5)
     assert not (tmp_path / "stuck.done").exists()
     assert elapsed < 8

@@ -69,3 +69,30 @@ def _assert_port_closed(port: int) -> None:
 
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.celery
+def test_cli_cluster_prints_its_addresses_and_stops_on_ctrl_c() -> None:
+    import re
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEA_DIST_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tea_dist", "cluster", "--flower-port", "0"],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = re.match(r"broker:\s+redis://127\.0\.0\.1:(\d+)/0", line)
+        assert match, line
+        port = int(match.group(1))
+        import redis
+
+        assert redis.Redis(port=port).ping()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    _assert_port_closed(port)
