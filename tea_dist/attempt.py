@@ -23,7 +23,7 @@ from .errors import BranchTimeoutError, CircuitOpenError
 from .graph import GraphSpec
 from .nodes import CancelToken
 from .results import CircuitState, ParallelFlowResult
-from .walk import Cursor, FanOutRunner, Step, awalk, walk
+from .walk import Cursor, FanOutRunner, awalk, walk
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,6 @@ class AttemptOutcome:
     state: dict[str, Any] | None
     started: float
     ended: float
-    steps: list[Step] = field(default_factory=list)
     error: ErrorInfo | None = None
     exception: BaseException | None = None
     worker: str = ""
@@ -121,8 +120,8 @@ def run_attempt(
     task: BranchTask, fanout: FanOutRunner, cancel_token: CancelToken | None = None
 ) -> AttemptOutcome:
     """Run one attempt of a branch synchronously, catching its failure as data."""
-    started, cursor, steps = time.time(), Cursor(), []
-    gen = walk(
+    started, cursor = time.time(), Cursor()
+    steps = walk(
         task.spec,
         task.branch,
         task.fan_in,
@@ -134,18 +133,18 @@ def run_attempt(
     )
     try:
         while True:
-            steps.append(next(gen))
+            next(steps)
     except StopIteration as stop:
-        return AttemptOutcome(True, stop.value, started, time.time(), steps, worker=worker_id())
+        return AttemptOutcome(True, stop.value, started, time.time(), worker=worker_id())
     except Exception as exc:
-        return _failed(task, exc, cursor, started, steps)
+        return _failed(task, exc, cursor, started)
 
 
 async def arun_attempt(
     task: BranchTask, fanout: FanOutRunner, cancel_token: CancelToken | None = None
 ) -> AttemptOutcome:
     """``run_attempt`` on a running event loop (the asyncio strategy)."""
-    started, cursor, steps = time.time(), Cursor(), []
+    started, cursor = time.time(), Cursor()
     state = copy.deepcopy(task.state)
     try:
         async for step in awalk(
@@ -158,21 +157,18 @@ async def arun_attempt(
             cancel_token=cancel_token,
             cursor=cursor,
         ):
-            steps.append(step)
             state = step.state
     except Exception as exc:
-        return _failed(task, exc, cursor, started, steps)
-    return AttemptOutcome(True, state, started, time.time(), steps, worker=worker_id())
+        return _failed(task, exc, cursor, started)
+    return AttemptOutcome(True, state, started, time.time(), worker=worker_id())
 
 
-def _failed(
-    task: BranchTask, exc: Exception, cursor: Cursor, started: float, steps: list[Step]
-) -> AttemptOutcome:
+def _failed(task: BranchTask, exc: Exception, cursor: Cursor, started: float) -> AttemptOutcome:
     error = ErrorInfo.from_exception(
         exc, include_traceback=task.include_traceback, node=cursor.node
     )
     return AttemptOutcome(
-        False, None, started, time.time(), steps, error=error, exception=exc, worker=worker_id()
+        False, None, started, time.time(), error=error, exception=exc, worker=worker_id()
     )
 
 

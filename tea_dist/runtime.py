@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .attempt import BranchTask
@@ -153,10 +153,6 @@ class Runtime:
         final = [r for r in results if r is not None]
         _raise_for_fail_fast(final, fan.configs)
         return final
-
-    def for_worker(self) -> Runtime:
-        """A runtime for nested fan-outs inside a branch running in this process."""
-        return replace(self, dispatcher=Dispatcher())
 
 
 def _raise_for_fail_fast(

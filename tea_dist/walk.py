@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .graph import END, FanOut, GraphSpec
@@ -44,7 +44,6 @@ class Cursor:
     """Where a walk is: the node running now (for error reports)."""
 
     node: str = ""
-    steps: list[Step] = field(default_factory=list)
 
 
 def _merge(state: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -135,20 +134,3 @@ def _next(
     if fan is None:
         return spec.successor(node, state), None
     return fan.fan_in, fanout(spec, fan, state, config)
-
-
-def run_segment(
-    spec: GraphSpec,
-    start: str,
-    stop_at: str,
-    state: dict[str, Any],
-    **kwargs: Any,
-) -> tuple[dict[str, Any], list[Step]]:
-    """Walk to the end of a segment, keeping the steps; returns (final state, steps)."""
-    steps: list[Step] = []
-    gen = walk(spec, start, stop_at, state, **kwargs)
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            return stop.value, steps
