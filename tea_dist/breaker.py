@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -162,6 +162,10 @@ class BreakerStore(Protocol):
         """Close one known circuit (every circuit when ``None``); returns the transitions made."""
         ...
 
+    def forget(self, circuits: Iterable[str]) -> None:
+        """Drop circuits entirely (used for per-invocation circuits after the run)."""
+        ...
+
     def states(self) -> dict[str, CircuitState]:
         """Every known circuit and its stored state."""
         ...
@@ -217,6 +221,12 @@ class MemoryBreakerStore:
                 if before.state is not CircuitState.CLOSED:
                     changed.append((name, before.state, CircuitState.CLOSED))
             return changed
+
+    def forget(self, circuits: Iterable[str]) -> None:
+        """Drop circuits entirely (they are no longer listed)."""
+        with self._lock:
+            for name in circuits:
+                self._circuits.pop(name, None)
 
     def states(self) -> dict[str, CircuitState]:
         """Every known circuit and its stored state."""

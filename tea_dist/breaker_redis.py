@@ -14,7 +14,7 @@ so it can be sent to another process, which connects on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from importlib import resources
@@ -136,6 +136,17 @@ class RedisBreakerStore:
             (_text(name), CircuitState(_text(old)), CircuitState.CLOSED)
             for name, old in zip(reply[::2], reply[1::2], strict=True)
         ]
+
+    def forget(self, circuits: Iterable[str]) -> None:
+        """Drop circuits entirely: their hashes and their place in the index."""
+        names = list(circuits)
+        if not names:
+            return
+        with self._translated():
+            pipe = self._client.pipeline()
+            pipe.delete(*[self._keys.circuit(name) for name in names])
+            pipe.srem(self._keys.circuits_index(), *names)
+            pipe.execute()
 
     def states(self) -> dict[str, CircuitState]:
         """Every known circuit and its stored state (one atomic read)."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .breaker import BreakerStore, MemoryBreakerStore
-from .errors import BranchError, NodeError, TeaDistError
+from .errors import BranchError, GraphError, NodeError, TeaDistError
 from .events import Dispatcher, FlowContext
 from .executors import check_strategy, get_executor
 from .graph import END, GraphSpec
@@ -57,6 +57,15 @@ class CompiledGraph:
                 get_executor(strategy).check(spec, fan)
         self._breakers = breaker_store
         self._distributed = "celery" in strategies
+        if self._distributed and breaker_store is not None:
+            from .breaker_redis import RedisBreakerStore
+
+            if not isinstance(breaker_store, RedisBreakerStore):
+                raise GraphError(
+                    f"graph '{spec.name}' has celery branches, whose workers record circuit "
+                    "outcomes in Redis: pass a RedisBreakerStore, not "
+                    f"{type(breaker_store).__name__}"
+                )
 
     @property
     def breakers(self) -> BreakerStore:
@@ -132,7 +141,7 @@ class CompiledGraph:
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
         except Exception as exc:
-            runtime.dispatcher.close()
+            runtime.close()
             if self.raise_exceptions:
                 if isinstance(exc, TeaDistError):
                     raise
@@ -141,7 +150,7 @@ class CompiledGraph:
                 ) from exc
             yield _error_event(cursor.node, exc)
             return
-        runtime.dispatcher.close()
+        runtime.close()
         yield {"type": "final", "state": final}
 
     # -- circuits --

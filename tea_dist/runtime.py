@@ -38,6 +38,7 @@ class Runtime:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancel_token: CancelToken = field(default_factory=CancelToken)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
+    _run_circuits: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- events --
@@ -71,7 +72,8 @@ class Runtime:
         if breaker.scope == "invocation" and not isinstance(
             self.shared_breakers, MemoryBreakerStore
         ):
-            return f"{self.run_id}/{name}"  # a fresh circuit per run in the shared store
+            name = f"{self.run_id}/{name}"  # a fresh circuit per run in the shared store
+            self._run_circuits.add(name)
         return name
 
     def breakers(self, config: ParallelConfig) -> BreakerStore:
@@ -108,6 +110,11 @@ class Runtime:
             self.emit("on_circuit_state_change", ctx, *transition)
             return transition[1]
         return store.snapshot(name).state
+
+    def close(self) -> None:
+        """End of the run: callbacks catch up, per-invocation circuits in a shared store go."""
+        self.dispatcher.close()
+        self.shared_breakers.forget(self._run_circuits)
 
     # -- fan-out --
 

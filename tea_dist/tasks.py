@@ -185,9 +185,11 @@ def _ledger(payload: dict[str, Any], config: ParallelConfig) -> BranchLedger:
     name="tea_dist.run_flow",
     acks_late=True,
     reject_on_worker_lost=True,
+    max_retries=None,  # the branch's RetryPolicy decides, not Celery's default of 3
 )
 def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Run one attempt of one branch; return its final result as JSON, or retry."""
+    started = time.time()
     settings = current_settings()
     client = redis_for(settings.redis)
     keys = Keys(settings.key_prefix)
@@ -216,7 +218,7 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     publish(pipe, payload, [*events, *([("on_flow_start", {})] if ledger.attempts == 0 else [])])
     if pipe.execute()[0]:
         return _finish(payload, _abandoned(payload), [])
-    outcome = _attempt(payload, config, watch)
+    outcome = _attempt(payload, config, watch, started)
     events = []
     if store and breaker and circuit:
         events += _transition(store.record(circuit, breaker, outcome.ok, probe))
@@ -243,12 +245,16 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
             "first_start": ledger.first_start,
         },
     }
-    raise self.retry(args=(retry_payload,), countdown=decision.delay, max_retries=None)
+    raise self.retry(args=(retry_payload,), countdown=decision.delay)
 
 
-def _attempt(payload: dict[str, Any], config: ParallelConfig, watch: Watch) -> AttemptOutcome:
-    """Run the attempt while the beater watches it; soft limits become timeouts or cancels."""
-    started = time.time()
+def _attempt(
+    payload: dict[str, Any], config: ParallelConfig, watch: Watch, started: float
+) -> AttemptOutcome:
+    """Run the attempt while the beater watches it; soft limits become timeouts or cancels.
+
+    ``started`` is when the task began: Celery's time limits count from then too.
+    """
     try:
         with BEATER.watching(watch):
             spec = decode_branch(payload["graph"], payload["branch"])
@@ -274,7 +280,7 @@ def _attempt(payload: dict[str, Any], config: ParallelConfig, watch: Watch) -> A
             return AttemptOutcome(
                 False, None, started, time.time(), error=error, worker=worker_id()
             )
-        outcome = timeout_outcome(outcome.started, config.timeout_seconds)
+        outcome = timeout_outcome(started, config.timeout_seconds)
         outcome.worker = worker_id()
     return outcome
 

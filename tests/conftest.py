@@ -99,9 +99,35 @@ def cluster(redis_url: str) -> Iterator[object]:
 
 
 IN_PROCESS_STRATEGIES = ("thread", "process", "asyncio")
+STRATEGIES = (*IN_PROCESS_STRATEGIES, pytest.param("celery", marks=[pytest.mark.celery]))
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each strategy in turn: the same behavioural test runs on all of them (celery on the
+    session's real workers, with the session's circuits forgotten before and after)."""
+    if request.param != "celery":
+        yield str(request.param)
+        return
+    test_cluster = request.getfixturevalue("cluster")
+    _forget_circuits(test_cluster)
+    yield "celery"
+    _forget_circuits(test_cluster)
 
 
 @pytest.fixture(params=IN_PROCESS_STRATEGIES)
-def strategy(request: pytest.FixtureRequest) -> str:
-    """Each in-process strategy in turn: the same behavioural test runs on all of them."""
+def local_strategy(request: pytest.FixtureRequest) -> str:
+    """Each in-process strategy: for behaviour that depends on ``max_workers`` slots."""
     return str(request.param)
+
+
+def _forget_circuits(test_cluster: object) -> None:
+    import redis
+
+    from tea_dist.keys import Keys
+
+    settings = test_cluster.settings()  # type: ignore[attr-defined]
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis)
+    names = list(client.scan_iter(match=f"{keys.circuit_prefix()}*", count=1000))
+    client.delete(keys.circuits_index(), *names)

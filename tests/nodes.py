@@ -286,3 +286,17 @@ async def async_count_concurrency(state: dict[str, Any]) -> dict[str, Any]:
     finally:
         CONCURRENCY["now"] -= 1
     return {"counted": True}
+
+
+def breaker_store_for(strategy: str) -> Any:
+    """A circuit store a strategy can use: celery circuits live in Redis, shared with workers."""
+    from tea_dist.breaker import MemoryBreakerStore
+
+    if strategy != "celery":
+        return MemoryBreakerStore()
+    from tea_dist.breaker_redis import RedisBreakerStore
+    from tea_dist.celery_app import current_settings
+    from tea_dist.keys import Keys
+
+    settings = current_settings()
+    return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))

@@ -22,11 +22,10 @@ from tea_dist import (
     ParallelFlowResult,
     RetryPolicy,
 )
-from tea_dist.breaker import MemoryBreakerStore
 from tea_dist.errors import CircuitOpenError
 from tea_dist.events import FlowContext
 from tests import nodes
-from tests.nodes import fan_graph, final_state
+from tests.nodes import breaker_store_for, fan_graph, final_state
 
 
 def cfg(
@@ -190,7 +189,7 @@ def test_td13_int_016_failures_from_concurrent_invocations_are_all_counted(
             config=cfg(strategy, breaker, max_workers=width),
             name=f"g{k}",
         ).compile(breaker_store=store)
-        for store in [MemoryBreakerStore()]
+        for store in [breaker_store_for(strategy)]
         for k in range(callers)
     ]
     barrier = threading.Barrier(callers)
@@ -236,7 +235,7 @@ def test_td13_int_017_a_named_circuit_is_shared_across_flows(strategy: str, tmp_
 def test_a_named_circuit_is_shared_across_graphs_with_one_store(
     strategy: str, tmp_path: Path
 ) -> None:
-    store = MemoryBreakerStore()
+    store = breaker_store_for(strategy)
     shared = CircuitBreakerConfig(failure_threshold=1, name="search")
     one = fan_graph({"a": nodes.service}, config=cfg(strategy, shared), name="one").compile(
         breaker_store=store
@@ -306,7 +305,7 @@ def test_an_open_circuit_never_starts_the_branch(strategy: str, tmp_path: Path) 
             "guarded": cfg(strategy, CircuitBreakerConfig(failure_threshold=1, name="svc"))
         },
     )
-    store = MemoryBreakerStore()
+    store = breaker_store_for(strategy)
     breaker = CircuitBreakerConfig(failure_threshold=1)
     store.acquire("svc", breaker)
     store.record("svc", breaker, success=False, probe=False)  # opened elsewhere

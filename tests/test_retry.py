@@ -223,10 +223,12 @@ def test_attempt_errors_are_capped_by_max_stored_errors(strategy: str) -> None:
 
 
 def test_td13_int_012_a_waiting_retry_does_not_block_siblings(
-    strategy: str, tmp_path: Path
+    local_strategy: str, tmp_path: Path
 ) -> None:
     """One slot only: while 'flaky' waits 0.5 s for its retry, 'sibling' takes the slot and
-    finishes. A retry that slept in its slot would make 'sibling' start after 'flaky' ended."""
+    finishes. A retry that slept in its slot would make 'sibling' start after 'flaky' ended.
+    (Celery: test_celery_retry_waits_without_blocking_a_sibling, on a real worker slot.)"""
+    strategy = local_strategy
     policy = RetryPolicy(max_retries=1, base_delay=0.5)
     g = fan_graph(
         {"flaky": nodes.flaky, "sibling": nodes.sleep_node},

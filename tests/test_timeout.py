@@ -256,8 +256,11 @@ def test_timeout_total_alone_stops_a_branch(strategy: str) -> None:
     assert elapsed < 2.0
 
 
-def test_timeout_total_counts_the_wait_for_a_slot(strategy: str, tmp_path: Path) -> None:
-    """With one slot, a branch queued behind a long one times out on time, never having run."""
+def test_timeout_total_counts_the_wait_for_a_slot(local_strategy: str, tmp_path: Path) -> None:
+    """With one slot, a branch queued behind a long one times out on time, never having run.
+
+    (In-process strategies: max_workers sets their slots; Celery workers set their own.)"""
+    strategy = local_strategy
     g = fan_graph(
         {"long": nodes.sleep_node, "queued": nodes.slow_marker},
         config=cfg(strategy, max_workers=1),

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 from celery import chord
 from celery.result import AsyncResult
 
-from ..attempt import BranchTask, cancelled_result, circuit_open_result, failed_result
+from ..attempt import (
+    BranchLedger,
+    BranchTask,
+    ErrorInfo,
+    cancelled_result,
+    circuit_open_result,
+    failed_result,
+)
 from ..config import ParallelConfig
 from ..errors import ConfigError, RemoteError, SerializationError
 from ..graph import FanOut, GraphSpec
@@ -83,6 +90,11 @@ class _Driver:
         self.chord_consumed = False
         self.contexts = [
             runtime.context(t, c) for t, c in zip(self.tasks, self.configs, strict=True)
+        ]
+        # what the driver learns of each branch's attempts from the event stream
+        self.ledgers = [
+            BranchLedger(t.branch, c, time.monotonic())
+            for t, c in zip(self.tasks, self.configs, strict=True)
         ]
         self.graphs: dict[str, Any] = {}
 
@@ -193,12 +205,19 @@ class _Driver:
         i, event = int(fields["index"]), fields["event"]
         data = json.loads(fields.get("data") or "{}")
         ctx = self._ctx(i, int(fields.get("attempt", 1)), fields.get("worker"))
+        ledger = self.ledgers[i]
         if event == "on_flow_start":
             self.started[i] = True
+            ledger.first_start = ledger.first_start or time.time()
             self.runtime.emit(event, ctx)
         elif event == "on_flow_error":
-            self.runtime.emit(event, ctx, _remote(data["error"]), ctx.attempt)
+            ledger.attempts = ctx.attempt
+            error = data["error"]
+            ledger.note_failure(ErrorInfo(error.get("type", "Error"), error.get("message", "")))
+            self.runtime.emit(event, ctx, _remote(error), ctx.attempt)
         elif event == "on_flow_timeout":
+            ledger.attempts = ctx.attempt
+            ledger.note_failure(ErrorInfo.timed_out(data.get("seconds")))
             self.runtime.emit(event, ctx, data.get("seconds"))
         elif event == "on_flow_retry":
             self.runtime.emit(event, ctx, ctx.attempt, data["delay"], _remote(data["error"]))
@@ -237,19 +256,21 @@ class _Driver:
                 continue
             if now >= payload["dispatched"] + config.timeout_total:
                 self._stop(i)
-                ctx = self._ctx(i)
+                ledger = self.ledgers[i]
+                ledger.attempts += 1  # the attempt running (or about to) when time ran out
+                ledger.note_failure(ErrorInfo.timed_out(config.timeout_total, "branch"))
+                ctx = self._ctx(i, ledger.attempts)
                 self.runtime.emit("on_flow_timeout", ctx, config.timeout_total)
-                self._resolve(
-                    i,
-                    failed_result(
-                        self.tasks[i].branch,
-                        "TimeoutError",
-                        f"branch timed out after {config.timeout_total:g}s (timeout_total)",
-                        start=payload["dispatched"],
-                        timeout=True,
-                    ),
-                    ctx,
+                message = f"branch timed out after {config.timeout_total:g}s (timeout_total)"
+                result = failed_result(
+                    self.tasks[i].branch,
+                    "TimeoutError",
+                    message,
+                    ledger=ledger,
+                    timeout=True,
+                    start=ledger.first_start or payload["dispatched"],
                 )
+                self._resolve(i, result, ctx)
 
     def _check_chord(self) -> None:
         """The chord body's result, when it arrives, is the authoritative ordered list."""
