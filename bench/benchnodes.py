@@ -122,3 +122,15 @@ def hold_until(state: dict[str, Any], config: dict[str, Any], node: str) -> dict
     while time.time() < end and read_mark(config["marker_dir"], other) is None:
         time.sleep(0.005)
     return {}
+
+
+def flapping_service(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Fails while ``config['down']`` is true: a dependency that goes down and comes back."""
+    if config.get("down"):
+        raise ConnectionError("service down")
+    return {"served": True}
+
+
+def results(state: dict[str, Any], parallel_results: list[Any]) -> dict[str, Any]:
+    """Fan-in keeping every branch result as a dict."""
+    return {"results": [r.to_dict() for r in parallel_results]}
