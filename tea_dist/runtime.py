@@ -43,7 +43,7 @@ class Runtime:
 
     # -- events --
 
-    def context(self, task: BranchTask, config: ParallelConfig, attempt: int = 0) -> FlowContext:
+    def context(self, task: BranchTask, config: ParallelConfig, attempt: int = 1) -> FlowContext:
         """The callback context of a branch."""
         return FlowContext(
             branch=task.branch,

@@ -58,7 +58,7 @@ class _Branch:
     config: ParallelConfig
     ledger: BranchLedger
     ctx: FlowContext
-    token: CancelToken = field(default_factory=CancelToken)
+    token: CancelToken = field(default_factory=CancelToken)  # the running attempt's
     admission: Admission | None = None
     started: float = 0.0  # monotonic start of the running attempt
     attempt_deadline: float | None = None
@@ -161,7 +161,8 @@ class _Supervisor:
             return
         if ledger.attempts == 0:
             self.runtime.emit("on_flow_start", ctx)
-        branch.token = CancelToken()
+        if ledger.attempts:  # a retry: the last attempt's token may have been cancelled
+            branch.token = CancelToken()
         future = self.backend.start(branch.task, branch.token, self.runtime)
         # the attempt's clock starts once the backend has it (a process start is not its time)
         branch.started = time.monotonic()
@@ -242,4 +243,4 @@ class _Supervisor:
 
 
 def _with_attempt(ctx: FlowContext, attempt: int) -> FlowContext:
-    return replace(ctx, attempt=attempt)
+    return ctx if ctx.attempt == attempt else replace(ctx, attempt=attempt)

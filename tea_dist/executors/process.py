@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -65,6 +66,7 @@ logger = logging.getLogger("tea_dist.executors.process")
 CRASH_ERROR = "WorkerCrashedError"
 
 
+@functools.cache
 def default_workers() -> int:
     """Workers per fan-out when ``max_workers`` is not set: the CPU count."""
     return os.cpu_count() or 1

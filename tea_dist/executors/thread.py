@@ -10,6 +10,7 @@ ignores the signal is abandoned: it is counted and logged, and the pool never ho
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -36,6 +37,7 @@ IDLE_SECONDS = 5.0
 LEAK_GRACE_SECONDS = 0.25  # a stopped node still running after this ignored its cancel token
 
 
+@functools.cache
 def default_workers() -> int:
     """``concurrent.futures``' default: min(32, cpu count + 4)."""
     return min(32, (os.cpu_count() or 1) + 4)
