@@ -88,3 +88,69 @@ def test_p001_int_002_thread_results_identical_across_strategies(strategy: str) 
     assert other == reference
     assert [r["success"] for r in reference["results"]] == [True, True, True, False, False]
     assert reference["results"][3]["error_type"] == "ValueError"
+
+
+class _Concurrency:
+    """Counts how many nodes run at once (thread strategy: one process, one counter)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock, self.now, self.peak = threading.Lock(), 0, 0
+
+    def node(self, state: dict[str, Any]) -> dict[str, Any]:
+        import time
+
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(0.02)
+        with self.lock:
+            self.now -= 1
+        return {}
+
+
+def test_p001_int_003_thread_executor_respects_max_workers() -> None:
+    counter = _Concurrency()
+    g = fan_graph({f"b{i}": counter.node for i in range(12)}, config=ParallelConfig(max_workers=3))
+    state = final_state(list(g.compile().invoke({})))
+    assert state["ok"] == [True] * 12 and counter.peak == 3
+
+
+def test_p001_int_004_thread_executor_integrates_with_retry_policy(tmp_path: Any) -> None:
+    from tea_dist import RetryPolicy
+
+    policy = RetryPolicy(max_retries=2, base_delay=0.01)
+    g = fan_graph({"flaky": nodes.flaky}, config=ParallelConfig(retry_policy=policy))
+    state = final_state(list(g.compile().invoke({}, {"counter_dir": str(tmp_path)})))
+    (result,) = state["results"]
+    assert result["success"] and result["retry_count"] == 2
+
+
+def test_p001_int_005_thread_executor_integrates_with_circuit_breaker() -> None:
+    from tea_dist import CircuitBreakerConfig
+
+    breaker = CircuitBreakerConfig(failure_threshold=1, reset_timeout=60)
+    app = fan_graph({"bad": nodes.fail}, config=ParallelConfig(circuit_breaker=breaker)).compile()
+    first = final_state(list(app.invoke({})))["results"][0]
+    second = final_state(list(app.invoke({})))["results"][0]
+    assert first["error_type"] == "ValueError" and second["error_type"] == "CircuitOpenError"
+
+
+def test_p001_int_006_thread_executor_signals_the_cancel_token() -> None:
+    import time
+
+    woke: list[bool] = []
+
+    def waits(state: dict[str, Any], cancel_token: Any) -> dict[str, Any]:
+        woke.append(cancel_token.wait(5))  # True only when the token is set
+        return {}
+
+    g = fan_graph({"waits": waits}, config=ParallelConfig(timeout_seconds=0.2))
+    started = time.monotonic()
+    (result,) = final_state(list(g.compile().invoke({})))["results"]
+    assert result["timeout"] is True and time.monotonic() - started < 2
+    deadline = time.monotonic() + 2
+    while not woke and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert woke == [True]
