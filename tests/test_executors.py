@@ -57,7 +57,7 @@ def test_p001_unit_007_unknown_strategy_error_lists_known_ones() -> None:
     assert {"thread", "process", "asyncio", "celery"} <= set(known_strategies())
     with pytest.raises(ConfigError, match="unknown parallel strategy 'gpu'") as info:
         get_executor("gpu")
-    assert "asyncio, celery, process, thread" in str(info.value)
+    assert "asyncio, celery, inline, process, thread" in str(info.value)
 
 
 def test_p001_e2e_002_default_strategy_is_thread() -> None:
@@ -154,3 +154,26 @@ def test_p001_int_006_thread_executor_signals_the_cancel_token() -> None:
     while not woke and time.monotonic() < deadline:
         time.sleep(0.01)
     assert woke == [True]
+
+
+def test_inline_strategy_runs_branches_in_order_in_the_callers_thread(tmp_path: Any) -> None:
+    import threading
+
+    from tea_dist import RetryPolicy
+
+    seen: list[tuple[str, str]] = []
+
+    def where(state: dict[str, Any], node: str) -> dict[str, Any]:
+        seen.append((node, threading.current_thread().name))
+        return {"value": 1}
+
+    config = ParallelConfig(
+        strategy="inline", retry_policy=RetryPolicy(max_retries=1, base_delay=0)
+    )
+    g = fan_graph({"a": where, "b": where, "flaky": nodes.flaky}, config=config)
+    state = final_state(
+        list(g.compile().invoke({}, {"counter_dir": str(tmp_path), "fail_times": 1}))
+    )
+    caller = threading.current_thread().name
+    assert seen == [("a", caller), ("b", caller)]
+    assert state["ok"] == [True, True, True] and state["results"][2]["retry_count"] == 1

@@ -2,8 +2,9 @@
 
 ``ParallelExecutor`` is the protocol; ``get_executor(name)`` returns the shared instance of a
 registered strategy and ``register_executor(name, cls)`` adds one. Built in: ``thread``,
-``process``, ``asyncio`` (in-process) and ``celery`` (distributed), each imported lazily so that
-using threads never imports Celery.
+``process``, ``asyncio`` (in-process), ``celery`` (distributed) and ``inline`` (sequential, in
+the caller's thread: a test double), each imported lazily so that using threads never imports
+Celery.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ParallelExecutor(Protocol):
 
 _BUILTIN = {
     "thread": "tea_dist.executors.thread:ThreadExecutor",
+    "inline": "tea_dist.executors.inline:InlineExecutor",
     "process": "tea_dist.executors.process:ProcessExecutor",
     "asyncio": "tea_dist.executors.asyncio:AsyncioExecutor",
     "celery": "tea_dist.executors.celery:CeleryExecutor",

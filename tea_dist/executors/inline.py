@@ -1,0 +1,45 @@
+"""The ``inline`` strategy: branches run one after another in the caller's thread.
+
+A test double for users' unit tests and for debugging (a breakpoint in a node just works):
+the same supervisor, policies and events as the other strategies, but each attempt runs to
+completion inside ``start()``, so a timeout is noticed only after the attempt returns and
+cannot stop it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+from ..attempt import AttemptOutcome, BranchTask, run_attempt
+from ..config import ParallelConfig
+from ..graph import FanOut, GraphSpec
+from ..nodes import CancelToken
+from ..results import ParallelFlowResult
+from .local import supervise
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+
+class InlineExecutor:
+    """Branches in the caller's thread, in declaration order."""
+
+    def check(self, spec: GraphSpec, fanout: FanOut) -> None:
+        """Runs any graph."""
+
+    def execute(
+        self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
+    ) -> list[ParallelFlowResult]:
+        return supervise(tasks, configs, runtime, self, slots=1)
+
+    def start(
+        self, task: BranchTask, token: CancelToken, runtime: Runtime
+    ) -> Future[AttemptOutcome]:
+        future: Future[AttemptOutcome] = Future()
+        future.set_result(run_attempt(task, runtime.fanout, token))
+        return future
+
+    def stop(self, future: Future[AttemptOutcome], token: CancelToken) -> None:
+        token.cancel()
