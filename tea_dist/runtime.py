@@ -9,7 +9,6 @@ it builds one ``BranchTask`` per branch, runs them on their strategies' executor
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,6 @@ class Runtime:
     cancel_token: CancelToken = field(default_factory=CancelToken)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
     _run_circuits: set[str] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- events --
 

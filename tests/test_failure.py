@@ -156,3 +156,25 @@ def test_every_retry_starts_from_the_original_state(strategy: str, tmp_path: Pat
     )["results"]
     assert r["success"] and r["retry_count"] == 2
     assert r["state"]["items"] == ["orig", "mutated"]  # one mutation, not three
+
+
+def test_a_cancelled_run_stops_its_running_branches(strategy: str, tmp_path: Path) -> None:
+    """The run's cancel token (set by WorkflowRun.cancel on a run worker) ends a fan-out early;
+    the branches are stopped (their side effects never happen) and the run ends in error."""
+    import threading
+
+    from tea_dist import CancelToken
+
+    token = CancelToken()
+    g = fan_graph(
+        {"a": nodes.slow_marker, "b": nodes.slow_marker}, config=ParallelConfig(strategy=strategy)
+    )
+    threading.Timer(0.5, token.cancel).start()
+    started = time.monotonic()
+    events = list(
+        g.compile().invoke({}, {"marker_dir": str(tmp_path), "slow": 3.0}, cancel_token=token)
+    )
+    assert events[-1]["type"] == "error"
+    assert time.monotonic() - started < 2.5
+    time.sleep(3)
+    assert not list(tmp_path.glob("*"))  # no branch got to leave its marker

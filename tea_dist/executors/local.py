@@ -51,6 +51,9 @@ class Backend(Protocol):
         ...
 
 
+CANCEL_POLL_SECONDS = 0.25  # how soon a cancelled run stops its running branches
+
+
 @dataclass
 class _Branch:
     index: int
@@ -116,6 +119,8 @@ class _Supervisor:
                 if index is not None:  # else a fail-fast failure just before cancelled it
                     self._after(index, future.result(), now)
             self._expire(now)
+            if self.pending and self.runtime.cancel_token.is_cancelled():
+                self._cancel_all("cancelled: the run was cancelled")
         return [b.result for b in self.branches if b.result is not None]
 
     # -- scheduling --
@@ -128,9 +133,9 @@ class _Supervisor:
             wakes.extend(
                 d for i in self.ready if (d := self.branches[i].ledger.deadline()) is not None
             )
-        if not wakes:
-            return None if self.running else 0.0
-        return max(0.0, min(wakes) - time.monotonic())
+        if not wakes:  # still wake now and then: the run may be cancelled meanwhile
+            return CANCEL_POLL_SECONDS if self.running else 0.0
+        return max(0.0, min(min(wakes) - time.monotonic(), CANCEL_POLL_SECONDS))
 
     def _running(self) -> list[_Branch]:
         return [self.branches[i] for i in self.running.values()]
