@@ -9,6 +9,7 @@ Grouped by concept:
   ``FlowContext``, ``CancelToken``
 - fan-in helpers: ``first_success``, ``all_success``, ``majority``
 - strategies: ``get_executor``, ``register_executor``, ``ParallelExecutor``
+- apps: ``submit``, ``WorkflowRun`` (enqueue whole workflows on run workers)
 - errors: ``TeaDistError`` and its subclasses in ``tea_dist.errors``
 """
 
@@ -38,9 +39,14 @@ __all__ = [
     "RetryPolicy",
     "StateGraph",
     "TeaDistError",
+    "WorkflowRun",
+    "all_success",
+    "first_success",
     "get_executor",
     "load_yaml",
+    "majority",
     "register_executor",
+    "submit",
 ]
 
 _LAZY = {
