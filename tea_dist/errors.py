@@ -3,12 +3,14 @@
     TeaDistError
     ├── GraphError               building or compiling a graph went wrong
     │   └── YAMLError            a YAML agent file is malformed or invalid
+    │       └── UnknownStrategyError   (also a ConfigError) a YAML agent names no known strategy
     ├── ConfigError              a strategy, policy or setting is unknown or invalid
     ├── SerializationError       a state value cannot cross to another process
-    ├── StateTooLargeError       a branch state exceeds the configured size limit
+    │   └── StateTooLargeError   a branch state exceeds the configured size limit
     ├── BranchError              a branch failed (raised only with fail_fast/raise_exceptions)
     │   ├── BranchTimeoutError   a branch exceeded its timeout
-    │   └── CircuitOpenError     a branch was refused by an open circuit
+    │   ├── CircuitOpenError     a branch was refused by an open circuit
+    │   └── RemoteError          an error from another process, as type name and message
     ├── MergeError               a fan-in merge helper cannot merge the results
     ├── NodeError                a node raised outside any parallel branch
     ├── RunCancelledError        a submitted workflow run was cancelled
@@ -34,6 +36,10 @@ class YAMLError(GraphError):
 
 class ConfigError(TeaDistError):
     """Raised when a configuration value is invalid: unknown strategy, bad policy field."""
+
+
+class UnknownStrategyError(YAMLError, ConfigError):
+    """Raised when a YAML agent names a parallel strategy that is not registered."""
 
 
 class SerializationError(TeaDistError):

@@ -26,16 +26,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from .config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
-from .errors import ConfigError, GraphError, YAMLError
+from .errors import ConfigError, GraphError, UnknownStrategyError, YAMLError
 from .executors import check_strategy
 from .graph import END, START, StateGraph
 from .inline import InlineCode, WhenCondition
 
 __all__ = ["InlineCode", "UnknownStrategyError", "WhenCondition", "load_yaml", "load_yaml_string"]
-
-
-class UnknownStrategyError(YAMLError, ConfigError):
-    """Raised when a YAML agent names a parallel strategy that is not registered."""
 
 
 # -- the document -------------------------------------------------------------------------
