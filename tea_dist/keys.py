@@ -58,6 +58,10 @@ class Keys:
         """A list the driver pushes to when branch ``index`` of a fan-out must stop."""
         return f"{self.prefix}:fanout:{fanout_id}:cancel:{index}"
 
+    def beater_wake(self, worker: str) -> str:
+        """A list a worker process pushes to when its branch ends, waking its beater thread."""
+        return f"{self.prefix}:beater:{worker}"
+
     def fanout_finished(self, fanout_id: str) -> str:
         """Set when a fan-out's driver is done; a late delivery of its branches is skipped."""
         return f"{self.prefix}:fanout:{fanout_id}:finished"

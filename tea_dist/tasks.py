@@ -114,6 +114,7 @@ class Beater:
         settings = current_settings()
         client = redis.Redis.from_url(settings.redis)  # its own connection: BLPOP blocks it
         ttl = int(settings.heartbeat_ttl * 1000)
+        wake = Keys(settings.key_prefix).beater_wake(worker_id())
         while True:
             watch = self.current
             if watch is None:
@@ -121,7 +122,9 @@ class Beater:
                 self.wake.clear()
                 continue
             try:
-                if client.blpop([watch.cancel], timeout=settings.heartbeat_seconds):
+                # the wake list returns the BLPOP as soon as this branch ends (see _finish)
+                popped = client.blpop([watch.cancel, wake], timeout=settings.heartbeat_seconds)
+                if popped and _text(popped[0]) == watch.cancel:
                     self._interrupt(watch)
                 elif self.current is watch:
                     client.set(watch.heartbeat, worker_id(), px=ttl)
@@ -234,7 +237,7 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     retry = {"delay": decision.delay, "error": _error_dict(outcome.error)}
     pipe = client.pipeline(transaction=False)
     publish(pipe, payload, [*events, ("on_flow_retry", retry)])
-    pipe.delete(watch.heartbeat)
+    _end_watch(pipe, payload)
     pipe.execute()
     retry_payload = {
         **payload,
@@ -293,14 +296,28 @@ def _finish(
     settings = current_settings()
     pipe = redis_for(settings.redis).pipeline(transaction=False)
     publish(pipe, payload, [*events, ("on_flow_complete", {"result": data})])
-    pipe.delete(Keys(settings.key_prefix).heartbeat(payload["fanout"], payload["index"]))
+    _end_watch(pipe, payload)
     pipe.execute()
     return data
+
+
+def _end_watch(pipe: Any, payload: dict[str, Any]) -> None:
+    """Queue in ``pipe``: drop the branch's heartbeat and wake this process's beater."""
+    keys = Keys(current_settings().key_prefix)
+    pipe.delete(keys.heartbeat(payload["fanout"], payload["index"]))
+    wake = keys.beater_wake(worker_id())
+    pipe.delete(wake)  # at most one wake-up pending
+    pipe.rpush(wake, 1)
+    pipe.expire(wake, 60)
 
 
 def _abandoned(payload: dict[str, Any]) -> ParallelFlowResult:
     message = "the run had already finished; branch not run"
     return failed_result(payload["branch"], "CancelledError", message)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _transition(transition: tuple[Any, Any] | None) -> list[Event]:

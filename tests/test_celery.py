@@ -343,3 +343,31 @@ def _worker_of(cluster: Any, worker: str) -> Any:
         if proc.pid == parent:
             return proc
     raise AssertionError(f"no test worker is the parent of {worker}")
+
+
+def test_celery_branch_revoked_from_outside_still_gets_a_result(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """An operator revokes a running branch (Flower, celery control): the run does not hang."""
+    from tea_dist.celery_app import app as celery_app
+
+    recorder = Recorder()
+    graph = celery_graph({"long": cn.sleep_then_mark, "quick": cn.whoami})
+    app = graph.compile(parallel_callbacks=[recorder])
+    box: dict[str, Any] = {}
+    run_config = {"marker_dir": str(tmp_path), "sleep": {"long": 5.0}}
+    thread = threading.Thread(target=lambda: box.update(events=list(app.invoke({}, run_config))))
+    thread.start()
+    deadline = time.time() + 15
+    while ("start", "long") not in recorder.events and time.time() < deadline:
+        time.sleep(0.05)
+    active = celery_app.control.inspect(timeout=1.0).active() or {}
+    ids = [t["id"] for tasks in active.values() for t in tasks if t["name"] == "tea_dist.run_flow"]
+    assert ids
+    celery_app.control.revoke(ids, terminate=True, signal="SIGKILL")
+    thread.join(15)
+    assert not thread.is_alive()
+    long_result, quick = final_state(box["events"])["results"]
+    assert long_result["success"] is False and long_result["error_type"] == "CancelledError"
+    assert quick["success"] is True
+    assert not (tmp_path / "long.done").exists()

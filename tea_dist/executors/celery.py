@@ -196,7 +196,7 @@ class _Driver:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.heartbeat_seconds
                 self._check_chord()
-                self._check_silent()
+                self._check_tasks()
         self._kill_stragglers()
 
     def _on_event(self, fields: dict[str, str]) -> None:
@@ -282,29 +282,36 @@ class _Driver:
                 self._resolve(i, ParallelFlowResult.from_dict(data))
         self.chord_consumed = True
 
-    def _check_silent(self) -> None:
-        """A started branch with no heartbeat: finished, died hard, waiting to retry, or lost."""
-        live = [i for i in range(len(self.tasks)) if self.results[i] is None and self.started[i]]
-        if not live:
+    def _check_tasks(self) -> None:
+        """Branches the stream is silent about: ended hard, revoked or expired, or lost.
+
+        One MGET of the result-backend keys and one of the heartbeat keys per check.
+        """
+        open_ = [i for i, t in enumerate(self.task_ids) if t and self.results[i] is None]
+        if not open_:
             return
-        beats = self.client.mget([self.keys.heartbeat(self.fanout_id, i) for i in live])
+        backend = self.app.backend
+        raw = backend.client.mget([backend.get_key_for_task(self.task_ids[i]) for i in open_])
+        beats = self.client.mget([self.keys.heartbeat(self.fanout_id, i) for i in open_])
         now = time.monotonic()
-        for i, beat in zip(live, beats, strict=True):
-            if beat is not None:
-                self.silent_since[i] = None
-                continue
-            async_result = AsyncResult(self.task_ids[i], app=self.app)
-            state = async_result.state
-            if state == "FAILURE":
+        for i, meta_raw, beat in zip(open_, raw, beats, strict=True):
+            meta = backend.decode_result(meta_raw) if meta_raw else {}
+            status, branch = meta.get("status"), self.tasks[i].branch
+            if status == "FAILURE":
+                self._resolve(i, _hard_failure(branch, meta.get("result"), self.configs[i]))
+            elif status == "REVOKED":
+                message = "the branch task was revoked or expired before it finished"
                 self._resolve(
-                    i, _hard_failure(self.tasks[i].branch, async_result.result, self.configs[i])
+                    i, failed_result(branch, "CancelledError", message, ledger=self.ledgers[i])
                 )
-            elif state == "SUCCESS" and isinstance(async_result.result, dict):
-                self._resolve(i, ParallelFlowResult.from_dict(async_result.result))
-            elif state in ("STARTED", "PENDING"):
+            elif status == "SUCCESS" and isinstance(meta.get("result"), dict):
+                self._resolve(i, ParallelFlowResult.from_dict(meta["result"]))
+            elif self.started[i] and beat is None and status in (None, "STARTED", "PENDING"):
                 since = self.silent_since[i] = self.silent_since[i] or now
                 if now - since > self.settings.heartbeat_ttl:
                     self._redispatch(i)
+            else:
+                self.silent_since[i] = None
 
     def _redispatch(self, i: int) -> None:
         """The worker running branch ``i`` is gone: send the branch again."""
