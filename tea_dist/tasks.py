@@ -218,6 +218,7 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     pipe.exists(keys.fanout_finished(payload["fanout"]))
     pipe.set(watch.heartbeat, worker_id(), px=int(settings.heartbeat_ttl * 1000))
+    pipe.delete(keys.beater_wake(worker_id()))  # a wake-up left from the last branch is stale
     publish(pipe, payload, [*events, *([("on_flow_start", {})] if ledger.attempts == 0 else [])])
     if pipe.execute()[0]:
         return _finish(payload, _abandoned(payload), [])

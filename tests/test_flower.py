@@ -59,15 +59,16 @@ def flower(cluster: Any, tmp_path: Path) -> Any:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while get(f"{url}/healthcheck", None)[0] != 200:
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            tmp_path / "flower.log"
-        ).read_text()
-        time.sleep(0.2)
-    time.sleep(1.0)  # let it subscribe to task events
-    yield url
-    _stop(proc)
+    try:
+        deadline = time.monotonic() + 30
+        while get(f"{url}/healthcheck", None)[0] != 200:
+            log = (tmp_path / "flower.log").read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, log
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it subscribe to task events
+        yield url
+    finally:
+        _stop(proc)
 
 
 def test_flower_lists_tea_dist_tasks_of_a_run(cluster: Any, flower: str) -> None:
