@@ -54,13 +54,9 @@ class Keys:
         """Kept alive (short TTL) by the worker running branch ``index`` of a fan-out."""
         return f"{self.prefix}:fanout:{fanout_id}:hb:{index}"
 
-    def cancel(self, fanout_id: str, index: int) -> str:
-        """A list the driver pushes to when branch ``index`` of a fan-out must stop."""
-        return f"{self.prefix}:fanout:{fanout_id}:cancel:{index}"
-
-    def beater_wake(self, worker: str) -> str:
-        """A list a worker process pushes to when its branch ends, waking its beater thread."""
-        return f"{self.prefix}:beater:{worker}"
+    def worker_inbox(self, worker: str) -> str:
+        """The list a worker process (``host/pid``) takes cancel requests from."""
+        return f"{self.prefix}:inbox:{worker}"
 
     def fanout_finished(self, fanout_id: str) -> str:
         """Set when a fan-out's driver is done; a late delivery of its branches is skipped."""

@@ -82,18 +82,19 @@ class Watch:
     """The branch running in this process, as the beater sees it."""
 
     heartbeat: str
-    cancel: str
+    target: str  # "fanout:index", what a cancel request for this branch names
     token: CancelToken = field(default_factory=CancelToken)
     cancelled: bool = False
 
 
 class Beater:
-    """Keeps the running branch's heartbeat alive and listens for its cancel request."""
+    """One thread per worker process: keeps the running branch's heartbeat alive and takes
+    cancel requests from the process's inbox (the driver knows which process runs a branch
+    from its events), so nothing is set up or torn down per branch."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.current: Watch | None = None
-        self.wake = threading.Event()
         self.pid = 0
 
     @contextmanager
@@ -103,7 +104,6 @@ class Beater:
             if self.pid != os.getpid():  # first use in this (forked) process
                 self.pid = os.getpid()
                 threading.Thread(target=self._loop, name="tea-dist-beater", daemon=True).start()
-        self.wake.set()
         try:
             yield watch
         finally:
@@ -114,19 +114,14 @@ class Beater:
         settings = current_settings()
         client = redis.Redis.from_url(settings.redis)  # its own connection: BLPOP blocks it
         ttl = int(settings.heartbeat_ttl * 1000)
-        wake = Keys(settings.key_prefix).beater_wake(worker_id())
+        inbox = Keys(settings.key_prefix).worker_inbox(worker_id())
         while True:
-            watch = self.current
-            if watch is None:
-                self.wake.wait(settings.heartbeat_seconds)
-                self.wake.clear()
-                continue
             try:
-                # the wake list returns the BLPOP as soon as this branch ends (see _finish)
-                popped = client.blpop([watch.cancel, wake], timeout=settings.heartbeat_seconds)
-                if popped and _text(popped[0]) == watch.cancel:
+                popped = client.blpop([inbox], timeout=settings.heartbeat_seconds)
+                watch = self.current
+                if popped and watch is not None and _text(popped[1]) == watch.target:
                     self._interrupt(watch)
-                elif self.current is watch:
+                elif watch is not None:
                     client.set(watch.heartbeat, worker_id(), px=ttl)
             except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
                 time.sleep(settings.heartbeat_seconds)
@@ -213,13 +208,14 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         probe = admission.probe
     watch = Watch(
         keys.heartbeat(payload["fanout"], payload["index"]),
-        keys.cancel(payload["fanout"], payload["index"]),
+        f"{payload['fanout']}:{payload['index']}",
     )
     pipe = client.pipeline(transaction=False)
     pipe.exists(keys.fanout_finished(payload["fanout"]))
     pipe.set(watch.heartbeat, worker_id(), px=int(settings.heartbeat_ttl * 1000))
-    pipe.delete(keys.beater_wake(worker_id()))  # a wake-up left from the last branch is stale
-    publish(pipe, payload, [*events, *([("on_flow_start", {})] if ledger.attempts == 0 else [])])
+    # every attempt tells the driver which process runs it (cancel requests go there)
+    started_event = "on_flow_start" if ledger.attempts == 0 else "attempt_start"
+    publish(pipe, payload, [*events, (started_event, {})])
     if pipe.execute()[0]:
         return _finish(payload, _abandoned(payload), [])
     outcome = _attempt(payload, config, watch, started)
@@ -303,13 +299,8 @@ def _finish(
 
 
 def _end_watch(pipe: Any, payload: dict[str, Any]) -> None:
-    """Queue in ``pipe``: drop the branch's heartbeat and wake this process's beater."""
-    keys = Keys(current_settings().key_prefix)
-    pipe.delete(keys.heartbeat(payload["fanout"], payload["index"]))
-    wake = keys.beater_wake(worker_id())
-    pipe.delete(wake)  # at most one wake-up pending
-    pipe.rpush(wake, 1)
-    pipe.expire(wake, 60)
+    """Queue in ``pipe``: drop the branch's heartbeat."""
+    pipe.delete(Keys(current_settings().key_prefix).heartbeat(payload["fanout"], payload["index"]))
 
 
 def _abandoned(payload: dict[str, Any]) -> ParallelFlowResult:

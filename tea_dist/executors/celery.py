@@ -83,6 +83,7 @@ class _Driver:
         self.payloads: list[dict[str, Any] | None] = [None] * n
         self.task_ids: list[str | None] = [None] * n
         self.started = [False] * n
+        self.workers: list[str | None] = [None] * n  # host/pid running each branch's attempt
         self.silent_since: list[float | None] = [None] * n
         self.redispatched = [0] * n
         self.stopping: dict[int, float] = {}  # branch -> time its cooperative cancel was sent
@@ -206,10 +207,12 @@ class _Driver:
         data = json.loads(fields.get("data") or "{}")
         ctx = self._ctx(i, int(fields.get("attempt", 1)), fields.get("worker"))
         ledger = self.ledgers[i]
-        if event == "on_flow_start":
+        if event in ("on_flow_start", "attempt_start"):
             self.started[i] = True
+            self.workers[i] = ctx.worker  # where a cancel request for this attempt goes
             ledger.first_start = ledger.first_start or time.time()
-            self.runtime.emit(event, ctx)
+            if event == "on_flow_start":
+                self.runtime.emit(event, ctx)
         elif event == "on_flow_error":
             ledger.attempts = ctx.attempt
             error = data["error"]
@@ -320,6 +323,7 @@ class _Driver:
         old = self.task_ids[i]
         self.silent_since[i] = None
         self.started[i] = False
+        self.workers[i] = None
         if self.redispatched[i] >= MAX_REDISPATCH:
             message = f"the worker running this branch was lost {self.redispatched[i] + 1} times"
             self._resolve(i, failed_result(self.tasks[i].branch, "WorkerLostError", message))
@@ -337,12 +341,14 @@ class _Driver:
         task_id = self.task_ids[i]
         if task_id is None or i in self.stopping:
             return
-        key = self.keys.cancel(self.fanout_id, i)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(key, "cancel")
-        pipe.expire(key, int(self.settings.run_expires))
-        pipe.execute()
-        if not self.started[i]:
+        worker = self.workers[i]
+        if worker is not None:  # running: its process's beater interrupts it
+            inbox = self.keys.worker_inbox(worker)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(inbox, f"{self.fanout_id}:{i}")
+            pipe.expire(inbox, 60)
+            pipe.execute()
+        else:
             self.app.control.revoke(task_id)  # still queued: workers discard it
         self.stopping[i] = time.monotonic()
 
@@ -367,10 +373,8 @@ class _Driver:
 
     def cleanup(self) -> None:
         """Tell late deliveries the fan-out is over and forget consumed results."""
-        keys = [self.keys.cancel(self.fanout_id, i) for i in range(len(self.tasks))]
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.keys.fanout_finished(self.fanout_id), 1, ex=int(self.settings.run_expires))
-        pipe.delete(*keys)
         backend = self.app.backend
         ids = [t for t in self.task_ids if t]
         if self.chord_result is not None:
