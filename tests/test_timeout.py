@@ -245,8 +245,12 @@ def test_timeout_total_bounds_the_whole_branch_including_retries(
     # without timeout_total: 6 attempts x 0.3 s = 1.8 s
     assert elapsed < 1.2, elapsed
     assert r["timeout"] is True and "branch timed out after 0.5s" in r["error"]
-    assert r["retry_count"] == 1 and [e["timeout"] for e in r["attempt_errors"]] == [True, True]
-    assert nodes.calls(tmp_path, "hang") <= 2  # a process worker may be cut off while starting
+    errors = [e["timeout"] for e in r["attempt_errors"]]
+    if strategy == "celery":  # queue and retry latency decide whether a third attempt began
+        assert r["retry_count"] in (1, 2) and errors == [True] * (r["retry_count"] + 1)
+    else:
+        assert r["retry_count"] == 1 and errors == [True, True]
+    assert nodes.calls(tmp_path, "hang") <= 3 if strategy == "celery" else 2
 
 
 def test_timeout_total_alone_stops_a_branch(strategy: str) -> None:

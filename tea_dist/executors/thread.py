@@ -67,37 +67,35 @@ class DaemonPool:
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
-        self._jobs.put((fn, future))
         with self._lock:
-            if self._jobs.qsize() > self._idle:
-                if self._threads < self.max_threads:
-                    self._threads += 1
-                    name = f"{self.name}-{self._threads}"
-                    threading.Thread(target=self._work, name=name, daemon=True).start()
-                else:
-                    logger.error(
-                        "thread pool at its limit of %d threads (%d abandoned after a timeout "
-                        "still running); work waits for a free thread",
-                        self.max_threads,
-                        len(self.abandoned),
-                    )
+            if self._idle:  # reserve a waiting thread: it will take this job
+                self._idle -= 1
+            elif self._threads < self.max_threads:
+                self._threads += 1
+                name = f"{self.name}-{self._threads}"
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+            else:
+                logger.error(
+                    "thread pool at its limit of %d threads (%d abandoned after a timeout "
+                    "still running); work waits for a free thread",
+                    self.max_threads,
+                    len(self.abandoned),
+                )
+        self._jobs.put((fn, future))
         return future
 
     def _work(self) -> None:
+        """Run jobs; ``_idle`` counts waiting threads no submit has reserved yet."""
         while True:
-            with self._lock:
-                self._idle += 1
             try:
                 fn, future = self._jobs.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 with self._lock:
-                    self._idle -= 1
-                    if self._jobs.qsize() == 0:
+                    if self._idle:  # an unreserved idle thread may leave
+                        self._idle -= 1
                         self._threads -= 1
                         return
-                continue
-            with self._lock:
-                self._idle -= 1
+                continue  # reserved: a job is on its way
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
@@ -106,6 +104,7 @@ class DaemonPool:
             with self._lock:
                 self.abandoned.discard(future)
                 self._stopping.pop(future, None)
+                self._idle += 1
 
     def abandon(self, future: Future[Any]) -> None:
         """Note that nobody waits for ``future`` any more (its cancel token is set).
