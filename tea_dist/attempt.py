@@ -302,13 +302,23 @@ def failed_result(
     )
 
 
-def circuit_open_result(branch: str, circuit: str) -> ParallelFlowResult:
-    """The result of a branch refused by an open circuit (nothing was run)."""
-    return failed_result(
+def circuit_open_result(
+    branch: str, circuit: str, ledger: BranchLedger | None = None
+) -> ParallelFlowResult:
+    """The result of a branch refused by an open circuit (nothing was run).
+
+    With a ledger of earlier attempts (a refused retry), their errors and count are kept.
+    """
+    result = failed_result(
         branch,
         CircuitOpenError.__name__,
         f"circuit '{circuit}' is open",
         circuit_state=CircuitState.OPEN,
+    )
+    if ledger is None or not ledger.attempts:
+        return result
+    return result.model_copy(
+        update={"attempt_errors": list(ledger.errors), "retry_count": ledger.attempts}
     )
 
 

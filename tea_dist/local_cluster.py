@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from .errors import ConfigError, TeaDistError
 from .settings import Settings
-from .worker import settings_env, spawn_worker
+from .worker import spawn_flower, spawn_worker
 
 
 def redis_server_binary() -> str:
@@ -182,24 +181,12 @@ class LocalCluster:
         self.redis.start()
 
     def _start_flower(self) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tea_dist.celery_app",
-            "flower",
-            f"--port={self.flower_port}",
-            "--address=127.0.0.1",
-        ]
-        if self.flower_auth:
-            argv.append(f"--basic-auth={self.flower_auth}")
-        self.processes["flower"] = subprocess.Popen(
-            argv,
-            env={**os.environ, **settings_env(self.settings)},
-            stdout=open(self.workdir / "flower.log", "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        assert self.flower_port is not None
+        self.processes["flower"] = spawn_flower(
+            self.settings,
+            self.flower_port,
+            auth=self.flower_auth,
+            log_path=self.workdir / "flower.log",
         )
 
     def stop(self) -> None:

@@ -201,9 +201,7 @@ def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         admission = store.acquire(circuit, breaker)
         events += _transition(admission.transition)
         if not admission.allowed:
-            result = circuit_open_result(payload["branch"], circuit).model_copy(
-                update={"attempt_errors": ledger.errors, "retry_count": ledger.attempts}
-            )
+            result = circuit_open_result(payload["branch"], circuit, ledger)
             return _finish(payload, result, events)
         probe = admission.probe
     watch = Watch(

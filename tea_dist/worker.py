@@ -97,6 +97,23 @@ def spawn_worker(
     return proc
 
 
+def spawn_flower(
+    settings: Settings, port: int, *, auth: str | None = None, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start Flower for ``settings`` on 127.0.0.1:``port`` in its own process group."""
+    argv = [sys.executable, "-m", "celery", "-A", "tea_dist.celery_app", "flower"]
+    argv += [f"--port={port}", "--address=127.0.0.1"]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **settings_env(settings)},
+        stdout=open(log_path, "ab") if log_path else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def wait_ready(
     settings: Settings, name: str, proc: subprocess.Popen[bytes], timeout: float
 ) -> None:

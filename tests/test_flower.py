@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +14,7 @@ import pytest
 
 from tea_dist import ParallelConfig
 from tea_dist.local_cluster import _stop, free_port
-from tea_dist.worker import settings_env
+from tea_dist.worker import spawn_flower
 from tests import celery_nodes as cn
 from tests.nodes import fan_graph, final_state
 
@@ -41,23 +38,7 @@ def get(url: str, auth: str | None = AUTH) -> tuple[int, str]:
 @pytest.fixture
 def flower(cluster: Any, tmp_path: Path) -> Any:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tea_dist.celery_app",
-            "flower",
-            f"--port={port}",
-            "--address=127.0.0.1",
-            f"--basic-auth={AUTH}",
-        ],
-        env={**os.environ, **settings_env(cluster.settings())},
-        stdout=open(tmp_path / "flower.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = spawn_flower(cluster.settings(), port, auth=AUTH, log_path=tmp_path / "flower.log")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

@@ -157,12 +157,7 @@ class _Supervisor:
         ctx = _with_attempt(branch.ctx, ledger.attempts + 1)
         branch.admission = self.runtime.admit(ctx, branch.config)
         if branch.admission is not None and not branch.admission.allowed:
-            result = circuit_open_result(branch.task.branch, ctx.circuit or "")
-            if ledger.errors:
-                result = result.model_copy(
-                    update={"attempt_errors": list(ledger.errors), "retry_count": ledger.attempts}
-                )
-            self._finish(branch, result)
+            self._finish(branch, circuit_open_result(branch.task.branch, ctx.circuit or "", ledger))
             return
         if ledger.attempts == 0:
             self.runtime.emit("on_flow_start", ctx)
