@@ -7,9 +7,9 @@ Four sections, each alternating its sides within one run (A, B, A, B, ...; media
    of N no-op tasks waited on with ``get(timeout=..., disable_sync_subtasks=False,
    follow_parents=False)`` (the fast way to wait, design §6). Both run on a prefork worker with
    ``-c 2`` and the same Celery configuration (``bench/rawtasks.py`` builds its app from
-   ``tea_dist.celery_app.celery_config``). Target: tea_dist at most 30 % over raw, N = 200 and
-   N = 1000. The raw side's result keys are deleted after its timer stops (tea_dist deletes
-   its own inside ``invoke()``: a small advantage to raw).
+   ``tea_dist.distributed.celery_app.celery_config``). Target: tea_dist at most 30 % over raw,
+   N = 200 and N = 1000. The raw side's result keys are deleted after its timer stops
+   (tea_dist deletes its own inside ``invoke()``: a small advantage to raw).
 2. cpu: 4 branches of ~0.5 s of pure-Python work: sequential in this process, one worker
    ``-c 1``, one worker ``-c 2``, and two workers ``-c 1`` each (horizontal scale-out).
 3. timeout: one worker slot (``-c 1``). Branch 1 runs into ``timeout_seconds=0.5``, branch 2 is
@@ -74,13 +74,13 @@ from bench.common import (
     table,
 )
 from tea_dist import ParallelConfig
-from tea_dist.settings import Settings
-from tea_dist.worker import settings_env, wait_ready, worker_argv
+from tea_dist.distributed.settings import Settings
+from tea_dist.distributed.worker import settings_env, wait_ready, worker_argv
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 SECTIONS = ("overhead", "cpu", "timeout", "failfast")
 WORKER_APPS = {  # worker kind -> the -A module it runs
-    "tea": "tea_dist.celery_app",
+    "tea": "tea_dist.distributed.celery_app",
     "raw": "bench.rawtasks",
     "refill": "bench.refill_bootstep",
 }
@@ -122,7 +122,7 @@ class Cluster:
             settings = self.settings.with_overrides(flows_queue=self.queue(queue))
             name = f"{kind}-{queue}-{n}-{self.tag}@%h"
             argv = worker_argv(settings, "flows", concurrency=concurrency, name=name)
-            argv[argv.index("tea_dist.celery_app")] = WORKER_APPS[kind]
+            argv[argv.index("tea_dist.distributed.celery_app")] = WORKER_APPS[kind]
             env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
             log = open(self.logs / f"{kind}-{queue}-{n}.log", "ab")
             proc = subprocess.Popen(
@@ -378,7 +378,7 @@ class Measure:
 
 def timeout_section(cluster: Cluster, reps: int, quick: bool) -> str:
     from bench import rawtasks
-    from tea_dist.celery_app import configure
+    from tea_dist.distributed.celery_app import configure
 
     tea_queue, raw_queue = cluster.queue("c1"), cluster.queue("rc1")
     config = ParallelConfig(strategy="celery", queue=tea_queue, timeout_seconds=TIMEOUT)
@@ -645,7 +645,7 @@ def release_pending_results() -> None:
     alone they unsubscribe from ``__del__`` at interpreter exit and print tracebacks.
     """
     from bench import rawtasks
-    from tea_dist.celery_app import app as tea_app
+    from tea_dist.distributed.celery_app import app as tea_app
 
     for app in (tea_app, rawtasks.app):
         for mapping in getattr(app.backend, "_pending_results", ()):
@@ -670,7 +670,7 @@ def main() -> None:
     started = time.perf_counter()
 
     from bench import rawtasks
-    from tea_dist.celery_app import configure, current_settings
+    from tea_dist.distributed.celery_app import configure, current_settings
 
     cluster = Cluster()
     previous = current_settings()

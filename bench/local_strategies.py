@@ -247,7 +247,7 @@ def main() -> None:
         outputs.append(cpu_section(reps, cpu_seconds, procs))
         outputs.append(asyncio_section(max(reps, 5)))
         outputs.append(overhead_section(reps, sizes, threads, procs))
-    from tea_dist.executors import get_executor
+    from tea_dist.core.strategies import get_executor
 
     get_executor("process").shutdown()  # type: ignore[attr-defined]
     print(f"command: {command_line()}")

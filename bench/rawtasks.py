@@ -16,8 +16,8 @@ from typing import Any
 
 from celery import Celery
 
-from tea_dist.celery_app import celery_config
-from tea_dist.settings import Settings
+from tea_dist.distributed.celery_app import celery_config
+from tea_dist.distributed.settings import Settings
 
 app = Celery("bench_raw", set_as_current=False)
 app.conf.update(celery_config(Settings()))

@@ -10,20 +10,21 @@ Grouped by concept:
 - fan-in helpers: ``first_success``, ``all_success``, ``majority``
 - strategies: ``get_executor``, ``register_executor``, ``ParallelExecutor``
 - apps: ``submit``, ``WorkflowRun`` (enqueue whole workflows on run workers)
-- errors: ``TeaDistError`` and its subclasses in ``tea_dist.errors``
+- errors: ``TeaDistError`` and its subclasses in ``tea_dist.core.errors``
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
-from .errors import TeaDistError
-from .events import FlowContext, ParallelFlowCallback
-from .executors import ParallelExecutor, get_executor, register_executor
-from .graph import END, START, StateGraph
-from .nodes import CancelToken
-from .results import CircuitState, ParallelFlowResult
+from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from tea_dist.core.errors import TeaDistError
+from tea_dist.core.graph import END, START, StateGraph
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.strategies import ParallelExecutor, get_executor, register_executor
+from tea_dist.engine import runner as _runner  # noqa: F401 - installs StateGraph.compile()
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.observe.events import FlowContext, ParallelFlowCallback
 
 __all__ = [
     "END",
@@ -50,12 +51,12 @@ __all__ = [
 ]
 
 _LAZY = {
-    "load_yaml": "tea_dist.yaml_loader",
-    "first_success": "tea_dist.merge",
-    "all_success": "tea_dist.merge",
-    "majority": "tea_dist.merge",
-    "submit": "tea_dist.apps",
-    "WorkflowRun": "tea_dist.apps",
+    "load_yaml": "tea_dist.core.yaml_loader",
+    "first_success": "tea_dist.policies.merge",
+    "all_success": "tea_dist.policies.merge",
+    "majority": "tea_dist.policies.merge",
+    "submit": "tea_dist.distributed.apps",
+    "WorkflowRun": "tea_dist.distributed.apps",
 }
 
 

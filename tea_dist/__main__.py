@@ -1,5 +1,5 @@
 """``python -m tea_dist``: the tea-dist command line."""
 
-from tea_dist.cli import main
+from tea_dist.interfaces.cli import main
 
 main()

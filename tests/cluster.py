@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tea_dist.settings import Settings
-from tea_dist.worker import spawn_worker
+from tea_dist.distributed.settings import Settings
+from tea_dist.distributed.worker import spawn_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 

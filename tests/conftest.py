@@ -40,7 +40,7 @@ def redis_url() -> Iterator[str]:
     if _redis_answers(TEST_REDIS_URL):
         yield TEST_REDIS_URL
         return
-    from tea_dist.local_cluster import EmbeddedRedis
+    from tea_dist.distributed.local_cluster import EmbeddedRedis
 
     server = EmbeddedRedis().start()
     try:
@@ -73,7 +73,7 @@ def cluster(redis_url: str) -> Iterator[object]:
     """
     import redis
 
-    from tea_dist.celery_app import configure, current_settings
+    from tea_dist.distributed.celery_app import configure, current_settings
     from tests.cluster import TestCluster
 
     url = (
@@ -124,7 +124,7 @@ def local_strategy(request: pytest.FixtureRequest) -> str:
 def _forget_circuits(test_cluster: object) -> None:
     import redis
 
-    from tea_dist.keys import Keys
+    from tea_dist.distributed.keys import Keys
 
     settings = test_cluster.settings()  # type: ignore[attr-defined]
     keys = Keys(settings.key_prefix)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tea_dist import CancelToken, StateGraph
-from tea_dist.config import ParallelConfig
+from tea_dist.core.config import ParallelConfig
 
 
 def start(state: dict[str, Any]) -> dict[str, Any]:
@@ -290,13 +290,13 @@ async def async_count_concurrency(state: dict[str, Any]) -> dict[str, Any]:
 
 def breaker_store_for(strategy: str) -> Any:
     """A circuit store a strategy can use: celery circuits live in Redis, shared with workers."""
-    from tea_dist.breaker import MemoryBreakerStore
+    from tea_dist.policies.breaker import MemoryBreakerStore
 
     if strategy != "celery":
         return MemoryBreakerStore()
-    from tea_dist.breaker_redis import RedisBreakerStore
-    from tea_dist.celery_app import current_settings
-    from tea_dist.keys import Keys
+    from tea_dist.distributed.breaker_redis import RedisBreakerStore
+    from tea_dist.distributed.celery_app import current_settings
+    from tea_dist.distributed.keys import Keys
 
     settings = current_settings()
     return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tea_dist import WorkflowRun, submit
-from tea_dist.apps import RunStatus
-from tea_dist.errors import GraphError, RunCancelledError, RunFailedError, SerializationError
+from tea_dist.core.errors import GraphError, RunCancelledError, RunFailedError, SerializationError
+from tea_dist.distributed.apps import RunStatus
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def test_submit_rejects_bad_input_before_sending(cluster: Any) -> None:
 
 def test_run_worker_killed_mid_run_is_reported_failed(cluster: Any, tmp_path: Path) -> None:
     """Choice: a run is executed at most once; its worker dying fails it with a clear reason."""
-    from tea_dist.celery_app import configure, current_settings
+    from tea_dist.distributed.celery_app import configure, current_settings
 
     queue = f"tea.runs.victim.{cluster.tag}"
     victim = cluster.start_worker("runs-victim", concurrency=2, role="runs", runs_queue=queue)

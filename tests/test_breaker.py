@@ -13,7 +13,12 @@ from collections.abc import Callable
 
 import pytest
 
-from tea_dist.breaker import (
+from tea_dist.core.config import CircuitBreakerConfig
+from tea_dist.core.errors import ConfigError
+from tea_dist.core.results import CircuitState
+from tea_dist.distributed.breaker_redis import RedisBreakerStore
+from tea_dist.distributed.keys import Keys
+from tea_dist.policies.breaker import (
     CLOSED,
     Admission,
     BreakerStore,
@@ -24,11 +29,6 @@ from tea_dist.breaker import (
     on_record,
     transition_between,
 )
-from tea_dist.breaker_redis import RedisBreakerStore
-from tea_dist.config import CircuitBreakerConfig
-from tea_dist.errors import ConfigError
-from tea_dist.keys import Keys
-from tea_dist.results import CircuitState
 
 CLOSED_S, OPEN_S, HALF_S = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 T0 = 1_000.0

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import redis
 
-from tea_dist.breaker import CLOSED, Admission, BreakerStore
-from tea_dist.breaker_redis import RedisBreakerStore
-from tea_dist.config import CircuitBreakerConfig
-from tea_dist.errors import ConfigError, TeaDistError
-from tea_dist.keys import Keys
-from tea_dist.results import CircuitState
+from tea_dist.core.config import CircuitBreakerConfig
+from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.core.results import CircuitState
+from tea_dist.distributed.breaker_redis import RedisBreakerStore
+from tea_dist.distributed.keys import Keys
+from tea_dist.policies.breaker import CLOSED, Admission, BreakerStore
 from tests.test_breaker import T0, FakeClock, cfg, trip
 
 pytestmark = pytest.mark.redis

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, ParallelFlowResult, RetryPolicy
-from tea_dist.events import FlowContext
+from tea_dist.observe.events import FlowContext
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 
@@ -121,7 +121,7 @@ def flaky_graph(strategy: str, **fields: Any) -> Any:
 def test_td13_unit_033_a_raising_callback_is_logged_and_the_flow_continues(
     strategy: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="tea_dist.events"):
+    with caplog.at_level(logging.ERROR, logger="tea_dist.observe.events"):
         results = invoke(
             flaky_graph(strategy), [Exploding()], {"counter_dir": str(tmp_path), "fail_times": 1}
         )
@@ -154,7 +154,7 @@ def test_td13_unit_034_a_hanging_callback_does_not_block_the_run(
 
 
 def test_callback_timeout_defaults_to_five_seconds_and_must_be_positive() -> None:
-    from tea_dist.errors import TeaDistError
+    from tea_dist.core.errors import TeaDistError
 
     g = fan_graph({"a": nodes.add_one})
     assert g.compile().callback_timeout == 5.0
@@ -269,7 +269,7 @@ def test_td13_int_021_logging_listener_records_every_event_with_run_and_branch(
     lifecycle event a callback sees has one log record carrying the same run id and branch."""
     recorder = Recorder()
     app = flaky_graph(strategy).compile(parallel_callbacks=[recorder])
-    with caplog.at_level(logging.DEBUG, logger="tea_dist.events"):
+    with caplog.at_level(logging.DEBUG, logger="tea_dist.observe.events"):
         for _ in range(2):
             list(app.invoke({"value": 1}, config={"counter_dir": str(tmp_path), "fail_times": 1}))
     seen = sorted(

@@ -22,8 +22,8 @@ from tea_dist import (
     ParallelFlowResult,
     RetryPolicy,
 )
-from tea_dist.errors import CircuitOpenError
-from tea_dist.events import FlowContext
+from tea_dist.core.errors import CircuitOpenError
+from tea_dist.observe.events import FlowContext
 from tests import nodes
 from tests.nodes import breaker_store_for, fan_graph, final_state
 

@@ -15,10 +15,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from tea_dist import cli
-from tea_dist.config import ParallelConfig
-from tea_dist.graph import StateGraph
-from tea_dist.results import ParallelFlowResult
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.graph import StateGraph
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.interfaces import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RESEARCH = str(ROOT / "examples" / "research.yaml")
@@ -239,7 +239,7 @@ def test_cli_progress_table_tracks_branch_states() -> None:
 def test_cli_progress_drawn_on_stderr_when_it_is_a_terminal(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(cli, "stderr_is_terminal", lambda: True)
     result = runner.invoke(cli.app, ["run", RESEARCH, "--input", '{"query": "x"}'])
     assert result.exit_code == 0, result.stderr
     assert "search_web" in result.stderr and "ok" in result.stderr
@@ -252,7 +252,7 @@ def test_cli_progress_drawn_on_stderr_when_it_is_a_terminal(
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "tea_dist.cli", *args],
+        [sys.executable, "-m", "tea_dist.interfaces.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

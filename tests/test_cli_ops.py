@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tea_dist.cli import app
+from tea_dist.interfaces.cli import app
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 ROOT = Path(__file__).resolve().parent.parent

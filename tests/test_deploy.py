@@ -18,19 +18,19 @@ def services() -> dict[str, Any]:
 def tea_dist_commands() -> set[str]:
     from typer.main import get_command
 
-    from tea_dist.cli import app
+    from tea_dist.interfaces.cli import app
 
     return set(get_command(app).commands)  # type: ignore[attr-defined]
 
 
 def check_entry_point(argv: list[str], where: str) -> None:
-    """``argv`` is ``tea-dist CMD`` or ``celery -A tea_dist.celery_app worker|flower``."""
+    """``argv``: ``tea-dist CMD`` or ``celery -A tea_dist.distributed.celery_app worker|flower``."""
     if argv[0] == "tea-dist":
         assert argv[1] in tea_dist_commands(), f"{where}: 'tea-dist {argv[1]}' is not a command"
         return
     if argv[0] == "celery":
-        assert argv[1:3] == ["-A", "tea_dist.celery_app"], where
-        import tea_dist.celery_app  # noqa: F401 - the app the command names must import
+        assert argv[1:3] == ["-A", "tea_dist.distributed.celery_app"], where
+        import tea_dist.distributed.celery_app  # noqa: F401 - the app the command names must import
 
         assert argv[3] in ("worker", "flower"), where
         return

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, ParallelExecutor, get_executor
-from tea_dist.errors import ConfigError
-from tea_dist.executors import known_strategies
+from tea_dist.core.errors import ConfigError
+from tea_dist.core.strategies import known_strategies
 from tea_dist.executors.asyncio import AsyncioExecutor
 from tea_dist.executors.process import ProcessExecutor
 from tea_dist.executors.thread import ThreadExecutor

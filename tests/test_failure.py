@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, ParallelFlowResult, StateGraph
-from tea_dist.errors import BranchError
+from tea_dist.core.errors import BranchError
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig
-from tea_dist.local_cluster import _stop, free_port
-from tea_dist.worker import spawn_flower
+from tea_dist.distributed.local_cluster import _stop, free_port
+from tea_dist.distributed.worker import spawn_flower
 from tests import celery_nodes as cn
 from tests.nodes import fan_graph, final_state
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tea_dist import END, START, ParallelConfig, ParallelFlowResult, StateGraph
-from tea_dist.errors import ConfigError, GraphError, NodeError
+from tea_dist.core.errors import ConfigError, GraphError, NodeError
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

@@ -8,8 +8,8 @@ import pytest
 
 import tea_dist
 from tea_dist import ParallelFlowResult
-from tea_dist.errors import MergeError
-from tea_dist.merge import all_success, first_success, majority
+from tea_dist.core.errors import MergeError
+from tea_dist.policies.merge import all_success, first_success, majority
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, RetryPolicy, StateGraph
-from tea_dist.attempt import BranchTask
-from tea_dist.errors import GraphError, SerializationError
-from tea_dist.executors import get_executor
+from tea_dist.core.errors import GraphError, SerializationError
+from tea_dist.core.strategies import get_executor
+from tea_dist.engine.attempt import BranchTask
+from tea_dist.engine.runtime import Runtime
 from tea_dist.executors.process import ProcessExecutor
-from tea_dist.runtime import Runtime
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

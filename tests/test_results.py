@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from tea_dist import ParallelConfig, ParallelFlowResult, RetryPolicy
-from tea_dist.attempt import ErrorInfo
-from tea_dist.results import CircuitState
+from tea_dist.core.results import CircuitState
+from tea_dist.engine.attempt import ErrorInfo
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

@@ -11,9 +11,16 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, RetryPolicy
-from tea_dist.attempt import AttemptOutcome, BranchLedger, ErrorInfo, Finish, Retry, after_attempt
-from tea_dist.config import exception_names
-from tea_dist.errors import BranchTimeoutError
+from tea_dist.core.config import exception_names
+from tea_dist.core.errors import BranchTimeoutError
+from tea_dist.engine.attempt import (
+    AttemptOutcome,
+    BranchLedger,
+    ErrorInfo,
+    Finish,
+    Retry,
+    after_attempt,
+)
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

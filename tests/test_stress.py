@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from tea_dist import CircuitBreakerConfig, CircuitState, ParallelConfig, RetryPolicy
-from tea_dist.events import FlowContext
-from tea_dist.executors import get_executor
+from tea_dist.core.strategies import get_executor
+from tea_dist.observe.events import FlowContext
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 

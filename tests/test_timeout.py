@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, ParallelFlowResult, RetryPolicy
-from tea_dist.errors import BranchTimeoutError
+from tea_dist.core.errors import BranchTimeoutError
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 
@@ -139,7 +139,7 @@ def test_fail_fast_with_simultaneous_timeouts_reports_one_of_them(strategy: str)
 def test_a_cooperative_node_stopped_by_timeout_is_not_reported_as_leaked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from tea_dist.executors import get_executor
+    from tea_dist.core.strategies import get_executor
     from tea_dist.executors.thread import LEAK_GRACE_SECONDS
 
     g = fan_graph({"hang": nodes.cooperative_sleep}, config=cfg("thread", timeout_seconds=0.2))

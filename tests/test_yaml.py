@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tea_dist.config import ParallelConfig
-from tea_dist.errors import ConfigError, GraphError, YAMLError
-from tea_dist.results import ParallelFlowResult
-from tea_dist.yaml_loader import InlineCode, WhenCondition, load_yaml, load_yaml_string
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import ConfigError, GraphError, YAMLError
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.core.yaml_loader import InlineCode, WhenCondition, load_yaml, load_yaml_string
 
 ROOT = Path(__file__).resolve().parent.parent
 RESEARCH = ROOT / "examples" / "research.yaml"
@@ -359,7 +359,7 @@ def test_yaml_inline_code_traceback_points_at_the_yaml_line(tmp_path: Path) -> N
     assert frame.line is not None and "1 / 0" in frame.line
 
 
-# -- running loaded graphs (needs tea_dist.runner) ----------------------------------------
+# -- running loaded graphs (needs tea_dist.engine.runner) ----------------------------------------
 
 
 def final_state(events: list[dict]) -> dict:

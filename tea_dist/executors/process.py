@@ -46,20 +46,20 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, cast
 
-from ..attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt
-from ..config import ParallelConfig, exception_names
-from ..errors import ConfigError, GraphError, SerializationError
-from ..graph import FanOut, GraphSpec
-from ..nodes import CancelToken
-from ..results import ParallelFlowResult
-from .local import supervise
+from tea_dist.core.config import ParallelConfig, exception_names
+from tea_dist.core.errors import ConfigError, GraphError, SerializationError
+from tea_dist.core.graph import FanOut, GraphSpec
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.engine.supervisor import supervise
 
 if TYPE_CHECKING:
     from multiprocessing.context import ForkServerContext, SpawnContext
 
     Context = SpawnContext | ForkServerContext
 
-    from ..runtime import Runtime
+    from tea_dist.engine.runtime import Runtime
 
 logger = logging.getLogger("tea_dist.executors.process")
 
@@ -149,7 +149,7 @@ def _failure(
 
 def _run_payload(data: bytes) -> bytes:
     """Run one pickled task in this (worker) process; the pickled outcome."""
-    from ..runtime import Runtime  # the worker's own runtime, for nested fan-outs
+    from tea_dist.engine.runtime import Runtime  # the worker's own runtime, for nested fan-outs
 
     started = time.time()
     serialization = exception_names(SerializationError)
@@ -425,7 +425,7 @@ class ProcessExecutor:
 
     def check(self, spec: GraphSpec, fanout: FanOut) -> None:
         """Refuse branches on this strategy whose nodes or conditions cannot be pickled."""
-        from . import get_executor
+        from tea_dist.core.strategies import get_executor
 
         for branch, config in zip(fanout.branches, fanout.configs, strict=True):
             if get_executor(config.strategy) is self:

@@ -20,15 +20,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from ..attempt import AttemptOutcome, BranchTask, run_attempt
-from ..config import ParallelConfig
-from ..graph import FanOut, GraphSpec
-from ..nodes import CancelToken
-from ..results import ParallelFlowResult
-from .local import supervise
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.graph import FanOut, GraphSpec
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.engine.attempt import AttemptOutcome, BranchTask, run_attempt
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.engine.supervisor import supervise
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from tea_dist.engine.runtime import Runtime
 
 logger = logging.getLogger("tea_dist.executors.thread")
 

@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, TeaDistError
-from .settings import Settings
-from .worker import spawn_flower, spawn_worker
+from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.distributed.celery_app import configure, current_settings, explicitly_configured
+from tea_dist.distributed.settings import Settings
+from tea_dist.distributed.worker import spawn_flower, spawn_worker
 
 
 def redis_server_binary() -> str:
@@ -218,3 +219,14 @@ def ensure_cluster() -> LocalCluster:
             atexit.register(cluster.stop)
             _cluster = cluster
         return _cluster
+
+
+def driver_settings() -> Settings:
+    """Settings for a caller about to dispatch work.
+
+    With no broker configured anywhere (no ``TEA_DIST_BROKER_URL``, no ``configure()``), a
+    local cluster is started for this process and used.
+    """
+    if not explicitly_configured():
+        configure(ensure_cluster().settings)
+    return current_settings()

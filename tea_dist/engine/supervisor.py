@@ -17,7 +17,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from ..attempt import (
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.engine.attempt import (
     AttemptOutcome,
     BranchLedger,
     BranchTask,
@@ -27,14 +29,12 @@ from ..attempt import (
     circuit_open_result,
     timeout_outcome,
 )
-from ..breaker import Admission
-from ..config import ParallelConfig
-from ..events import FlowContext
-from ..nodes import CancelToken
-from ..results import ParallelFlowResult
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.observe.events import FlowContext
+from tea_dist.policies.breaker import Admission
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from tea_dist.engine.runtime import Runtime
 
 
 class Backend(Protocol):

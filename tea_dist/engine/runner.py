@@ -18,15 +18,15 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from .breaker import BreakerStore, MemoryBreakerStore
-from .errors import BranchError, GraphError, NodeError, TeaDistError
-from .events import Dispatcher, FlowContext
-from .executors import check_strategy, get_executor
-from .graph import END, GraphSpec
-from .nodes import CancelToken
-from .results import CircuitState, ParallelFlowResult
-from .runtime import Runtime
-from .walk import Cursor, walk
+from tea_dist.core.errors import BranchError, NodeError, TeaDistError
+from tea_dist.core.graph import END, GraphSpec, set_compiler
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.strategies import check_strategy, get_executor
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.engine.runtime import Runtime
+from tea_dist.engine.walk import Cursor, walk
+from tea_dist.observe.events import Dispatcher, FlowContext
+from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
 
 Event = dict[str, Any]
 
@@ -55,23 +55,21 @@ class CompiledGraph:
         for fan in spec.fanouts.values():
             for strategy in {c.strategy for c in fan.configs}:
                 get_executor(strategy).check(spec, fan)
+        # an executor whose branches run elsewhere names the store they share (celery: Redis)
+        self._store_owner = next(
+            (e for s in sorted(strategies) if hasattr(e := get_executor(s), "shared_breakers")),
+            None,
+        )
+        if self._store_owner is not None and breaker_store is not None:
+            self._store_owner.check_breakers(spec.name, breaker_store)
         self._breakers = breaker_store
-        self._distributed = "celery" in strategies
-        if self._distributed and breaker_store is not None:
-            from .breaker_redis import RedisBreakerStore
-
-            if not isinstance(breaker_store, RedisBreakerStore):
-                raise GraphError(
-                    f"graph '{spec.name}' has celery branches, whose workers record circuit "
-                    "outcomes in Redis: pass a RedisBreakerStore, not "
-                    f"{type(breaker_store).__name__}"
-                )
 
     @property
     def breakers(self) -> BreakerStore:
         """Where this graph's circuits live (Redis when it has celery branches)."""
         if self._breakers is None:
-            self._breakers = _default_breakers(self._distributed)
+            owner = self._store_owner
+            self._breakers = owner.shared_breakers() if owner else MemoryBreakerStore()
         return self._breakers
 
     @property
@@ -175,18 +173,6 @@ class CompiledGraph:
         return self.breakers.states()
 
 
-def _default_breakers(distributed: bool) -> BreakerStore:
-    """Circuits of a graph with celery branches live in Redis, shared by every process."""
-    if not distributed:
-        return MemoryBreakerStore()
-    from .breaker_redis import RedisBreakerStore
-    from .celery_app import driver_settings
-    from .keys import Keys
-
-    settings = driver_settings()
-    return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
-
-
 def _branch_event(result: ParallelFlowResult) -> Event:
     if result.success:
         return {
@@ -211,3 +197,6 @@ def _error_event(node: str, exc: BaseException) -> Event:
     if isinstance(exc, BranchError):
         event["branch"] = exc.branch
     return event
+
+
+set_compiler(CompiledGraph)

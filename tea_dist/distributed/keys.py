@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from tea_dist.core.errors import ConfigError
 
 DEFAULT_PREFIX = "tea"
 

@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import ParallelConfig
-from .errors import GraphError, SerializationError, StateTooLargeError
-from .graph import Conditional, FanOut, GraphSpec, Node
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import GraphError, SerializationError, StateTooLargeError
+from tea_dist.core.graph import Conditional, FanOut, GraphSpec, Node
 
 
 def callable_path(fn: Callable[..., Any], node: str) -> str:
@@ -139,7 +139,7 @@ def load_checked_yaml(path: str, sha256: str) -> GraphSpec:
 
 @lru_cache(maxsize=64)
 def _load_yaml_spec(path: str, digest: str) -> GraphSpec:
-    from .yaml_loader import load_yaml
+    from tea_dist.core.yaml_loader import load_yaml
 
     return load_yaml(path).to_spec()
 

@@ -27,7 +27,7 @@ Decisions the seeds left open:
   first probe of a new probing period.
 
 ``MemoryBreakerStore`` keeps circuits in a dict behind one ``RLock``; it is also the test double
-for users' unit tests. ``tea_dist.breaker_redis.RedisBreakerStore`` keeps them in Redis, one Lua
+for users' unit tests. ``distributed.breaker_redis.RedisBreakerStore`` keeps them in Redis, one Lua
 script per transition, so every process sees the same circuits.
 """
 
@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from .config import CircuitBreakerConfig
-from .results import CircuitState
+from tea_dist.core.config import CircuitBreakerConfig
+from tea_dist.core.results import CircuitState
 
 Transition = tuple[CircuitState, CircuitState]
 """``(old_state, new_state)`` of a circuit that changed state."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from types import CodeType
 from typing import Any
 
-from .errors import GraphError, YAMLError
+from tea_dist.core.errors import GraphError, YAMLError
 
 __all__ = ["InlineCode", "WhenCondition"]
 
@@ -46,7 +46,10 @@ class InlineCode:
         # the trailing ``pass`` makes an empty (or comment-only) body valid.
         text = f"def __inline__({_SIGNATURE}):\n{body}\n    pass\n"
         code = _compile(text, filename, first_line - 1, "exec", f"node '{name}'")
-        namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": "tea_dist.inline"}
+        namespace: dict[str, Any] = {
+            "__builtins__": builtins,
+            "__name__": "tea_dist.core.yaml_code",
+        }
         exec(code, namespace)
         fn = namespace["__inline__"]
         fn.__code__ = fn.__code__.replace(co_name=name, co_qualname=name)

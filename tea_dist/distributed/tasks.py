@@ -29,7 +29,15 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Task
 
-from .attempt import (
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import GraphError
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.distributed.breaker_redis import RedisBreakerStore
+from tea_dist.distributed.celery_app import app, current_settings
+from tea_dist.distributed.connections import redis_for
+from tea_dist.distributed.keys import Keys
+from tea_dist.distributed.wire import decode_branch
+from tea_dist.engine.attempt import (
     AttemptOutcome,
     BranchLedger,
     BranchTask,
@@ -42,16 +50,8 @@ from .attempt import (
     timeout_outcome,
     worker_id,
 )
-from .breaker_redis import RedisBreakerStore
-from .celery_app import app, current_settings
-from .config import ParallelConfig
-from .connections import redis_for
-from .errors import GraphError
-from .keys import Keys
-from .nodes import CancelToken
-from .results import ParallelFlowResult
-from .runtime import Runtime
-from .wire import decode_branch
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.engine.runtime import Runtime
 
 Event = tuple[str, dict[str, Any]]
 

@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ParallelConfig, exception_names
-from .errors import BranchTimeoutError, CircuitOpenError
-from .graph import GraphSpec
-from .nodes import CancelToken
-from .results import CircuitState, ParallelFlowResult
-from .walk import Cursor, FanOutRunner, awalk, walk
+from tea_dist.core.config import ParallelConfig, exception_names
+from tea_dist.core.errors import BranchTimeoutError, CircuitOpenError
+from tea_dist.core.graph import GraphSpec
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.engine.walk import Cursor, FanOutRunner, awalk, walk
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ErrorInfo:
 
     def as_exception(self) -> BaseException:
         """An exception to hand to callbacks when the original is not at hand."""
-        from .errors import RemoteError
+        from tea_dist.core.errors import RemoteError
 
         cls = BranchTimeoutError if self.timeout else RemoteError
         return cls(self.message, error_type=self.type_name)

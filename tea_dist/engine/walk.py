@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .graph import END, FanOut, GraphSpec
-from .nodes import CancelToken, acall_node, call_node
-from .results import ParallelFlowResult
+from tea_dist.core.graph import END, FanOut, GraphSpec
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.engine.nodes import CancelToken, acall_node, call_node
 
 
 class FanOutRunner(Protocol):

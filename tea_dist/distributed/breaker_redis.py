@@ -23,12 +23,12 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from .breaker import Admission, CircuitSnapshot, Clock, Transition
-from .config import CircuitBreakerConfig
-from .errors import ConfigError, TeaDistError
-from .keys import Keys
-from .results import CircuitState
-from .settings import redact
+from tea_dist.core.config import CircuitBreakerConfig
+from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.core.results import CircuitState
+from tea_dist.distributed.keys import Keys
+from tea_dist.distributed.settings import redact
+from tea_dist.policies.breaker import Admission, CircuitSnapshot, Clock, Transition
 
 _SECTION = "--@ "
 
@@ -36,7 +36,8 @@ _SECTION = "--@ "
 @cache
 def lua_sources() -> dict[str, str]:
     """The scripts of ``breaker.lua`` by section name, each prefixed by the shared prelude."""
-    text = resources.files("tea_dist").joinpath("breaker.lua").read_text(encoding="utf-8")
+    lua = resources.files("tea_dist.distributed").joinpath("breaker.lua")
+    text = lua.read_text(encoding="utf-8")
     prelude, *sections = text.split(f"\n{_SECTION}")
     scripts = {}
     for section in sections:

@@ -23,13 +23,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .celery_app import app, current_settings, driver_settings
-from .connections import redis_for
-from .errors import GraphError, RunCancelledError, RunFailedError, TeaDistError
-from .graph import StateGraph
-from .keys import Keys
-from .nodes import CancelToken
-from .wire import check_json_state, import_callable
+from tea_dist.core.errors import GraphError, RunCancelledError, RunFailedError, TeaDistError
+from tea_dist.core.graph import StateGraph
+from tea_dist.distributed.celery_app import app, current_settings
+from tea_dist.distributed.connections import redis_for
+from tea_dist.distributed.keys import Keys
+from tea_dist.distributed.local_cluster import driver_settings
+from tea_dist.distributed.wire import check_json_state, import_callable
+from tea_dist.engine.nodes import CancelToken
 
 FAIL_IF_ORPHANED = """
 if redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
@@ -56,7 +57,7 @@ TERMINAL = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 def resolve_graph(graph_ref: str) -> StateGraph:
     """A ``StateGraph`` from ``"pkg.module:attr"`` (a graph or a factory) or a YAML path."""
     if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
-        from .yaml_loader import load_yaml
+        from tea_dist.core.yaml_loader import load_yaml
 
         return load_yaml(str(Path(graph_ref).resolve()))
     module_name, sep, attr = graph_ref.partition(":")

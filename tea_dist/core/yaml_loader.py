@@ -25,11 +25,11 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from .config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
-from .errors import ConfigError, GraphError, UnknownStrategyError, YAMLError
-from .executors import check_strategy
-from .graph import END, START, StateGraph
-from .inline import InlineCode, WhenCondition
+from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from tea_dist.core.errors import ConfigError, GraphError, UnknownStrategyError, YAMLError
+from tea_dist.core.graph import END, START, StateGraph
+from tea_dist.core.strategies import check_strategy
+from tea_dist.core.yaml_code import InlineCode, WhenCondition
 
 __all__ = ["InlineCode", "UnknownStrategyError", "WhenCondition", "load_yaml", "load_yaml_string"]
 

@@ -22,8 +22,17 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import EXIT_RUN_FAILED, EXIT_USAGE, DebugOpt, app, fail, parse_input, reporting, to_json
-from .settings import redact
+from tea_dist.distributed.settings import redact
+from tea_dist.interfaces.common import (
+    EXIT_RUN_FAILED,
+    EXIT_USAGE,
+    DebugOpt,
+    app,
+    fail,
+    parse_input,
+    reporting,
+    to_json,
+)
 
 RoleOpt = Annotated[str, typer.Option("--role", help="flows (branches), runs (whole runs) or all.")]
 RunArg = Annotated[str, typer.Argument(help="A run id printed by submit.", show_default=False)]
@@ -38,8 +47,8 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a worker: branch tasks (flows, prefork), whole runs (runs, threads), or both."""
-    from .celery_app import current_settings
-    from .worker import worker_argv
+    from tea_dist.distributed.celery_app import current_settings
+    from tea_dist.distributed.worker import worker_argv
 
     settings = current_settings()
     roles = ["flows", "runs"] if role == "all" else [role]
@@ -79,7 +88,7 @@ def worker(
 @app.command("worker-ping")
 def worker_ping(role: RoleOpt = "flows", timeout: float = 5.0) -> None:
     """Exit 0 when this host's worker of ROLE answers a ping (a container health check)."""
-    from .celery_app import app as celery
+    from tea_dist.distributed.celery_app import app as celery
 
     target = f"{role}@{socket.gethostname()}"
     replies = celery.control.ping(destination=[target], timeout=timeout)
@@ -97,7 +106,7 @@ def submit(
     debug: DebugOpt = False,
 ) -> None:
     """Enqueue a whole workflow run on the run workers; prints its run id."""
-    from .apps import submit as submit_run
+    from tea_dist.distributed.apps import submit as submit_run
 
     with reporting(debug):
         run = submit_run(ref, parse_input(input_), parse_input(config))
@@ -110,7 +119,7 @@ def submit(
 @app.command()
 def status(run_id: RunArg, debug: DebugOpt = False) -> None:
     """Print a run's status: pending, running, succeeded, failed or cancelled."""
-    from .apps import WorkflowRun
+    from tea_dist.distributed.apps import WorkflowRun
 
     with reporting(debug):
         typer.echo(WorkflowRun(run_id).status())
@@ -124,7 +133,7 @@ def result(
     debug: DebugOpt = False,
 ) -> None:
     """Print a run's final state as JSON (exit 1 if it failed, was cancelled, or is not done)."""
-    from .apps import TERMINAL, WorkflowRun
+    from tea_dist.distributed.apps import TERMINAL, WorkflowRun
 
     with reporting(debug, EXIT_RUN_FAILED):
         run = WorkflowRun(run_id)
@@ -136,7 +145,7 @@ def result(
 @app.command()
 def cancel(run_id: RunArg, debug: DebugOpt = False) -> None:
     """Cancel a run: a queued run never starts, a running one has its branches stopped."""
-    from .apps import WorkflowRun
+    from tea_dist.distributed.apps import WorkflowRun
 
     with reporting(debug):
         WorkflowRun(run_id).cancel()
@@ -150,9 +159,9 @@ def circuits(
     debug: DebugOpt = False,
 ) -> None:
     """List the shared circuits in Redis with their state, or reset them."""
-    from .breaker_redis import RedisBreakerStore
-    from .celery_app import current_settings
-    from .keys import Keys
+    from tea_dist.distributed.breaker_redis import RedisBreakerStore
+    from tea_dist.distributed.celery_app import current_settings
+    from tea_dist.distributed.keys import Keys
 
     with reporting(debug):
         settings = current_settings()
@@ -176,7 +185,7 @@ def cluster(
     ] = None,
 ) -> None:
     """Start a local cluster (embedded Redis, workers, Flower) and keep it up until Ctrl-C."""
-    from .local_cluster import LocalCluster
+    from tea_dist.distributed.local_cluster import LocalCluster
 
     with reporting(False, EXIT_USAGE):
         local = LocalCluster(

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MergeError
+from tea_dist.core.errors import MergeError
 
 __all__ = ["all_success", "first_success", "majority"]
 

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 from celery import chord
 from celery.result import AsyncResult
 
-from ..attempt import (
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import ConfigError, GraphError, RemoteError, SerializationError
+from tea_dist.core.graph import FanOut, GraphSpec
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
+from tea_dist.engine.attempt import (
     BranchLedger,
     BranchTask,
     ErrorInfo,
@@ -30,14 +35,10 @@ from ..attempt import (
     circuit_open_result,
     failed_result,
 )
-from ..config import ParallelConfig
-from ..errors import ConfigError, RemoteError, SerializationError
-from ..graph import FanOut, GraphSpec
-from ..results import CircuitState, ParallelFlowResult
-from ..wire import check_fanout, check_json_state, encode_branch
+from tea_dist.policies.breaker import BreakerStore
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from tea_dist.engine.runtime import Runtime
 
 MAX_REDISPATCH = 3
 
@@ -48,6 +49,25 @@ class CeleryExecutor:
     def check(self, spec: GraphSpec, fanout: FanOut) -> None:
         """Importable callables and no nested celery fan-out (``GraphError`` naming the node)."""
         check_fanout(spec, fanout)
+
+    def shared_breakers(self) -> BreakerStore:
+        """Circuits of celery branches live in Redis, shared by every worker and caller."""
+        from tea_dist.distributed.breaker_redis import RedisBreakerStore
+        from tea_dist.distributed.keys import Keys
+        from tea_dist.distributed.local_cluster import driver_settings
+
+        settings = driver_settings()
+        return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
+
+    def check_breakers(self, graph: str, store: BreakerStore) -> None:
+        """Workers record circuit outcomes in Redis: a store elsewhere would not see them."""
+        from tea_dist.distributed.breaker_redis import RedisBreakerStore
+
+        if not isinstance(store, RedisBreakerStore):
+            raise GraphError(
+                f"graph '{graph}' has celery branches, whose workers record circuit "
+                f"outcomes in Redis: pass a RedisBreakerStore, not {type(store).__name__}"
+            )
 
     def execute(
         self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
@@ -66,9 +86,10 @@ class _Driver:
     def __init__(
         self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
     ) -> None:
-        from ..celery_app import app, driver_settings
-        from ..connections import redis_for
-        from ..keys import Keys
+        from tea_dist.distributed.celery_app import app
+        from tea_dist.distributed.connections import redis_for
+        from tea_dist.distributed.keys import Keys
+        from tea_dist.distributed.local_cluster import driver_settings
 
         self.app = app
         self.settings = driver_settings()
@@ -132,7 +153,7 @@ class _Driver:
     # -- sending --
 
     def dispatch(self) -> None:
-        from ..tasks import collect_flows, run_flow
+        from tea_dist.distributed.tasks import collect_flows, run_flow
 
         now = time.time()
         signatures = []
@@ -318,7 +339,7 @@ class _Driver:
 
     def _redispatch(self, i: int) -> None:
         """The worker running branch ``i`` is gone: send the branch again."""
-        from ..tasks import run_flow
+        from tea_dist.distributed.tasks import run_flow
 
         old = self.task_ids[i]
         self.silent_since[i] = None

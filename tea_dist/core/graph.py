@@ -3,7 +3,7 @@
 ``StateGraph`` is the builder users call (names compatible with The Edge Agent). ``compile()``
 validates the topology, naming the culprit of every problem, and freezes it into a
 ``GraphSpec``: plain data that can be pickled to another process. Running a graph is the
-business of ``tea_dist.runner``.
+business of ``tea_dist.engine.runner``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,23 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .config import ParallelConfig, resolve_config
-from .errors import GraphError
+from tea_dist.core.config import ParallelConfig, resolve_config
+from tea_dist.core.errors import GraphError
 
 if TYPE_CHECKING:
-    from .events import ParallelFlowCallback
-    from .runner import CompiledGraph
+    from tea_dist.engine.runner import CompiledGraph
+    from tea_dist.observe.events import ParallelFlowCallback
+
+# What ``compile()`` builds: set by the engine (``tea_dist.engine.runner``), which sits above
+# this module, when the package is imported.
+_compiler: Callable[..., CompiledGraph] | None = None
+
+
+def set_compiler(compiler: Callable[..., CompiledGraph]) -> None:
+    """Install the engine's ``CompiledGraph`` as what ``StateGraph.compile()`` returns."""
+    global _compiler
+    _compiler = compiler
+
 
 START = "__start__"
 END = "__end__"
@@ -219,10 +230,10 @@ class StateGraph:
         that cannot reach its fan-in, a node with both parallel and normal successors.
         Options: ``callback_timeout`` (seconds, default 5), ``breaker_store``.
         """
-        from .runner import CompiledGraph
-
+        if _compiler is None:
+            raise GraphError("no graph engine is loaded: import tea_dist")
         spec = self.to_spec(parallel_config)
-        return CompiledGraph(
+        return _compiler(
             spec,
             raise_exceptions=self.raise_exceptions,
             callbacks=list(parallel_callbacks or []),

@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .config import ParallelConfig
-from .results import CircuitState, ParallelFlowResult
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.results import CircuitState, ParallelFlowResult
 
-logger = logging.getLogger("tea_dist.events")
+logger = logging.getLogger("tea_dist.observe.events")
 
 EVENTS = (
     "on_flow_start",

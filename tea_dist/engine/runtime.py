@@ -16,15 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .attempt import BranchTask
-from .breaker import Admission, BreakerStore, MemoryBreakerStore
-from .config import ParallelConfig
-from .errors import BranchError, BranchTimeoutError, CircuitOpenError
-from .events import Dispatcher, FlowContext
-from .executors import get_executor
-from .graph import FanOut, GraphSpec
-from .nodes import CancelToken
-from .results import CircuitState, ParallelFlowResult
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import BranchError, BranchTimeoutError, CircuitOpenError
+from tea_dist.core.graph import FanOut, GraphSpec
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.strategies import get_executor
+from tea_dist.engine.attempt import BranchTask
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.observe.events import Dispatcher, FlowContext
+from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStore
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import BranchTimeoutError
+from tea_dist.core.errors import BranchTimeoutError
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 

@@ -1,8 +1,8 @@
 """The Celery application: built by a factory from ``Settings``, JSON only.
 
-``app`` is the process-wide instance (``celery -A tea_dist.celery_app worker`` finds it);
-``configure(settings)`` points it elsewhere from code. Creating or configuring it makes no
-connection. Worker-side policy: late acknowledgement and reject-on-worker-lost (a branch
+``app`` is the process-wide instance (``celery -A tea_dist.distributed.celery_app worker``
+finds it); ``configure(settings)`` points it elsewhere from code. Creating or configuring it
+makes no connection. Worker-side policy: late acknowledgement and reject-on-worker-lost (a branch
 whose worker dies is delivered again), prefetch 1 (a long branch never holds short ones
 back), task events on (Flower), no pickle anywhere.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 
-from .settings import Settings, get_settings
+from tea_dist.distributed.settings import Settings, get_settings
 
 REFILL_DELAYS = (0.15, 0.3, 0.6)  # billiard sends TERM, waits 0.1 s, then KILL
 
@@ -43,6 +43,8 @@ class PromptRefill(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 TASK_NAMES = ("tea_dist.run_flow", "tea_dist.collect_flows")
+# Celery imports these when a worker starts (``include``), so this module imports no task.
+TASK_MODULES = ["tea_dist.distributed.tasks", "tea_dist.distributed.apps"]
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -80,7 +82,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from ``settings`` (the environment by default)."""
     settings = settings or get_settings()
-    celery = Celery("tea_dist", set_as_current=False)
+    celery = Celery("tea_dist", set_as_current=False, include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
     celery.steps["worker"].add(PromptRefill)
     celery.tea_settings = settings  # type: ignore[attr-defined]
@@ -100,24 +102,11 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-def driver_settings() -> Settings:
-    """Settings for a caller about to dispatch work.
-
-    With no broker configured anywhere (no ``TEA_DIST_BROKER_URL``, no ``configure()``), a
-    local cluster is started for this process and used.
-    """
-    if not _explicit:
-        from .local_cluster import ensure_cluster
-
-        configure(ensure_cluster().settings)
-    return current_settings()
+def explicitly_configured() -> bool:
+    """Whether a broker was named (``TEA_DIST_BROKER_URL`` or ``configure()``)."""
+    return _explicit
 
 
 def current_settings() -> Settings:
     """The settings the process-wide app was configured with."""
     return app.tea_settings  # type: ignore[attr-defined,no-any-return]
-
-
-# Register the tasks on the app whenever the app is imported (workers import this module).
-from . import apps as _apps  # noqa: E402,F401
-from . import tasks as _tasks  # noqa: E402,F401

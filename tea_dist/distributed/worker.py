@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError, TeaDistError
-from .settings import Settings
+from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.distributed.settings import Settings
 
 Role = Literal["flows", "runs"]
 ROLES: dict[str, tuple[str, int]] = {
@@ -35,14 +35,14 @@ def worker_argv(
     queues: str | None = None,
     loglevel: str = "INFO",
 ) -> list[str]:
-    """``celery worker`` arguments for a role (``-A tea_dist.celery_app`` included)."""
+    """``celery worker`` arguments for a role (``-A tea_dist.distributed.celery_app`` included)."""
     if role not in ROLES:
         raise ConfigError(f"unknown worker role '{role}'; roles: {', '.join(ROLES)}, all")
     pool, default_concurrency = ROLES[role]
     queue = queues or (settings.flows_queue if role == "flows" else settings.runs_queue)
     return [
         "-A",
-        "tea_dist.celery_app",
+        "tea_dist.distributed.celery_app",
         "worker",
         "--pool",
         pool,
@@ -101,7 +101,7 @@ def spawn_flower(
     settings: Settings, port: int, *, auth: str | None = None, log_path: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start Flower for ``settings`` on 127.0.0.1:``port`` in its own process group."""
-    argv = [sys.executable, "-m", "celery", "-A", "tea_dist.celery_app", "flower"]
+    argv = [sys.executable, "-m", "celery", "-A", "tea_dist.distributed.celery_app", "flower"]
     argv += [f"--port={port}", "--address=127.0.0.1"]
     if auth:
         argv.append(f"--basic-auth={auth}")
@@ -118,7 +118,7 @@ def wait_ready(
     settings: Settings, name: str, proc: subprocess.Popen[bytes], timeout: float
 ) -> None:
     """Block until the worker ``name`` answers a ping (``TeaDistError`` if it dies or is slow)."""
-    from .celery_app import make_app
+    from tea_dist.distributed.celery_app import make_app
 
     probe = make_app(settings)
     deadline = time.monotonic() + timeout

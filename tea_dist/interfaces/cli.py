@@ -1,0 +1,132 @@
+"""The ``tea-dist`` command line.
+
+    tea-dist run AGENT.yaml --input '{"query": "x"}' [--strategy S] [--stream] [--debug]
+    tea-dist validate AGENT.yaml
+    tea-dist worker | submit | status | result | cancel | circuits | cluster   (see cli_ops)
+
+stdout carries only JSON (the final state, or one event per line with ``--stream``); messages
+and the live branch table go to stderr. Every failure is one line ``error: ...`` on stderr
+(a traceback too with ``--debug``) and a non-zero exit: 2 for bad input (file, YAML, JSON,
+options), 1 for a run that failed. Each command is one ``@app.command()`` function built
+from the shared helpers below.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.graph import GraphSpec
+from tea_dist.core.strategies import check_strategy
+from tea_dist.interfaces import cli_ops  # noqa: F401 - registers the distributed commands
+from tea_dist.interfaces.common import (
+    EXIT_RUN_FAILED,
+    EXIT_USAGE,
+    AgentArg,
+    BranchProgress,
+    DebugOpt,
+    app,
+    fail,
+    load_agent,
+    parse_input,
+    reporting,
+    stderr_is_terminal,
+    to_json,
+)
+
+
+@app.command()
+def run(
+    agent: AgentArg,
+    input_: Annotated[
+        str,
+        typer.Option("--input", "-i", help="Initial state: JSON, @file.json, or @- for stdin."),
+    ] = "{}",
+    strategy: Annotated[
+        str | None,
+        typer.Option(help="Parallel strategy for the whole graph (edges that set one keep it)."),
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print every event as a JSON line.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a YAML agent and print its final state as JSON."""
+    with reporting(debug, EXIT_USAGE):
+        state = parse_input(input_)
+        graph = load_agent(agent)
+        config = ParallelConfig(strategy=check_strategy(strategy)) if strategy else None
+        progress = None
+        if not stream and stderr_is_terminal():
+            progress = BranchProgress(Console(file=sys.stderr))
+        callbacks: list[Any] = [progress] if progress else []
+        compiled = graph.compile(parallel_config=config, parallel_callbacks=callbacks)
+    with reporting(debug, EXIT_RUN_FAILED), progress.live() if progress else nullcontext():
+        events = compiled.stream(state) if stream else compiled.invoke(state)
+        last = _drain(events, stream)
+    if last is None:
+        fail("the run produced no events", EXIT_RUN_FAILED)
+    if last.get("type") == "error":
+        fail(_describe_error(last), EXIT_RUN_FAILED)
+    if not stream:
+        typer.echo(to_json(last.get("state", {}), indent=2))
+
+
+def _drain(events: Iterable[Mapping[str, Any]], stream: bool) -> Mapping[str, Any] | None:
+    """Consume the events (printing each one as a JSON line when streaming); the last one."""
+    last = None
+    for event in events:
+        if stream:
+            sys.stdout.write(to_json(event) + "\n")
+            sys.stdout.flush()
+        last = event
+    return last
+
+
+def _describe_error(event: Mapping[str, Any]) -> str:
+    where = f"node '{event.get('node')}'"
+    if event.get("branch"):
+        where += f" (branch '{event['branch']}')"
+    kind = event.get("error_type")
+    return f"{where} failed: {kind + ': ' if kind else ''}{event.get('error', 'unknown error')}"
+
+
+@app.command()
+def validate(agent: AgentArg, debug: DebugOpt = False) -> None:
+    """Check a YAML agent (schema, nodes, edges, strategies) without running it."""
+    with reporting(debug, EXIT_USAGE):
+        graph = load_agent(agent)
+        spec = graph.to_spec()
+    typer.echo(f"OK {agent}: {summary(spec)}")
+
+
+def summary(spec: GraphSpec) -> str:
+    """``graph 'research': 4 nodes, 5 edges, 1 fan-out (2 branches, thread)``."""
+    edges = 1 + sum(len(t) for t in spec.edges.values())
+    edges += sum(len(c.targets) for c in spec.conditionals.values())
+    branches = sum(len(f.branches) for f in spec.fanouts.values())
+    strategies = sorted({c.strategy for f in spec.fanouts.values() for c in f.configs})
+    text = f"graph '{spec.name}': {_count(len(spec.nodes), 'node')}, "
+    text += f"{_count(edges + branches, 'edge')}, {_count(len(spec.fanouts), 'fan-out')}"
+    if branches:
+        text += f" ({_count(branches, 'branch', 'branches')}, {', '.join(strategies)})"
+    return text
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def main() -> None:
+    """Entry point of the ``tea-dist`` console script."""
+    app(prog_name="tea-dist")
+
+
+if __name__ == "__main__":
+    main()
