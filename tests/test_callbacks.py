@@ -121,7 +121,7 @@ def flaky_graph(strategy: str, **fields: Any) -> Any:
 def test_td13_unit_033_a_raising_callback_is_logged_and_the_flow_continues(
     strategy: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="tea_dist.observe.events"):
+    with caplog.at_level(logging.ERROR, logger="tea_dist.events"):
         results = invoke(
             flaky_graph(strategy), [Exploding()], {"counter_dir": str(tmp_path), "fail_times": 1}
         )
@@ -269,7 +269,7 @@ def test_td13_int_021_logging_listener_records_every_event_with_run_and_branch(
     lifecycle event a callback sees has one log record carrying the same run id and branch."""
     recorder = Recorder()
     app = flaky_graph(strategy).compile(parallel_callbacks=[recorder])
-    with caplog.at_level(logging.DEBUG, logger="tea_dist.observe.events"):
+    with caplog.at_level(logging.DEBUG, logger="tea_dist.events"):
         for _ in range(2):
             list(app.invoke({"value": 1}, config={"counter_dir": str(tmp_path), "fail_times": 1}))
     seen = sorted(

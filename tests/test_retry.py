@@ -1,4 +1,4 @@
-"""TD.13 AC3 retries: the pure ``RetryPolicy``/``after_attempt`` decisions (no loop, no sleep),
+"""TD.13 AC3 retries: the ``RetryPolicy`` and lifecycle decisions (no loop, no sleep),
 then retries in running graphs on each in-process strategy."""
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ import pytest
 from tea_dist import ParallelConfig, RetryPolicy
 from tea_dist.core.config import exception_names
 from tea_dist.core.errors import BranchTimeoutError
-from tea_dist.engine.attempt import (
-    AttemptOutcome,
-    BranchLedger,
-    ErrorInfo,
-    Finish,
-    Retry,
-    after_attempt,
-)
+from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
+from tea_dist.engine.lifecycle import BranchRun, Lifecycle
+from tea_dist.engine.runtime import Runtime
 from tests import nodes
 from tests.nodes import fan_graph, final_state
 
@@ -130,7 +125,20 @@ def test_timeouts_are_retried_only_with_retry_on_timeout() -> None:
     assert not RetryPolicy(max_retries=3, retry_on=[TimeoutError]).should_retry(timeout, 0)
 
 
-# -- unit: after_attempt, the pure decision after each attempt (injected monotonic time) --
+# -- unit: the lifecycle's decision after each attempt (injected clock, no loop, no sleep) --
+
+
+class FakeClock:
+    """Monotonic and epoch time that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now + 900.0
 
 
 def failed(message: str = "boom", timeout: bool = False) -> AttemptOutcome:
@@ -138,53 +146,71 @@ def failed(message: str = "boom", timeout: bool = False) -> AttemptOutcome:
     return AttemptOutcome(False, None, 1000.0, 1000.5, error=error)
 
 
-def ledger(**fields: Any) -> BranchLedger:
-    return BranchLedger("b", ParallelConfig(**fields), dispatched=100.0)
+def one_branch(**fields: Any) -> tuple[Lifecycle, BranchRun, FakeClock]:
+    clock = FakeClock()
+    task = BranchTask(
+        spec=nodes.fan_graph({"b": nodes.add_one}).to_spec(), branch="b", fan_in="merge", state={}
+    )
+    life = Lifecycle.for_fanout([task], [ParallelConfig(**fields)], Runtime(), clock=clock)
+    return life, life.runs[0], clock
 
 
-def test_after_attempt_schedules_retries_with_backoff_then_finishes() -> None:
-    book = ledger(retry_policy=RetryPolicy(max_retries=2, base_delay=0.5))
-    assert after_attempt(book, failed("one"), now=100.0) == Retry(0.5)
-    assert after_attempt(book, failed("two"), now=101.0) == Retry(1.0)
-    final = after_attempt(book, failed("three"), now=103.0)
-    assert isinstance(final, Finish)
-    result = final.result
-    assert not result.success and result.retry_count == 2 and result.error == "three"
+def attempt(life: Lifecycle, run: BranchRun, outcome: AttemptOutcome) -> float | None:
+    life.begin(run)
+    return life.end(run, outcome)
+
+
+def test_lifecycle_schedules_retries_with_backoff_then_finishes() -> None:
+    life, run, clock = one_branch(retry_policy=RetryPolicy(max_retries=2, base_delay=0.5))
+    assert attempt(life, run, failed("one")) == 0.5
+    clock.now = 101.0
+    assert attempt(life, run, failed("two")) == 1.0
+    clock.now = 103.0
+    assert attempt(life, run, failed("three")) is None
+    result = run.result
+    assert result is not None and not result.success
+    assert result.retry_count == 2 and result.error == "three"
     assert [e["error"] for e in result.attempt_errors] == ["one", "two", "three"]
 
 
-def test_after_attempt_success_after_retries_keeps_first_start() -> None:
-    book = ledger(retry_policy=RetryPolicy(max_retries=2, base_delay=0.1))
-    after_attempt(book, failed(), now=100.0)
-    ok = AttemptOutcome(True, {"v": 1}, 1001.0, 1001.2)
-    final = after_attempt(book, ok, now=101.0)
-    assert isinstance(final, Finish) and final.result.success
-    assert final.result.retry_count == 1 and final.result.start_time == 1000.0
-    assert final.result.timing_ms == pytest.approx(1200.0)
-    assert final.result.attempt_errors == []
+def test_lifecycle_success_after_retries_keeps_first_start() -> None:
+    life, run, clock = one_branch(retry_policy=RetryPolicy(max_retries=2, base_delay=0.1))
+    attempt(life, run, failed())
+    clock.now = 101.0
+    assert attempt(life, run, AttemptOutcome(True, {"v": 1}, 1001.0, 1001.2)) is None
+    result = run.result
+    assert result is not None and result.success and result.attempt_errors == []
+    assert result.retry_count == 1 and result.start_time == 1000.0  # the first begin()
+    assert result.timing_ms == pytest.approx(1200.0)
 
 
-def test_after_attempt_gives_up_when_the_delay_would_cross_timeout_total() -> None:
-    book = ledger(timeout_total=2.0, retry_policy=RetryPolicy(max_retries=5, base_delay=1.5))
-    assert after_attempt(book, failed(), now=100.2) == Retry(1.5)  # 101.7 < 102
-    assert isinstance(after_attempt(book, failed(), now=101.8), Finish)  # 101.8 + 3 > 102
+def test_lifecycle_gives_up_when_the_delay_would_cross_timeout_total() -> None:
+    life, run, clock = one_branch(
+        timeout_total=2.0, retry_policy=RetryPolicy(max_retries=5, base_delay=1.5)
+    )
+    clock.now = 100.2
+    assert attempt(life, run, failed()) == 1.5  # 101.7 < 102
+    clock.now = 101.8
+    assert attempt(life, run, failed()) is None  # 101.8 + 3 > 102
+    assert run.done
 
 
-def test_after_attempt_does_not_retry_errors_outside_retry_on() -> None:
-    book = ledger(retry_policy=RetryPolicy(max_retries=5, retry_on=[ConnectionError]))
-    assert isinstance(after_attempt(book, failed(), now=100.0), Finish)
-    timed_out = ledger(retry_policy=RetryPolicy(max_retries=5))
-    assert isinstance(after_attempt(timed_out, failed(timeout=True), now=100.0), Finish)
+def test_lifecycle_does_not_retry_errors_outside_retry_on() -> None:
+    life, run, _ = one_branch(retry_policy=RetryPolicy(max_retries=5, retry_on=[ConnectionError]))
+    assert attempt(life, run, failed()) is None
+    life, run, _ = one_branch(retry_policy=RetryPolicy(max_retries=5))
+    assert attempt(life, run, failed(timeout=True)) is None
 
 
-def test_after_attempt_keeps_the_last_max_stored_errors() -> None:
-    book = ledger(retry_policy=RetryPolicy(max_retries=6, base_delay=0, max_stored_errors=3))
-    decision: Retry | Finish = Retry(0)
+def test_lifecycle_keeps_the_last_max_stored_errors() -> None:
+    life, run, _ = one_branch(
+        retry_policy=RetryPolicy(max_retries=6, base_delay=0, max_stored_errors=3)
+    )
     for i in range(7):
-        decision = after_attempt(book, failed(f"e{i + 1}"), now=100.0)
-    assert isinstance(decision, Finish)
-    assert [e["attempt"] for e in decision.result.attempt_errors] == [5, 6, 7]
-    assert decision.result.retry_count == 6
+        attempt(life, run, failed(f"e{i + 1}"))
+    assert run.result is not None
+    assert [e["attempt"] for e in run.result.attempt_errors] == [5, 6, 7]
+    assert run.result.retry_count == 6
 
 
 # -- integration: retries in running graphs --

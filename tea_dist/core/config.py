@@ -96,18 +96,21 @@ class RetryPolicy(_Frozen):
             return True
         return any(name in error_names for name in self.retry_on)
 
-    def should_retry(self, error: BaseException | Sequence[str], attempt: int) -> bool:
+    def should_retry(
+        self, error: BaseException | Sequence[str], attempt: int, *, timeout: bool = False
+    ) -> bool:
         """Whether the attempt numbered ``attempt`` (0-based) that failed with ``error`` is retried.
 
         ``error`` is the original exception, or its ``exception_names`` when it crossed a
-        process boundary. A ``TimeoutError`` raised by tea_dist's timeout counts as a timeout.
+        process boundary (then ``timeout`` says whether it was tea_dist's timeout). A
+        ``BranchTimeoutError`` counts as a timeout.
         """
         if attempt >= self.max_retries:
             return False
         if isinstance(error, BaseException):
             timeout = isinstance(error, BranchTimeoutError)
             return self.matches(exception_names(type(error)), timeout)
-        return self.matches(tuple(error))
+        return self.matches(tuple(error), timeout)
 
 
 class CircuitBreakerConfig(_Frozen):

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from tea_dist.core.results import ParallelFlowResult
     from tea_dist.engine.attempt import BranchTask
     from tea_dist.engine.runtime import Runtime
+    from tea_dist.policies.breaker import BreakerStore
 
 
 @runtime_checkable
@@ -39,6 +40,19 @@ class ParallelExecutor(Protocol):
         runtime: Runtime,
     ) -> list[ParallelFlowResult]:
         """Run every task (honouring its config) and return results in task order."""
+        ...
+
+
+@runtime_checkable
+class SharesBreakers(Protocol):
+    """An executor whose branches run in other processes, which must share its circuits."""
+
+    def shared_breakers(self) -> BreakerStore:
+        """The store every process running its branches records circuits in."""
+        ...
+
+    def check_breakers(self, graph: str, store: BreakerStore) -> None:
+        """Refuse (``GraphError``) a store its branches' processes cannot reach."""
         ...
 
 

@@ -176,7 +176,8 @@ class _Source:
 
     def locate(self, loc: Sequence[Any]) -> tuple[str, int]:
         """A pydantic location as the user wrote it (``edges[2].retry``) and its line."""
-        place, data, node, line = "", self.data, self.root, self.root.start_mark.line + 1
+        place, data, line = "", self.data, self.root.start_mark.line + 1
+        node: Any = self.root
         for seg in loc:
             if isinstance(data, list) and isinstance(seg, int):
                 place += f"[{seg}]"

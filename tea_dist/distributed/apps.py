@@ -158,11 +158,10 @@ class WorkflowRun:
         entries: Any = self.client.xrange(self.keys.events(self.run_id))
         for _id, fields in entries:
             data = {_text(k): _text(v) for k, v in fields.items()}
-            payload = json.loads(data.pop("data", "{}") or "{}")
-            if data.get("event") == "graph":
-                yield payload
+            if "e" in data:  # a BranchEvent published by a flow worker
+                yield {"type": "branch", **json.loads(data["e"])}
             else:
-                yield {"type": "branch", **data, **payload}
+                yield json.loads(data.get("data") or "{}")
 
     def cancel(self) -> None:
         """Stop the run: queued, it never starts; running, its branches are stopped."""

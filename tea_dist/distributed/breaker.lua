@@ -109,6 +109,15 @@ local state = before
 if after ~= nil then state = after.state end
 return {before, state}
 
+--@ release
+-- KEYS: circuit hash, circuits index. A half-open probe that ended with no outcome (cancelled)
+-- gives its slot back; nothing is counted. Returns the state.
+local c, known = load(KEYS[1])
+if known and c.state == 'half_open' and c.probes > 0 then
+  redis.call('HSET', KEYS[1], 'probes', tostring(c.probes - 1))
+end
+return c.state
+
 --@ reset_one
 -- KEYS: circuit hash, circuits index. ARGV: name. Returns {name, old state} or {}.
 local old = reset(KEYS[1], KEYS[2], ARGV[1])

@@ -126,6 +126,11 @@ class RedisBreakerStore:
         old, new = CircuitState(_text(before)), CircuitState(_text(after))
         return None if old is new else (old, new)
 
+    def release(self, circuit: str, probe: bool) -> None:
+        """An admitted call ended with no outcome: give back its probe slot, count nothing."""
+        if probe:
+            self._run("release", self._circuit_keys(circuit), [])
+
     def reset(self, circuit: str | None = None) -> list[tuple[str, CircuitState, CircuitState]]:
         """Close one known circuit (every circuit when ``None``); returns the transitions made."""
         if circuit is None:

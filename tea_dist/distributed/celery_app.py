@@ -42,7 +42,7 @@ class PromptRefill(bootsteps.StartStopStep):  # type: ignore[misc]
         signals.task_revoked.connect(refill, weak=False)
 
 
-TASK_NAMES = ("tea_dist.run_flow", "tea_dist.collect_flows")
+TASK_NAMES = ("tea_dist.run_flow", "tea_dist.run_workflow")
 # Celery imports these when a worker starts (``include``), so this module imports no task.
 TASK_MODULES = ["tea_dist.distributed.tasks", "tea_dist.distributed.apps"]
 
@@ -71,7 +71,6 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_default_queue": settings.flows_queue,
         "task_routes": {
             "tea_dist.run_flow": {"queue": settings.flows_queue},
-            "tea_dist.collect_flows": {"queue": settings.flows_queue},
             "tea_dist.run_workflow": {"queue": settings.runs_queue},
         },
         "worker_hijack_root_logger": False,

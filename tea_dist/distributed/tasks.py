@@ -1,80 +1,160 @@
-"""The Celery tasks a flow worker runs: ``tea_dist.run_flow`` and ``tea_dist.collect_flows``.
+"""The Celery task a flow worker runs: ``tea_dist.run_flow``, one attempt of one branch.
 
-``run_flow`` runs one attempt of one branch through the same attempt runner as every local
-strategy, records the outcome on the branch's circuit, publishes lifecycle events to the run's
-Redis stream, and then either re-publishes itself with the retry policy's countdown (the slot
-is free while it waits) or returns the final ``ParallelFlowResult`` as JSON. A failure is
-returned, never raised, so the chord always completes; an attempt killed at its hard time
-limit is reported by the worker's main process at once (``on_failure``).
+The task drives the branch's ``Lifecycle`` (the same one every strategy uses) over the
+``AttemptState`` the message carries: a retry asks its circuit again, the attempt runs through
+the one attempt runner, the circuit records it, and the policy decides. Every lifecycle event
+becomes a ``BranchEvent`` on the run's Redis stream (``StreamPublisher``, a listener of the
+worker's dispatcher beside the logging one); the final result is one more event. A retry is
+re-published with the policy's countdown (the slot is free while it waits). The task stores no
+result in Celery's backend: the stream is the one channel.
+
+An attempt killed at its hard time limit (or failing outside the attempt runner) is reported
+by the worker's main process (``FlowTask.on_failure``) through the same lifecycle.
 
 Redis I/O is batched: one pipeline before the attempt, one after. While a branch runs, the
 process's one ``Beater`` thread keeps its heartbeat key alive for the driver and listens for a
-cancel request, which it turns into Celery's soft-time-limit exception so the slot is freed
-at once.
+stop request (cancel, or the branch's ``timeout_total``), which it turns into Celery's
+soft-time-limit exception so the slot is freed at once.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery import Task
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery import Task, signals
 
-from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import GraphError
-from tea_dist.core.results import ParallelFlowResult
+from tea_dist.core.graph import GraphSpec
+from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.distributed.breaker_redis import RedisBreakerStore
 from tea_dist.distributed.celery_app import app, current_settings
 from tea_dist.distributed.connections import redis_for
 from tea_dist.distributed.keys import Keys
+from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
 from tea_dist.distributed.wire import decode_branch
-from tea_dist.engine.attempt import (
-    AttemptOutcome,
-    BranchLedger,
-    BranchTask,
-    ErrorInfo,
-    Finish,
-    after_attempt,
-    circuit_open_result,
-    failed_result,
-    run_attempt,
-    timeout_outcome,
-    worker_id,
-)
+from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
+from tea_dist.engine.lifecycle import SYSTEM_CLOCK, BranchRun, Lifecycle, total_deadline
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
+from tea_dist.observe.events import Dispatcher, FlowContext
+from tea_dist.policies.breaker import Admission
 
-Event = tuple[str, dict[str, Any]]
-
-
-def publish(pipe: Any, payload: dict[str, Any], events: list[Event]) -> None:
-    """Queue this branch's lifecycle ``events`` on the run's stream in ``pipe``."""
-    settings = current_settings()
-    stream = Keys(settings.key_prefix).events(payload["run"])
-    for event, data in events:
-        fields: dict[Any, Any] = {
-            "event": event,
-            "fanout": payload["fanout"],
-            "index": payload["index"],
-            "branch": payload["branch"],
-            "attempt": payload["ledger"]["attempts"] + 1,
-            "worker": worker_id(),
-            "data": json.dumps(data, default=str),
-        }
-        pipe.xadd(stream, fields, maxlen=100_000, approximate=True)
-    pipe.expire(stream, int(settings.run_expires))
+# -- events: the worker's listener that publishes them ---------------------------------------
 
 
-# -- heartbeats and cancel requests: one thread per worker process --
+class StreamPublisher:
+    """Collects a branch's lifecycle events as ``BranchEvent``s for the run's stream."""
+
+    def __init__(self, message: BranchMessage, run: BranchRun, task_id: str) -> None:
+        self.message, self.run, self.task_id = message, run, task_id
+        self.events: list[BranchEvent] = []
+
+    def _add(self, event: str, **fields: Any) -> None:
+        self.events.append(
+            BranchEvent(
+                event=event,  # type: ignore[arg-type]
+                fanout=self.message.fanout,
+                index=self.message.index,
+                branch=self.message.branch,
+                task_id=self.task_id,
+                worker=worker_id(),
+                attempt=self.run.state.model_copy(deep=True),
+                **fields,
+            )
+        )
+
+    def on_flow_start(self, ctx: FlowContext) -> None:
+        self._add("on_flow_start")
+
+    def on_attempt_start(self, ctx: FlowContext) -> None:
+        self._add("on_attempt_start")
+
+    def on_flow_error(self, ctx: FlowContext, error: BaseException, attempt: int) -> None:
+        self._add("on_flow_error", error=ErrorRecord.of(error))
+
+    def on_flow_timeout(self, ctx: FlowContext, seconds: float | None) -> None:
+        self._add("on_flow_timeout", seconds=seconds)
+
+    def on_flow_retry(
+        self, ctx: FlowContext, attempt: int, delay: float, error: BaseException | None
+    ) -> None:
+        self._add("on_flow_retry", delay=delay, error=ErrorRecord.of(error))
+
+    def on_circuit_state_change(
+        self, ctx: FlowContext, old: CircuitState, new: CircuitState
+    ) -> None:
+        self._add("on_circuit_state_change", transition=(old, new))
+
+    def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
+        self._add("on_flow_complete", result=result)
+
+    def flush(self, pipe: Any, keys: Keys, run_id: str, expires: int) -> None:
+        """Queue the collected events on the run's stream in ``pipe``."""
+        stream = keys.events(run_id)
+        for event in self.events:
+            pipe.xadd(stream, {"e": event.model_dump_json()}, maxlen=100_000, approximate=True)
+        pipe.expire(stream, expires)
+        self.events.clear()
+
+
+@dataclass
+class WorkerBranch:
+    """One branch message's lifecycle on this worker, and where its events go."""
+
+    message: BranchMessage
+    life: Lifecycle
+    run: BranchRun
+    publisher: StreamPublisher
+    keys: Keys
+    client: Any
+
+    @classmethod
+    def of(cls, message: BranchMessage, task_id: str) -> WorkerBranch:
+        settings = current_settings()
+        client = redis_for(settings.redis)
+        keys = Keys(settings.key_prefix)
+        dispatcher = Dispatcher()
+        runtime = Runtime(
+            graph_name=message.graph_name,
+            dispatcher=dispatcher,
+            shared_breakers=RedisBreakerStore(client, keys),
+            run_id=message.run,
+        )
+        spec = GraphSpec(message.graph_name, {}, {}, {}, {}, message.branch)  # decoded later
+        task = BranchTask(spec, message.branch, message.fan_in, message.state, message.run_config)
+        run = BranchRun(
+            index=message.index,
+            task=task,
+            config=message.config,
+            ctx=replace(runtime.context(task, message.config), circuit=message.circuit),
+            state=message.attempt.model_copy(deep=True),
+            deadline=total_deadline(message.config, message.attempt.dispatched_at, SYSTEM_CLOCK),
+        )
+        publisher = StreamPublisher(message, run, task_id)
+        dispatcher.listeners.append(publisher)
+        return cls(message, Lifecycle([run], runtime), run, publisher, keys, client)
+
+    def send(self, pipe: Any | None = None) -> None:
+        """Publish the collected events (in ``pipe``, or in a pipeline of its own)."""
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
+        expires = int(current_settings().run_expires)
+        self.publisher.flush(pipe, self.keys, self.message.run, expires)
+        pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
+        if own:
+            pipe.execute()
+
+
+# -- heartbeats and stop requests: one thread per worker process ------------------------------
 
 
 @dataclass
@@ -82,14 +162,14 @@ class Watch:
     """The branch running in this process, as the beater sees it."""
 
     heartbeat: str
-    target: str  # "fanout:index", what a cancel request for this branch names
+    target: str  # "fanout:index", what a stop request for this branch names
     token: CancelToken = field(default_factory=CancelToken)
-    cancelled: bool = False
+    stopped: str = ""  # why the driver stopped it: "cancel" or "timeout"
 
 
 class Beater:
     """One thread per worker process: keeps the running branch's heartbeat alive and takes
-    cancel requests from the process's inbox (the driver knows which process runs a branch
+    stop requests from the process's inbox (the driver knows which process runs a branch
     from its events), so nothing is set up or torn down per branch."""
 
     def __init__(self) -> None:
@@ -119,19 +199,21 @@ class Beater:
             try:
                 popped = client.blpop([inbox], timeout=settings.heartbeat_seconds)
                 watch = self.current
-                if popped and watch is not None and _text(popped[1]) == watch.target:
-                    self._interrupt(watch)
+                if popped and watch is not None:
+                    target, _, reason = _text(popped[1]).rpartition(":")
+                    if target == watch.target:
+                        self._interrupt(watch, reason)
                 elif watch is not None:
                     client.set(watch.heartbeat, worker_id(), px=ttl)
             except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
                 time.sleep(settings.heartbeat_seconds)
 
-    def _interrupt(self, watch: Watch) -> None:
+    def _interrupt(self, watch: Watch, reason: str) -> None:
         """Cancel cooperatively, then raise the soft-time-limit exception in the task."""
         with self.lock:
             if self.current is not watch:
                 return
-            watch.cancelled = True
+            watch.stopped = reason or "cancel"
             watch.token.cancel()
             handler = signal.getsignal(signal.SIGUSR1)
             if callable(handler):  # a prefork child: Celery's soft-limit handler is installed
@@ -141,40 +223,52 @@ class Beater:
 BEATER = Beater()
 
 
-# -- the tasks --
+# -- the task -------------------------------------------------------------------------------
 
 
 class FlowTask(Task):  # type: ignore[misc]
-    """``run_flow``'s task class: reports an attempt killed at its hard time limit."""
+    """``run_flow``'s task class: an attempt that ended outside the attempt runner (killed at
+    its hard time limit, or a failure of tea_dist itself) ends through the lifecycle here, in
+    the worker's main process."""
 
     def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        if not isinstance(exc, TimeLimitExceeded) or not args:
-            return
-        payload = args[0]
-        config = ParallelConfig.model_validate(payload["config"])
-        ledger = _ledger(payload, config)
-        ledger.attempts += 1
-        ledger.note_failure(ErrorInfo.timed_out(config.timeout_seconds))
-        message = f"attempt timed out after {config.timeout_seconds:g}s; its process was killed"
-        result = failed_result(
-            payload["branch"],
-            "TimeoutError",
-            message,
-            ledger=ledger,
-            timeout=True,
-            worker=worker_id(),
-        )
-        _finish(payload, result, [("on_flow_timeout", {"seconds": config.timeout_seconds})])
+        if not args or not isinstance(args[0], BranchMessage) or isinstance(exc, WorkerLostError):
+            return  # a lost child's message is delivered again (reject_on_worker_lost)
+        branch = WorkerBranch.of(args[0], task_id)
+        config = branch.message.config
+        if isinstance(exc, TimeLimitExceeded):
+            limit = config.timeout_seconds or 0.0
+            message = f"attempt timed out after {limit:g}s; its process was killed"
+            error = replace(ErrorInfo.timed_out(limit), message=message)
+        else:
+            error = ErrorInfo.from_exception(exc)
+        branch.run.admission = Admission(True, branch.message.probe, CircuitState.CLOSED)
+        branch.life.begin(branch.run)
+        now = time.time()
+        outcome = AttemptOutcome(False, None, now, now, error=error, worker=worker_id())
+        delay = branch.life.end(branch.run, outcome)
+        branch.send()
+        if delay is not None:  # retried like any other attempt, from this process
+            retry = branch.message.retried(branch.run.state)
+            self.apply_async((retry,), task_id=task_id, countdown=delay, **message_options(retry))
 
 
-def _ledger(payload: dict[str, Any], config: ParallelConfig) -> BranchLedger:
-    """The branch's ledger as carried in the message, on this process's monotonic clock."""
-    dispatched = time.monotonic() - (time.time() - payload["dispatched"])
-    ledger = BranchLedger(payload["branch"], config, dispatched)
-    ledger.attempts = payload["ledger"]["attempts"]
-    ledger.errors = list(payload["ledger"]["errors"])
-    ledger.first_start = payload["ledger"]["first_start"]
-    return ledger
+def message_options(message: BranchMessage) -> dict[str, Any]:
+    """Celery options of a branch message: queue, time limits, what Flower shows."""
+    settings = current_settings()
+    config = message.config
+    options: dict[str, Any] = {
+        "queue": config.queue or settings.flows_queue,
+        "argsrepr": message.describe(),
+        "kwargsrepr": "{}",
+        "ignore_result": True,
+    }
+    if config.timeout_seconds is not None:
+        options["soft_time_limit"] = config.timeout_seconds
+        options["time_limit"] = config.timeout_seconds + settings.hard_limit_grace
+    if config.timeout_total is not None:
+        options["expires"] = message.attempt.dispatched_at + config.timeout_total
+    return options
 
 
 @app.task(
@@ -183,146 +277,94 @@ def _ledger(payload: dict[str, Any], config: ParallelConfig) -> BranchLedger:
     name="tea_dist.run_flow",
     acks_late=True,
     reject_on_worker_lost=True,
+    ignore_result=True,
     max_retries=None,  # the branch's RetryPolicy decides, not Celery's default of 3
 )
-def run_flow(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one attempt of one branch; return its final result as JSON, or retry."""
-    started = time.time()
-    settings = current_settings()
-    client = redis_for(settings.redis)
-    keys = Keys(settings.key_prefix)
-    config = ParallelConfig.model_validate(payload["config"])
-    ledger = _ledger(payload, config)
-    breaker, circuit = config.circuit_breaker, payload.get("circuit")
-    store = RedisBreakerStore(client, keys) if breaker and circuit else None
-    probe = bool(payload.get("probe"))
-    events: list[Event] = []
-    if store and breaker and circuit and ledger.attempts > 0:  # a retry asks its circuit again
-        admission = store.acquire(circuit, breaker)
-        events += _transition(admission.transition)
-        if not admission.allowed:
-            result = circuit_open_result(payload["branch"], circuit, ledger)
-            return _finish(payload, result, events)
-        probe = admission.probe
+def run_flow(self: Any, message: BranchMessage) -> None:
+    """Run one attempt of one branch; its events and result go to the run's stream."""
+    branch = WorkerBranch.of(message, self.request.id)
+    life, run = branch.life, branch.run
+    if message.attempt.attempts and not life.admit(run):  # a retry asks its circuit again
+        branch.send()
+        return
+    if not message.attempt.attempts:  # the driver admitted the first attempt
+        run.admission = Admission(True, message.probe, CircuitState.CLOSED)
     watch = Watch(
-        keys.heartbeat(payload["fanout"], payload["index"]),
-        f"{payload['fanout']}:{payload['index']}",
+        branch.keys.heartbeat(message.fanout, message.index), f"{message.fanout}:{message.index}"
     )
-    pipe = client.pipeline(transaction=False)
-    pipe.exists(keys.fanout_finished(payload["fanout"]))
+    settings = current_settings()
+    life.begin(run, worker=worker_id())
+    pipe = branch.client.pipeline(transaction=False)
+    pipe.exists(branch.keys.fanout_finished(message.fanout))
     pipe.set(watch.heartbeat, worker_id(), px=int(settings.heartbeat_ttl * 1000))
-    # every attempt tells the driver which process runs it (cancel requests go there)
-    started_event = "on_flow_start" if ledger.attempts == 0 else "attempt_start"
-    publish(pipe, payload, [*events, (started_event, {})])
-    if pipe.execute()[0]:
-        return _finish(payload, _abandoned(payload), [])
-    outcome = _attempt(payload, config, watch, started)
-    events = []
-    if store and breaker and circuit:
-        events += _transition(store.record(circuit, breaker, outcome.ok, probe))
-        ledger.circuit_state = store.snapshot(circuit).state
-    if outcome.error is not None:
-        if outcome.error.timeout:
-            events.append(("on_flow_timeout", {"seconds": config.timeout_seconds}))
-        else:
-            events.append(("on_flow_error", {"error": _error_dict(outcome.error)}))
-    decision = after_attempt(ledger, outcome, time.monotonic())
-    if isinstance(decision, Finish):
-        return _finish(payload, decision.result, events)
-    retry = {"delay": decision.delay, "error": _error_dict(outcome.error)}
-    pipe = client.pipeline(transaction=False)
-    publish(pipe, payload, [*events, ("on_flow_retry", retry)])
-    _end_watch(pipe, payload)
+    branch.publisher.flush(pipe, branch.keys, message.run, int(settings.run_expires))
+    if pipe.execute()[0]:  # a late delivery: the fan-out is over
+        life.end(run, _ended(ErrorInfo.cancelled("the run had already finished; branch not run")))
+        branch.send()
+        return
+    delay = life.end(run, _attempt(message, run, watch))
+    if delay is None:
+        branch.send()
+        return
+    pipe = branch.client.pipeline(transaction=False)
+    branch.send(pipe)
     pipe.execute()
-    retry_payload = {
-        **payload,
-        "probe": False,
-        "ledger": {
-            "attempts": ledger.attempts,
-            "errors": ledger.errors,
-            "first_start": ledger.first_start,
-        },
-    }
-    raise self.retry(args=(retry_payload,), countdown=decision.delay)
+    retry = message.retried(run.state)
+    raise self.retry(args=(retry,), countdown=delay, argsrepr=retry.describe())
 
 
-def _attempt(
-    payload: dict[str, Any], config: ParallelConfig, watch: Watch, started: float
-) -> AttemptOutcome:
-    """Run the attempt while the beater watches it; soft limits become timeouts or cancels.
-
-    ``started`` is when the task began: Celery's time limits count from then too.
-    """
+def _attempt(message: BranchMessage, run: BranchRun, watch: Watch) -> AttemptOutcome:
+    """Run the attempt while the beater watches it; soft limits become timeouts or cancels."""
+    started = time.time()
     try:
         with BEATER.watching(watch):
-            spec = decode_branch(payload["graph"], payload["branch"])
+            spec = decode_branch(message.graph, message.branch)
             task = BranchTask(
                 spec=spec,
-                branch=payload["branch"],
-                fan_in=payload["fan_in"],
-                state=payload["state"],
-                run_config=payload.get("run_config") or {},
-                include_traceback=config.include_traceback,
-                index=payload["index"],
+                branch=message.branch,
+                fan_in=message.fan_in,
+                state=message.state,
+                run_config=message.run_config,
+                include_traceback=message.config.include_traceback,
+                index=message.index,
             )
             outcome = run_attempt(task, Runtime(graph_name=spec.name).fanout, watch.token)
     except GraphError as exc:
-        error = ErrorInfo.from_exception(exc, node=payload["branch"])
-        return AttemptOutcome(False, None, started, time.time(), error=error, worker=worker_id())
+        return _ended(ErrorInfo.from_exception(exc, node=message.branch), started)
     except SoftTimeLimitExceeded:  # raised between nodes, outside the attempt runner
-        error = ErrorInfo("SoftTimeLimitExceeded", "")
-        outcome = AttemptOutcome(False, None, started, time.time(), error=error)
+        outcome = _ended(ErrorInfo("SoftTimeLimitExceeded", ""), started)
     if outcome.error is not None and outcome.error.type_name == "SoftTimeLimitExceeded":
-        if watch.cancelled:
-            error = ErrorInfo("CancelledError", "cancelled by the caller")
-            return AttemptOutcome(
-                False, None, started, time.time(), error=error, worker=worker_id()
-            )
-        outcome = timeout_outcome(started, config.timeout_seconds)
-        outcome.worker = worker_id()
+        config = message.config
+        if watch.stopped == "cancel":
+            return _ended(ErrorInfo.cancelled("cancelled by the caller"), started)
+        if watch.stopped == "timeout":
+            return _ended(ErrorInfo.timed_out(config.timeout_total, "branch"), started)
+        return _ended(ErrorInfo.timed_out(config.timeout_seconds), started)
     return outcome
 
 
-def _finish(
-    payload: dict[str, Any], result: ParallelFlowResult, events: list[Event]
-) -> dict[str, Any]:
-    """Publish the final result (after ``events``) and drop the heartbeat, in one round trip."""
-    data = result.to_dict()
-    settings = current_settings()
-    pipe = redis_for(settings.redis).pipeline(transaction=False)
-    publish(pipe, payload, [*events, ("on_flow_complete", {"result": data})])
-    _end_watch(pipe, payload)
-    pipe.execute()
-    return data
+@signals.task_revoked.connect
+def _revoked(sender: Any = None, request: Any = None, **info: Any) -> None:
+    """A branch task revoked or expired before it ended (an operator, Flower, ``expires``): its
+    driver hears of it at once, as a cancelled attempt, instead of waiting for nothing."""
+    args = getattr(request, "args", None) or ()
+    if getattr(sender, "name", None) != run_flow.name or not args:
+        return
+    message = args[0]
+    if not isinstance(message, BranchMessage):
+        return
+    branch = WorkerBranch.of(message, request.id)
+    reason = "expired" if info.get("expired") else "revoked"
+    branch.life.end(
+        branch.run, _ended(ErrorInfo.cancelled(f"the branch task was {reason} before it finished"))
+    )
+    branch.send()
 
 
-def _end_watch(pipe: Any, payload: dict[str, Any]) -> None:
-    """Queue in ``pipe``: drop the branch's heartbeat."""
-    pipe.delete(Keys(current_settings().key_prefix).heartbeat(payload["fanout"], payload["index"]))
-
-
-def _abandoned(payload: dict[str, Any]) -> ParallelFlowResult:
-    message = "the run had already finished; branch not run"
-    return failed_result(payload["branch"], "CancelledError", message)
+def _ended(error: ErrorInfo, started: float | None = None) -> AttemptOutcome:
+    now = time.time()
+    return AttemptOutcome(False, None, started or now, now, error=error, worker=worker_id())
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _transition(transition: tuple[Any, Any] | None) -> list[Event]:
-    if not transition:
-        return []
-    return [("on_circuit_state_change", {"old": str(transition[0]), "new": str(transition[1])})]
-
-
-def _error_dict(error: ErrorInfo | None) -> dict[str, Any]:
-    if error is None:
-        return {}
-    return {"type": error.type_name, "message": error.message, "timeout": error.timeout}
-
-
-@app.task(name="tea_dist.collect_flows")
-def collect_flows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chord body: the branch results, in header (declaration) order."""
-    return results

@@ -1,10 +1,9 @@
-"""The one branch-attempt runner, and the pure decisions taken after each attempt.
+"""The one branch-attempt runner: what an attempt is, wherever it runs.
 
 Every strategy runs a branch attempt the same way (``run_attempt`` / ``arun_attempt``: walk
 from the branch's first node to its fan-in on a private copy of the state, catching the
-failure as data) and decides what follows the same way (``after_attempt``: retry with a
-delay, or finish with a ``ParallelFlowResult``). Strategies differ only in where the attempt
-runs and how it is stopped.
+failure as data, an ``ErrorInfo``). What follows an attempt is decided in
+``tea_dist.engine.lifecycle``.
 """
 
 from __future__ import annotations
@@ -18,10 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tea_dist.core.config import ParallelConfig, exception_names
+from tea_dist.core.config import exception_names
 from tea_dist.core.errors import BranchTimeoutError, CircuitOpenError
 from tea_dist.core.graph import GraphSpec
-from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.walk import Cursor, FanOutRunner, awalk, walk
 
@@ -36,6 +34,7 @@ class ErrorInfo:
     traceback: str | None = None
     timeout: bool = False
     node: str = ""
+    seconds: float | None = None  # the limit that a timeout passed
 
     @classmethod
     def from_exception(
@@ -61,7 +60,23 @@ class ErrorInfo:
             message=f"{what} timed out{limit}",
             names=exception_names(BranchTimeoutError),
             timeout=True,
+            seconds=seconds,
         )
+
+    @classmethod
+    def circuit_open(cls, circuit: str) -> ErrorInfo:
+        """A branch refused by its open circuit (nothing ran)."""
+        return cls(CircuitOpenError.__name__, f"circuit '{circuit}' is open")
+
+    @classmethod
+    def cancelled(cls, reason: str) -> ErrorInfo:
+        """An attempt stopped by the caller, a sibling's failure or the end of the run."""
+        return cls("CancelledError", reason)
+
+    @classmethod
+    def lost(cls, reason: str) -> ErrorInfo:
+        """An attempt that ended without a word (its process died, its task vanished)."""
+        return cls("WorkerLostError", reason)
 
     def as_exception(self) -> BaseException:
         """An exception to hand to callbacks when the original is not at hand."""
@@ -170,160 +185,3 @@ def _failed(task: BranchTask, exc: Exception, cursor: Cursor, started: float) ->
     return AttemptOutcome(
         False, None, started, time.time(), error=error, exception=exc, worker=worker_id()
     )
-
-
-# -- after an attempt: the pure decisions shared by every strategy --
-
-
-@dataclass
-class BranchLedger:
-    """A branch's history across attempts: what policies and results are computed from."""
-
-    branch: str
-    config: ParallelConfig
-    dispatched: float  # monotonic clock at dispatch, for timeout_total
-    first_start: float | None = None  # epoch seconds of the first attempt's start
-    attempts: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    circuit_state: CircuitState | None = None
-
-    def deadline(self) -> float | None:
-        """Monotonic time by which the whole branch must be done (``timeout_total``)."""
-        total = self.config.timeout_total
-        return None if total is None else self.dispatched + total
-
-    def attempt_deadline(self, started: float) -> float | None:
-        """Monotonic time by which an attempt started at ``started`` must end."""
-        limits = [d for d in (self.deadline(),) if d is not None]
-        if self.config.timeout_seconds is not None:
-            limits.append(started + self.config.timeout_seconds)
-        return min(limits) if limits else None
-
-    def note_failure(self, error: ErrorInfo) -> None:
-        keep = self.config.retry().max_stored_errors
-        self.errors.append(error.as_record(self.attempts))
-        if len(self.errors) > keep:
-            del self.errors[: len(self.errors) - keep]
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Decision: run another attempt after ``delay`` seconds."""
-
-    delay: float
-
-
-@dataclass(frozen=True)
-class Finish:
-    """Decision: the branch is done with ``result``."""
-
-    result: ParallelFlowResult
-
-
-def after_attempt(ledger: BranchLedger, outcome: AttemptOutcome, now: float) -> Retry | Finish:
-    """Retry or finish after an attempt, given the branch's ledger; ``now`` is monotonic."""
-    ledger.attempts += 1
-    if ledger.first_start is None:
-        ledger.first_start = outcome.started
-    if outcome.ok:
-        return Finish(_result(ledger, outcome, None))
-    error = outcome.error or ErrorInfo("Error", "unknown failure")
-    ledger.note_failure(error)
-    policy = ledger.config.retry()
-    retry_number = ledger.attempts - 1
-    if retry_number < policy.max_retries and policy.matches(error.names, error.timeout):
-        delay = policy.delay_for(retry_number)
-        deadline = ledger.deadline()
-        if deadline is None or now + delay < deadline:
-            return Retry(delay)
-    return Finish(_result(ledger, outcome, error))
-
-
-def _result(
-    ledger: BranchLedger, outcome: AttemptOutcome, error: ErrorInfo | None
-) -> ParallelFlowResult:
-    start = ledger.first_start or outcome.started
-    return ParallelFlowResult(
-        branch=ledger.branch,
-        success=error is None,
-        state=outcome.state,
-        error=error.message if error else None,
-        error_type=error.type_name if error else None,
-        traceback=error.traceback if error and ledger.config.include_traceback else None,
-        timeout=bool(error and error.timeout),
-        timing_ms=(outcome.ended - start) * 1000.0,
-        start_time=start,
-        end_time=outcome.ended,
-        retry_count=max(ledger.attempts - 1, 0),
-        circuit_state=ledger.circuit_state,
-        attempt_errors=list(ledger.errors) if error else [],
-        worker=outcome.worker or None,
-    )
-
-
-def timeout_outcome(started: float, seconds: float | None, what: str = "attempt") -> AttemptOutcome:
-    """The outcome of an attempt that was stopped by its timeout."""
-    return AttemptOutcome(
-        False, None, started, time.time(), error=ErrorInfo.timed_out(seconds, what)
-    )
-
-
-def failed_result(
-    branch: str,
-    error_type: str,
-    error: str,
-    *,
-    ledger: BranchLedger | None = None,
-    start: float | None = None,
-    timeout: bool = False,
-    circuit_state: CircuitState | None = None,
-    worker: str | None = None,
-) -> ParallelFlowResult:
-    """A failed result built without an attempt outcome (refused, cancelled, lost, killed).
-
-    Timing runs from ``start`` (else the ledger's first attempt, else now) to now; retries and
-    attempt errors come from the ledger when there is one.
-    """
-    now = time.time()
-    start = start or (ledger.first_start if ledger is not None else None) or now
-    return ParallelFlowResult(
-        branch=branch,
-        success=False,
-        error=error,
-        error_type=error_type,
-        timeout=timeout,
-        timing_ms=(now - start) * 1000.0,
-        start_time=start,
-        end_time=now,
-        retry_count=max(ledger.attempts - 1, 0) if ledger is not None else 0,
-        circuit_state=circuit_state,
-        attempt_errors=list(ledger.errors) if ledger is not None else [],
-        worker=worker,
-    )
-
-
-def circuit_open_result(
-    branch: str, circuit: str, ledger: BranchLedger | None = None
-) -> ParallelFlowResult:
-    """The result of a branch refused by an open circuit (nothing was run).
-
-    With a ledger of earlier attempts (a refused retry), their errors and count are kept.
-    """
-    result = failed_result(
-        branch,
-        CircuitOpenError.__name__,
-        f"circuit '{circuit}' is open",
-        circuit_state=CircuitState.OPEN,
-    )
-    if ledger is None or not ledger.attempts:
-        return result
-    return result.model_copy(
-        update={"attempt_errors": list(ledger.errors), "retry_count": ledger.attempts}
-    )
-
-
-def cancelled_result(
-    branch: str, reason: str, ledger: BranchLedger | None = None
-) -> ParallelFlowResult:
-    """The result of a branch stopped because a sibling failed (``fail_fast``) or the run ended."""
-    return failed_result(branch, "CancelledError", reason, ledger=ledger)

@@ -21,7 +21,7 @@ from typing import Any
 from tea_dist.core.errors import BranchError, NodeError, TeaDistError
 from tea_dist.core.graph import END, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.core.strategies import check_strategy, get_executor
+from tea_dist.core.strategies import SharesBreakers, check_strategy, get_executor
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
 from tea_dist.engine.walk import Cursor, walk
@@ -57,7 +57,7 @@ class CompiledGraph:
                 get_executor(strategy).check(spec, fan)
         # an executor whose branches run elsewhere names the store they share (celery: Redis)
         self._store_owner = next(
-            (e for s in sorted(strategies) if hasattr(e := get_executor(s), "shared_breakers")),
+            (e for s in sorted(strategies) if isinstance(e := get_executor(s), SharesBreakers)),
             None,
         )
         if self._store_owner is not None and breaker_store is not None:

@@ -22,7 +22,9 @@ from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import get_executor
 from tea_dist.engine.attempt import BranchTask
+from tea_dist.engine.lifecycle import stops_siblings
 from tea_dist.engine.nodes import CancelToken
+from tea_dist.observe import logs as _logs  # noqa: F401 - installs the logging listener
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStore
 
@@ -109,6 +111,14 @@ class Runtime:
             return transition[1]
         return store.snapshot(name).state
 
+    def release(
+        self, ctx: FlowContext, config: ParallelConfig, admission: Admission | None
+    ) -> None:
+        """An admitted attempt ended with no outcome (cancelled): free its probe slot."""
+        if config.circuit_breaker is None or ctx.circuit is None or admission is None:
+            return
+        self.breakers(config).release(ctx.circuit, admission.probe)
+
     def close(self) -> None:
         """End of the run: callbacks catch up, per-invocation circuits in a shared store go."""
         self.dispatcher.close()
@@ -165,7 +175,7 @@ def _raise_for_fail_fast(
 ) -> None:
     """Under ``fail_fast``, the first failed branch ends the run."""
     for result, config in zip(results, configs, strict=True):
-        if config.fail_fast and not result.success and result.error_type != "CancelledError":
+        if stops_siblings(config, result):
             cls = {"TimeoutError": BranchTimeoutError, "CircuitOpenError": CircuitOpenError}.get(
                 result.error_type or "", BranchError
             )

@@ -1,11 +1,20 @@
 """Lifecycle events: the ``ParallelFlowCallback`` protocol and the one dispatcher.
 
-Executors never call callbacks: they ``emit`` events on a ``Dispatcher``, which logs each
-event once and hands it to every listener on that listener's own lane (a serial queue and
-thread). So callbacks see events in order, a slow or hanging callback delays only itself
-(after ``timeout`` seconds its lane is abandoned and a new one carries on), and an exception
-in a callback is logged and swallowed. ``flush()`` waits until every lane has caught up;
-``invoke()`` calls it before yielding its final event.
+Nothing calls a callback directly: the branch lifecycle ``emit``s events on a ``Dispatcher``,
+which hands each one to two kinds of listener (dramatiq's middleware is the model):
+
+- *listeners*, tea_dist's own (logging, and whatever ``add_listener`` installs: tracing,
+  metrics, the worker's event publisher), called in the emitting thread, in order; an
+  exception in one is logged and swallowed;
+- *callbacks*, the user's ``ParallelFlowCallback`` objects, each on its own lane (a serial
+  queue and thread). So callbacks see events in order, a slow or hanging callback delays only
+  itself (after ``timeout`` seconds its lane is abandoned and a new one carries on), and an
+  exception in a callback is logged and swallowed. ``flush()`` waits until every lane has
+  caught up; ``invoke()`` calls it before yielding its final event.
+
+A listener implements the ``on_*`` methods it cares about; besides the callback events there
+are ``on_attempt_start`` (every attempt, with the worker that runs it), ``on_fanout_start`` and
+``on_fanout_end`` (a fan-out's branches are dispatched / all resolved).
 """
 
 from __future__ import annotations
@@ -14,14 +23,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 
-logger = logging.getLogger("tea_dist.observe.events")
+logger = logging.getLogger("tea_dist.events")
 
 EVENTS = (
     "on_flow_start",
@@ -150,16 +159,39 @@ class _Lane:
             self._start()
 
 
-class Dispatcher:
-    """Fires lifecycle events at listeners, isolated from the run and from each other."""
+_default_listeners: list[Callable[[], Any]] = []
 
-    def __init__(self, listeners: Iterable[Any] = (), timeout: float = 5.0) -> None:
+
+def add_listener(factory: Callable[[], Any]) -> None:
+    """Give every new ``Dispatcher`` a listener made by ``factory`` (tracing, metrics, ...)."""
+    if factory not in _default_listeners:
+        _default_listeners.append(factory)
+
+
+class Dispatcher:
+    """Fires lifecycle events at listeners and callbacks, isolated from the run."""
+
+    def __init__(
+        self,
+        callbacks: Iterable[Any] = (),
+        timeout: float = 5.0,
+        listeners: Iterable[Any] | None = None,
+    ) -> None:
         self.timeout = timeout
-        self._lanes = [_Lane(listener) for listener in listeners]
+        self.listeners = (
+            [factory() for factory in _default_listeners] if listeners is None else list(listeners)
+        )
+        self._lanes = [_Lane(callback) for callback in callbacks]
 
     def emit(self, event: str, *args: Any) -> None:
-        """Log ``event`` and queue it for every listener that implements it."""
-        _log(event, args)
+        """Call ``event`` on every listener, and queue it for every callback implementing it."""
+        for listener in self.listeners:
+            method = getattr(listener, event, None)
+            if method is not None:
+                try:
+                    method(*args)
+                except Exception:
+                    logger.exception("listener %r failed on %s", listener, event)
         for lane in self._lanes:
             if lane.hung(self.timeout):
                 lane.abandon()
@@ -191,55 +223,3 @@ class Dispatcher:
         self.flush(timeout)
         for lane in self._lanes:
             lane.stop()
-
-
-def _log(event: str, args: tuple[Any, ...]) -> None:
-    """The logging listener: one record per lifecycle event, naming its run and branch.
-
-    Records carry ``event``, ``run_id``, ``branch``, ``attempt`` and ``circuit`` as
-    attributes, for handlers and formatters that correlate a run's events.
-    """
-    if not args or not isinstance(args[0], FlowContext):
-        return
-    ctx: FlowContext = args[0]
-    extra = {
-        "event": event,
-        "run_id": ctx.run_id,
-        "branch": ctx.branch,
-        "attempt": ctx.attempt,
-        "circuit": ctx.circuit,
-    }
-    where = f"run {ctx.run_id} branch {ctx.branch}" if ctx.run_id else f"branch {ctx.branch}"
-    if event == "on_flow_retry":
-        attempt, delay, error = args[1], args[2], args[3]
-        logger.warning(
-            "%s: attempt %d failed (%s: %s); retry %d in %.3fs",
-            where,
-            attempt,
-            _error_name(error),
-            error,
-            attempt,
-            delay,
-            extra=extra,
-        )
-    elif event == "on_flow_error":
-        error = args[1]
-        logger.info(
-            "%s: attempt %d failed (%s: %s)", where, args[2], _error_name(error), error, extra=extra
-        )
-    elif event == "on_flow_timeout":
-        logger.warning("%s: timed out after %ss", where, args[1], extra=extra)
-    elif event == "on_circuit_state_change":
-        by = f" ({where})" if ctx.branch else ""  # a reset names no branch
-        logger.warning("circuit %s%s: %s -> %s", ctx.circuit, by, args[1], args[2], extra=extra)
-    elif event == "on_flow_complete":
-        result = args[1]
-        outcome = "succeeded" if result.success else f"failed ({result.error_type})"
-        logger.debug("%s: %s in %.1f ms", where, outcome, result.timing_ms, extra=extra)
-    else:
-        logger.debug("%s: %s", where, event, extra=extra)
-
-
-def _error_name(error: BaseException) -> str:
-    """The user-facing type name: the original one for errors carried across processes."""
-    return getattr(error, "error_type", None) or type(error).__name__

@@ -139,6 +139,16 @@ def on_record(
     return snap
 
 
+def on_release(snap: CircuitSnapshot, probe: bool) -> CircuitSnapshot:
+    """The circuit after an admitted call ended with no outcome (cancelled, never ran).
+
+    Neither a success nor a failure: only a half-open probe's slot is given back.
+    """
+    if snap.state is CircuitState.HALF_OPEN and probe and snap.probes_in_flight > 0:
+        return replace(snap, probes_in_flight=snap.probes_in_flight - 1)
+    return snap
+
+
 def transition_between(before: CircuitSnapshot, after: CircuitSnapshot) -> Transition | None:
     """``(old, new)`` when the state changed, else ``None``."""
     return None if before.state is after.state else (before.state, after.state)
@@ -156,6 +166,10 @@ class BreakerStore(Protocol):
         self, circuit: str, cfg: CircuitBreakerConfig, success: bool, probe: bool
     ) -> Transition | None:
         """Record the outcome of an admitted call; returns the transition it caused, if any."""
+        ...
+
+    def release(self, circuit: str, probe: bool) -> None:
+        """An admitted call ended with no outcome (cancelled): free its probe slot."""
         ...
 
     def reset(self, circuit: str | None = None) -> list[tuple[str, CircuitState, CircuitState]]:
@@ -207,6 +221,13 @@ class MemoryBreakerStore:
             after = on_record(before, cfg, success, probe, self._clock())
             self._circuits[circuit] = after
             return transition_between(before, after)
+
+    def release(self, circuit: str, probe: bool) -> None:
+        """An admitted call ended with no outcome: give back its probe slot, count nothing."""
+        with self._lock:
+            before = self._circuits.get(circuit)
+            if before is not None:
+                self._circuits[circuit] = on_release(before, probe)
 
     def reset(self, circuit: str | None = None) -> list[tuple[str, CircuitState, CircuitState]]:
         """Close one known circuit (every circuit when ``None``); returns the transitions made."""

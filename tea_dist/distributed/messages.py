@@ -1,0 +1,129 @@
+"""The messages between caller and workers: pydantic models, JSON on the wire.
+
+- ``BranchMessage``: what the driver sends a flow worker to run one branch (the argument of
+  ``tea_dist.run_flow``). Code is named, never carried (``graph``, see ``wire``).
+- ``BranchEvent``: what a worker publishes on the run's Redis stream as a branch lives: every
+  lifecycle event, each with the branch's ``AttemptState``; ``on_flow_complete`` carries the
+  branch's one result. The stream is the only channel results take to the driver.
+
+Both are registered with kombu's JSON (``register_type``), so they cross Celery as themselves
+with no hand-written conversion on either side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from kombu.utils.json import register_type
+from pydantic import BaseModel, ConfigDict
+
+from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import BranchTimeoutError, RemoteError
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.engine.attempt import ErrorInfo
+from tea_dist.engine.lifecycle import AttemptState
+from tea_dist.observe.events import FlowContext
+
+EventName = Literal[
+    "on_flow_start",
+    "on_attempt_start",
+    "on_flow_error",
+    "on_flow_timeout",
+    "on_flow_retry",
+    "on_circuit_state_change",
+    "on_flow_complete",
+]
+
+
+class ErrorRecord(BaseModel):
+    """An error as it crosses processes: its type name and message, never the exception."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str
+    message: str
+    timeout: bool = False
+
+    @classmethod
+    def of(cls, error: BaseException | None) -> ErrorRecord | None:
+        if error is None:
+            return None
+        name = getattr(error, "error_type", None) or type(error).__name__
+        return cls(type=name, message=str(error), timeout=isinstance(error, BranchTimeoutError))
+
+    def as_exception(self) -> BaseException:
+        """The exception handed to the caller's callbacks."""
+        cls = BranchTimeoutError if self.timeout else RemoteError
+        return cls(self.message, error_type=self.type)
+
+
+class BranchMessage(BaseModel):
+    """One attempt of one branch, as a flow worker receives it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run: str
+    graph_name: str
+    fanout: str
+    index: int
+    branch: str
+    fan_in: str
+    graph: dict[str, Any]
+    state: dict[str, Any]
+    run_config: dict[str, Any]
+    config: ParallelConfig
+    circuit: str | None = None
+    probe: bool = False  # this attempt holds a half-open probe slot of its circuit
+    attempt: AttemptState
+
+    def retried(self, attempt: AttemptState) -> BranchMessage:
+        """The message of the next attempt (it asks its circuit again: no probe yet)."""
+        return self.model_copy(update={"attempt": attempt, "probe": False})
+
+    def describe(self) -> str:
+        """What Flower and logs show of this message: names, never state."""
+        return f"(run={self.run[:8]}, graph={self.graph_name}, branch={self.branch})"
+
+
+class BranchEvent(BaseModel):
+    """One lifecycle event of a branch, published by the worker that runs it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event: EventName
+    fanout: str
+    index: int
+    branch: str
+    task_id: str  # the Celery task that ran it: a result from a superseded task is ignored
+    worker: str
+    attempt: AttemptState
+    error: ErrorRecord | None = None
+    delay: float | None = None
+    seconds: float | None = None
+    transition: tuple[CircuitState, CircuitState] | None = None
+    result: ParallelFlowResult | None = None
+
+    def callback_args(self, ctx: FlowContext) -> tuple[Any, ...]:
+        """The arguments a ``ParallelFlowCallback`` method takes for this event."""
+        error = self.error.as_exception() if self.error else None
+        attempts = self.attempt.attempts
+        if self.event == "on_flow_error":
+            return (ctx, error, attempts)
+        if self.event == "on_flow_timeout":
+            return (ctx, self.seconds)
+        if self.event == "on_flow_retry":
+            return (ctx, attempts, self.delay, error)
+        if self.event == "on_circuit_state_change" and self.transition:
+            return (ctx, *self.transition)
+        if self.event == "on_flow_complete":
+            return (ctx, self.result)
+        return (ctx,)
+
+
+def error_info(record: ErrorRecord) -> ErrorInfo:
+    """The lifecycle's form of a carried error."""
+    return ErrorInfo(record.type, record.message, (record.type,), timeout=record.timeout)
+
+
+for _model, _marker in ((BranchMessage, "tea_dist.branch"), (BranchEvent, "tea_dist.event")):
+    register_type(_model, _marker, lambda m: m.model_dump(mode="json"), _model.model_validate)

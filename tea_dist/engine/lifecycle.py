@@ -1,0 +1,346 @@
+"""The one branch lifecycle: admission, attempts, retries, deadlines, fail-fast, one result.
+
+Every strategy lives a branch the same way; they differ only in where an attempt runs and how
+it is stopped. The local supervisor, the celery driver and the celery worker task all drive a
+``Lifecycle``:
+
+- ``admit``: before an attempt takes a slot, its deadline and its circuit are asked (an open
+  circuit resolves the branch with a circuit-open result; nothing runs);
+- ``begin``: an attempt starts, its clock and per-attempt deadline with it;
+- ``end``: an attempt ended; the circuit records it, listeners hear of it, and the branch's
+  ``RetryPolicy`` decides (``retry_delay``) between a retry after a delay and a final result;
+- ``time_out`` / ``cancel_all``: an attempt is stopped by its deadline, a sibling's failure
+  (``fail_fast``) or the end of the run;
+- ``resolve``: the branch's one result (later ones, e.g. from a redelivered task, are ignored).
+
+``AttemptState`` is the branch's history across attempts (tenacity's ``RetryCallState``): it
+crosses to workers inside the branch message and comes back inside every worker event. Every
+result, failed or not, is built by ``build_result``. Durations use the monotonic clock; epoch
+seconds only where another process shares the value (``dispatched_at``, result timestamps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tea_dist.core.config import ParallelConfig, RetryPolicy
+from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
+from tea_dist.observe.events import FlowContext
+from tea_dist.policies.breaker import Admission
+
+if TYPE_CHECKING:
+    from tea_dist.engine.runtime import Runtime
+
+
+class Clock(Protocol):
+    """Monotonic seconds for durations and epoch seconds for shared timestamps."""
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+
+class SystemClock:
+    """The real clocks."""
+
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+class AttemptState(BaseModel):
+    """A branch's history across attempts, handed to policies, results and workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    branch: str
+    dispatched_at: float  # epoch seconds: timeout_total runs from here, in every process
+    attempts: int = 0  # attempts started so far; the running one is number ``attempts``
+    first_start: float | None = None  # epoch seconds
+    errors: list[dict[str, Any]] = Field(default_factory=list)  # newest max_stored_errors
+    circuit_state: CircuitState | None = None
+
+    @property
+    def retry_count(self) -> int:
+        """Attempts after the first."""
+        return max(self.attempts - 1, 0)
+
+    def note(self, error: ErrorInfo, keep: int) -> None:
+        """Add the running attempt's error to the stored ones (at most ``keep``)."""
+        self.errors.append(error.as_record(self.attempts))
+        del self.errors[: max(len(self.errors) - keep, 0)]
+
+
+def retry_delay(
+    policy: RetryPolicy, state: AttemptState, error: ErrorInfo, deadline: float | None, now: float
+) -> float | None:
+    """Seconds until the next attempt, or None when the branch is done.
+
+    The policy decides whether the error is retried; a retry that would start past the
+    branch's ``deadline`` (monotonic, ``now`` too) is not made.
+    """
+    retry = state.attempts - 1
+    if not policy.should_retry(error.names, retry, timeout=error.timeout):
+        return None
+    delay = policy.delay_for(retry)
+    if deadline is not None and now + delay >= deadline:
+        return None
+    return delay
+
+
+def stops_siblings(config: ParallelConfig, result: ParallelFlowResult) -> bool:
+    """The fail-fast rule: a branch's own failure (not its cancellation) ends the fan-out."""
+    return config.fail_fast and not result.success and result.error_type != "CancelledError"
+
+
+def build_result(
+    state: AttemptState,
+    config: ParallelConfig,
+    *,
+    error: ErrorInfo | None = None,
+    outcome: AttemptOutcome | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> ParallelFlowResult:
+    """A branch's result: from its last attempt's ``outcome`` and/or a final ``error``.
+
+    Every kind of failed result (error, timeout, circuit open, cancelled, lost) is made here.
+    """
+    ended = outcome.ended if outcome is not None else clock.time()
+    start = state.first_start or (outcome.started if outcome is not None else ended)
+    failed = error is not None
+    return ParallelFlowResult(
+        branch=state.branch,
+        success=not failed,
+        state=None if failed or outcome is None else outcome.state,
+        error=error.message if error else None,
+        error_type=error.type_name if error else None,
+        traceback=error.traceback if error and config.include_traceback else None,
+        timeout=bool(error and error.timeout),
+        timing_ms=max(ended - start, 0.0) * 1000.0,
+        start_time=start,
+        end_time=ended,
+        retry_count=state.retry_count,
+        circuit_state=state.circuit_state,
+        attempt_errors=list(state.errors) if failed else [],
+        worker=(outcome.worker if outcome is not None else None) or None,
+    )
+
+
+def total_deadline(config: ParallelConfig, dispatched_at: float, clock: Clock) -> float | None:
+    """The monotonic time by which the whole branch must be done (``timeout_total``)."""
+    if config.timeout_total is None:
+        return None
+    return clock.monotonic() + (dispatched_at + config.timeout_total - clock.time())
+
+
+@dataclass(eq=False)
+class BranchRun:
+    """One branch of a fan-out as its lifecycle sees it; ``handle`` is the executor's own."""
+
+    index: int
+    task: BranchTask
+    config: ParallelConfig
+    ctx: FlowContext
+    state: AttemptState
+    deadline: float | None  # monotonic, timeout_total
+    admission: Admission | None = None
+    started: float | None = None  # monotonic start of the running attempt (None: not running)
+    attempt_deadline: float | None = None
+    result: ParallelFlowResult | None = None
+    handle: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @property
+    def running(self) -> bool:
+        return self.started is not None and self.result is None
+
+    def context(self, **changes: Any) -> FlowContext:
+        """The callback context of the current attempt."""
+        attempt = max(self.state.attempts, 1)
+        if attempt == self.ctx.attempt and not changes:
+            return self.ctx
+        return replace(self.ctx, attempt=attempt, **changes)
+
+
+def _ignore(run: BranchRun) -> None:
+    """The default ``stop``: nothing runs that could be stopped."""
+
+
+class Lifecycle:
+    """Every branch of one fan-out, from admission to its one result.
+
+    ``stop(run)`` is the executor's way of stopping whatever it holds for a branch that the
+    lifecycle ends early (cancel a token, kill a process, revoke a task); a branch waiting for a
+    slot or a retry may hold nothing.
+    """
+
+    def __init__(
+        self,
+        runs: Sequence[BranchRun],
+        runtime: Runtime,
+        *,
+        stop: Callable[[BranchRun], None] = _ignore,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.runs = list(runs)
+        self.runtime = runtime
+        self.stop = stop
+        self.clock = clock
+        self.pending = sum(1 for r in self.runs if not r.done)
+
+    @classmethod
+    def for_fanout(
+        cls,
+        tasks: Sequence[BranchTask],
+        configs: Sequence[ParallelConfig],
+        runtime: Runtime,
+        *,
+        stop: Callable[[BranchRun], None] = _ignore,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> Lifecycle:
+        """A lifecycle for branches dispatched now."""
+        now = clock.time()
+        runs = [
+            BranchRun(
+                index=i,
+                task=task,
+                config=config,
+                ctx=runtime.context(task, config),
+                state=AttemptState(branch=task.branch, dispatched_at=now),
+                deadline=total_deadline(config, now, clock),
+            )
+            for i, (task, config) in enumerate(zip(tasks, configs, strict=True))
+        ]
+        return cls(runs, runtime, stop=stop, clock=clock)
+
+    def results(self) -> list[ParallelFlowResult]:
+        """One result per resolved branch, in declaration order."""
+        return [r.result for r in self.runs if r.result is not None]
+
+    # -- an attempt's life --
+
+    def admit(self, run: BranchRun) -> bool:
+        """May an attempt of ``run`` start now? If not, the branch is resolved (or retried)."""
+        if run.deadline is not None and self.clock.monotonic() >= run.deadline:
+            self.time_out(run)
+            return False
+        ctx = run.context()
+        admission = self.runtime.admit(ctx, run.config)
+        if admission is not None and not admission.allowed:
+            circuit = ErrorInfo.circuit_open(ctx.circuit or "")
+            run.state.circuit_state = CircuitState.OPEN
+            self.resolve(run, build_result(run.state, run.config, error=circuit, clock=self.clock))
+            return False
+        run.admission = admission
+        return True
+
+    def begin(self, run: BranchRun, worker: str | None = None) -> None:
+        """An attempt of ``run`` starts now (``worker``: where, when not this process)."""
+        state = run.state
+        state.attempts += 1
+        run.started = self.clock.monotonic()
+        state.first_start = state.first_start or self.clock.time()
+        limits = [d for d in (run.deadline,) if d is not None]
+        if run.config.timeout_seconds is not None:
+            limits.append(run.started + run.config.timeout_seconds)
+        run.attempt_deadline = min(limits) if limits else None
+        ctx = run.context(worker=worker) if worker else run.context()
+        if state.attempts == 1:
+            self.runtime.emit("on_flow_start", ctx)
+        self.runtime.emit("on_attempt_start", ctx)
+
+    def end(self, run: BranchRun, outcome: AttemptOutcome) -> float | None:
+        """An attempt of ``run`` ended: record, tell, decide. Returns the retry delay, or None."""
+        if run.done:
+            return None
+        run.started = None
+        ctx = run.context(worker=outcome.worker) if outcome.worker else run.context()
+        error = outcome.error
+        if error is not None and error.type_name == "CancelledError":
+            self._release(run)
+            self.resolve(run, build_result(run.state, run.config, error=error, outcome=outcome))
+            return None
+        self._record(run, ctx, outcome.ok)
+        if error is None:
+            self.resolve(run, build_result(run.state, run.config, outcome=outcome))
+            return None
+        run.state.note(error, run.config.retry().max_stored_errors)
+        exception = outcome.exception or error.as_exception()
+        if error.timeout:
+            self.runtime.emit("on_flow_timeout", ctx, error.seconds)
+        else:
+            self.runtime.emit("on_flow_error", ctx, exception, run.state.attempts)
+        now = self.clock.monotonic()
+        delay = retry_delay(run.config.retry(), run.state, error, run.deadline, now)
+        if delay is None:
+            self.resolve(run, build_result(run.state, run.config, error=error, outcome=outcome))
+            return None
+        self.runtime.emit("on_flow_retry", ctx, run.state.attempts, delay, exception)
+        return delay
+
+    def time_out(self, run: BranchRun) -> float | None:
+        """``run`` passed a deadline: stop its attempt and end it as a timeout.
+
+        A branch still waiting (for a slot or a retry) when ``timeout_total`` passes ends
+        without a new attempt. Returns the retry delay, or None.
+        """
+        now = self.clock.monotonic()
+        total = run.deadline is not None and now >= run.deadline
+        config = run.config
+        seconds = config.timeout_total if total else config.timeout_seconds
+        error = ErrorInfo.timed_out(seconds, "branch" if total else "attempt")
+        self.stop(run)
+        if run.running:
+            started = self.clock.time() - (now - (run.started or now))
+            return self.end(run, AttemptOutcome(False, None, started, self.clock.time(), error))
+        run.state.note(error, config.retry().max_stored_errors)
+        self.runtime.emit("on_flow_timeout", run.context(), seconds)
+        self._release(run)
+        self.resolve(run, build_result(run.state, config, error=error, clock=self.clock))
+        return None
+
+    def resolve(self, run: BranchRun, result: ParallelFlowResult) -> None:
+        """Keep the branch's first result; under ``fail_fast`` its failure stops the others."""
+        if run.done:
+            return
+        run.result, run.started = result, None
+        self.pending -= 1
+        self.runtime.emit("on_flow_complete", run.context(), result)
+        if stops_siblings(run.config, result):
+            self.cancel_all(f"cancelled: fail_fast after branch '{result.branch}' failed")
+
+    def cancel_all(self, reason: str) -> None:
+        """Stop every running attempt and resolve every open branch as cancelled.
+
+        A cancelled attempt is neither a success nor a failure of its circuit.
+        """
+        for run in self.runs:
+            if run.done:
+                continue
+            self.stop(run)
+            self._release(run)
+            error = ErrorInfo.cancelled(reason)
+            self.resolve(run, build_result(run.state, run.config, error=error, clock=self.clock))
+
+    # -- circuits --
+
+    def _record(self, run: BranchRun, ctx: FlowContext, success: bool) -> None:
+        admission, run.admission = run.admission, None
+        state = self.runtime.record(ctx, run.config, success, admission)
+        if state is not None:
+            run.state.circuit_state = state
+
+    def _release(self, run: BranchRun) -> None:
+        admission, run.admission = run.admission, None
+        self.runtime.release(run.context(), run.config, admission)
