@@ -68,3 +68,12 @@ def mark_and_fail(state: dict[str, Any], config: dict[str, Any], node: str) -> d
     path = Path(config["marker_dir"], f"{node}.count")
     path.write_text(str(int(path.read_text()) + 1 if path.exists() else 1))
     raise RuntimeError("always fails")
+
+
+def start_sleep_done(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Marks its start, sleeps ``config['sleep'][node]`` seconds, then marks it is done (the
+    side effect that must not happen once its run was cancelled)."""
+    Path(config["marker_dir"], f"{node}.start").write_text(str(os.getpid()))
+    time.sleep(float(config.get("sleep", {}).get(node, 4.0)))
+    Path(config["marker_dir"], f"{node}.done").write_text(str(os.getpid()))
+    return {f"done_{node}": True}

@@ -61,6 +61,15 @@ async def async_sleep(state: dict[str, Any], node: str) -> dict[str, Any]:
     return {f"done_{node}": True}
 
 
+async def async_sleep_then_mark(
+    state: dict[str, Any], config: dict[str, Any], node: str
+) -> dict[str, Any]:
+    """Sleeps ``config['sleep']`` seconds on the loop, then leaves a marker (a side effect)."""
+    await asyncio.sleep(float(config.get("sleep", 1.0)))
+    (Path(config["marker_dir"]) / f"{node}.done").write_text("done")
+    return {f"done_{node}": True}
+
+
 def fail(state: dict[str, Any]) -> dict[str, Any]:
     raise ValueError("boom")
 

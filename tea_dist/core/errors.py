@@ -13,6 +13,8 @@
     │   └── RemoteError          an error from another process, as type name and message
     ├── MergeError               a fan-in merge helper cannot merge the results
     ├── NodeError                a node raised outside any parallel branch
+    ├── BrokerError              the broker or Redis cannot be reached, refused, or stayed away
+    ├── NoWorkerError            branches were sent to a queue no live worker consumes
     ├── RunCancelledError        a submitted workflow run was cancelled
     └── RunFailedError           a submitted workflow run failed
 
@@ -80,6 +82,15 @@ class MergeError(TeaDistError):
 
 class NodeError(TeaDistError):
     """Raised when a node fails outside any parallel branch (with ``raise_exceptions``)."""
+
+
+class BrokerError(TeaDistError):
+    """Raised when the broker or Redis (named by its redacted URL) cannot be reached or refuses
+    when a run starts, or stays away longer than ``TEA_DIST_BROKER_GRACE`` during a run."""
+
+
+class NoWorkerError(TeaDistError):
+    """Raised when a branch waits on a queue that no live worker consumes (the queue named)."""
 
 
 class RunCancelledError(TeaDistError):

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 
+from tea_dist.distributed.presence import Presence
 from tea_dist.distributed.settings import Settings, get_settings
 
 REFILL_DELAYS = (0.15, 0.3, 0.6)  # billiard sends TERM, waits 0.1 s, then KILL
@@ -84,6 +85,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     celery = Celery("tea_dist", set_as_current=False, include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
     celery.steps["worker"].add(PromptRefill)
+    celery.steps["consumer"].add(Presence)
     celery.tea_settings = settings  # type: ignore[attr-defined]
     return celery
 
@@ -93,12 +95,23 @@ _explicit = "broker_url" in get_settings().model_fields_set
 
 
 def configure(settings: Settings) -> Celery:
-    """Point the process-wide app at ``settings`` (before any task is sent)."""
+    """Point the process-wide app at ``settings`` (pooled broker connections are dropped)."""
     global _explicit
     _explicit = True
+    _drop_broker_connections()
     app.conf.update(celery_config(settings))
     app.tea_settings = settings  # type: ignore[attr-defined]
     return app
+
+
+def _drop_broker_connections() -> None:
+    """Celery keeps the broker connection and producer pools it looked up; a new broker URL
+    needs its own (kombu keeps one pool per URL; Celery resets these two attributes after a
+    fork the same way)."""
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 def explicitly_configured() -> bool:

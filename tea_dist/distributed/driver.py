@@ -13,18 +13,29 @@ starting, is sent again.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tea_dist.core.config import ParallelConfig
-from tea_dist.core.errors import ConfigError, GraphError, SerializationError
+from tea_dist.core.errors import (
+    BrokerError,
+    ConfigError,
+    GraphError,
+    NoWorkerError,
+    SerializationError,
+)
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
+from tea_dist.distributed.connections import check_reachable, ride_out
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
+from tea_dist.distributed.presence import live_consumers
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
 from tea_dist.engine.attempt import BranchTask, ErrorInfo
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result
@@ -33,7 +44,12 @@ from tea_dist.policies.breaker import BreakerStore
 if TYPE_CHECKING:
     from tea_dist.engine.runtime import Runtime
 
+T = TypeVar("T")
+
 MAX_REDISPATCH = 3
+NO_WORKER_SECONDS = 5.0  # branches on a queue no live worker consumes end the run after this
+
+logger = logging.getLogger("tea_dist.driver")
 
 
 class CeleryExecutor:
@@ -70,8 +86,14 @@ class CeleryExecutor:
         try:
             driver.dispatch()
             driver.wait()
-        finally:
+        except BrokerError:  # Redis is gone: its branches stop once their caller's lease lapses
+            raise
+        except BaseException:  # the caller went away (Ctrl-C, an exception): stop everything
+            driver.life.cancel_all("cancelled: the caller went away")
+            driver.kill_stragglers()
             driver.cleanup()
+            raise
+        driver.cleanup()
         return driver.life.results()
 
 
@@ -80,6 +102,7 @@ class _Remote:
     """What the driver knows of a branch sent to a worker (its ``BranchRun.handle``)."""
 
     message: BranchMessage
+    queue: str
     task_id: str = ""
     worker: str | None = None  # host/pid running its attempt, where a stop request goes
     silent_since: float | None = None  # monotonic: heartbeat missing since
@@ -105,6 +128,12 @@ class _Driver:
         self.fanout_id = uuid.uuid4().hex
         self.life = Lifecycle.for_fanout(tasks, configs, runtime, stop=self._stop)
         self.graphs: dict[str, dict[str, Any]] = {}
+        self.lease = self.keys.run_lease(runtime.run_id)
+        self.unconsumed: dict[str, float] = {}  # queue -> monotonic time it was seen unconsumed
+
+    def _redis(self, operation: Callable[[], T]) -> T:
+        """A Redis operation that rides out an outage shorter than ``TEA_DIST_BROKER_GRACE``."""
+        return ride_out(operation, self.settings.redis, self.settings.broker_grace)
 
     # -- before anything is sent --
 
@@ -140,6 +169,10 @@ class _Driver:
     # -- sending --
 
     def dispatch(self) -> None:
+        check_reachable(self.settings.redis)
+        if self.settings.broker != self.settings.redis:
+            check_reachable(self.settings.broker, "the broker")
+        self._renew_lease()
         for run in self.life.runs:
             if not self.life.admit(run):  # an open circuit: resolved, nothing sent
                 continue
@@ -159,7 +192,7 @@ class _Driver:
                 probe=bool(admission and admission.probe),
                 attempt=run.state,
             )
-            run.handle = _Remote(message)
+            run.handle = _Remote(message, run.config.queue or self.settings.flows_queue)
             self._send(run)
 
     def _send(self, run: BranchRun) -> None:
@@ -177,7 +210,8 @@ class _Driver:
         stream, last = self.keys.events(self.runtime.run_id), "0-0"
         next_check = time.monotonic() + self.settings.heartbeat_seconds
         while life.pending:
-            reply: Any = self.client.xread({stream: last}, count=1000, block=100)
+            read = partial(self.client.xread, {stream: last}, count=1000, block=100)
+            reply: Any = self._redis(read)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
@@ -185,11 +219,13 @@ class _Driver:
                         self._on_event(BranchEvent.model_validate_json(fields[b"e"]))
             self._expire()
             if cancel.is_cancelled():
-                life.cancel_all("cancelled: the run was cancelled")
+                life.cancel_all(cancel.why("cancelled: the run was cancelled"))
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.heartbeat_seconds
+                self._renew_lease()
                 self._check_lost()
-        self._kill_stragglers()
+                self._check_queues()
+        self.kill_stragglers()
 
     def _on_event(self, event: BranchEvent) -> None:
         if event.fanout != self.fanout_id:
@@ -223,11 +259,8 @@ class _Driver:
         """Branches whose worker is gone: a running one's heartbeat lapsed, or a retry that was
         due a heartbeat period ago never started. One MGET of the heartbeat keys per check."""
         running = [r for r in self.life.runs if r.running and r.handle.worker]
-        beats = (
-            self.client.mget([self.keys.heartbeat(self.fanout_id, r.index) for r in running])
-            if running
-            else []
-        )
+        keys = [self.keys.heartbeat(self.fanout_id, r.index) for r in running]
+        beats = self._redis(partial(self.client.mget, keys)) if running else []
         now, ttl = time.monotonic(), self.settings.heartbeat_ttl
         for run, beat in zip(running, beats, strict=True):
             remote: _Remote = run.handle
@@ -260,24 +293,54 @@ class _Driver:
 
     # -- stopping --
 
+    def _renew_lease(self) -> None:
+        """Tell workers this caller is alive; they stop the run's branches if it goes silent."""
+        ttl = int(self.settings.caller_lease * 1000)
+        self._redis(partial(self.client.set, self.lease, self.fanout_id, px=ttl))
+
+    def _check_queues(self) -> None:
+        """Branches not started yet wait for a worker: fine while one consumes their queue."""
+        waiting: dict[str, list[str]] = {}
+        for run in self.life.runs:
+            remote: _Remote | None = run.handle
+            if run.done or remote is None or run.started is not None or remote.retry_due:
+                continue
+            waiting.setdefault(remote.queue, []).append(run.task.branch)
+        for queue in list(self.unconsumed):
+            if queue not in waiting:
+                del self.unconsumed[queue]
+        for queue, branches in waiting.items():
+            if self._redis(partial(live_consumers, self.client, self.keys, queue)):
+                self.unconsumed.pop(queue, None)
+                continue
+            since = self.unconsumed.setdefault(queue, time.monotonic())
+            if time.monotonic() - since >= NO_WORKER_SECONDS:
+                raise NoWorkerError(
+                    f"no live worker consumes queue '{queue}' (branch "
+                    f"{', '.join(repr(b) for b in branches)} waited {NO_WORKER_SECONDS:g}s): "
+                    f"start one with `tea-dist worker --queues {queue}`"
+                )
+
     def _stop(self, run: BranchRun) -> None:
         """The lifecycle's ``stop``: interrupt a branch cooperatively now; it is killed if still
-        running after a grace period (``_kill_stragglers``)."""
+        running after a grace period (``kill_stragglers``)."""
         remote: _Remote | None = run.handle
         if remote is None or remote.stopping is not None:
             return
-        if remote.worker is not None:  # running: its process's beater interrupts it
-            overdue = run.deadline is not None and time.monotonic() >= run.deadline
-            inbox = self.keys.worker_inbox(remote.worker)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.rpush(inbox, f"{self.fanout_id}:{run.index}:{'timeout' if overdue else 'cancel'}")
-            pipe.expire(inbox, 60)
-            pipe.execute()
-        else:
-            self.app.control.revoke(remote.task_id)  # queued or waiting: workers discard it
         remote.stopping = time.monotonic()
+        with _best_effort(f"stopping branch '{run.task.branch}'"):
+            if remote.worker is not None:  # running: its process's beater interrupts it
+                overdue = run.deadline is not None and time.monotonic() >= run.deadline
+                reason = "timeout" if overdue else "cancel"
+                inbox = self.keys.worker_inbox(remote.worker)
+                pipe = self.client.pipeline(transaction=False)
+                pipe.rpush(inbox, f"{self.fanout_id}:{run.index}:{reason}")
+                pipe.expire(inbox, 60)
+                pipe.execute()
+            else:
+                self.app.control.revoke(remote.task_id)  # queued or waiting: workers discard it
 
-    def _kill_stragglers(self) -> None:
+    def kill_stragglers(self) -> None:
         """Branches that ignored the interrupt are revoked with terminate after the grace."""
         stopping = {
             r.index: r.handle
@@ -286,17 +349,35 @@ class _Driver:
         }
         if not stopping:
             return
-        deadline = max(s.stopping for s in stopping.values()) + self.settings.cancel_grace
-        while stopping and time.monotonic() < deadline:
-            beats = self.client.mget([self.keys.heartbeat(self.fanout_id, i) for i in stopping])
-            stopping = {i: s for (i, s), beat in zip(stopping.items(), beats, strict=True) if beat}
-            if stopping:
-                time.sleep(0.05)
-        ids = [s.task_id for s in stopping.values()]
-        if ids:
-            self.app.control.revoke(ids, terminate=True, signal="SIGKILL")
+        deadline = max(s.stopping or 0.0 for s in stopping.values()) + self.settings.cancel_grace
+        with _best_effort("stopping branches that ignored their interrupt"):
+            while stopping and time.monotonic() < deadline:
+                keys = [self.keys.heartbeat(self.fanout_id, i) for i in stopping]
+                beats = self.client.mget(keys)
+                stopping = {
+                    i: s for (i, s), beat in zip(stopping.items(), beats, strict=True) if beat
+                }
+                if stopping:
+                    time.sleep(0.05)
+            ids = [s.task_id for s in stopping.values()]
+            if ids:
+                self.app.control.revoke(ids, terminate=True, signal="SIGKILL")
 
     def cleanup(self) -> None:
-        """Tell late deliveries that the fan-out is over."""
+        """Tell late deliveries that the fan-out is over; the caller's lease goes."""
         ttl = int(self.settings.run_expires)
-        self.client.set(self.keys.fanout_finished(self.fanout_id), 1, ex=ttl)
+        with _best_effort("ending the fan-out"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self.keys.fanout_finished(self.fanout_id), 1, ex=ttl)
+            pipe.delete(self.lease)
+            pipe.execute()
+
+
+@contextlib.contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    """On the way out (often because Redis or the broker failed), nothing may mask the cause:
+    a failure here is logged, not raised."""
+    try:
+        yield
+    except Exception as exc:
+        logger.warning("%s failed: %s: %s", what, type(exc).__name__, exc)

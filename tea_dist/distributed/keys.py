@@ -75,3 +75,13 @@ class Keys:
     def run_cancelled(self, run_id: str) -> str:
         """Set by ``WorkflowRun.cancel()``; the driver stops the run when it sees it."""
         return f"{self.prefix}:run:{run_id}:cancel"
+
+    def run_lease(self, run_id: str) -> str:
+        """Key: alive while the caller driving a run renews it (workers stop orphans)."""
+        return f"{self.prefix}:run:{run_id}:lease"
+
+    # -- workers --
+
+    def queue_workers(self, queue: str) -> str:
+        """Sorted set: live workers consuming ``queue``, scored by when they stop counting."""
+        return f"{self.prefix}:queue:{queue}:workers"

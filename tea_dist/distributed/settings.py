@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(0.5, gt=0)
     heartbeat_ttl: float = Field(2.0, gt=0)
     cancel_grace: float = Field(0.3, gt=0)
+    broker_grace: float = Field(10.0, gt=0)  # a Redis or broker outage a run rides out
+    caller_lease: float = Field(6.0, gt=0)  # branches of a silent caller stop after this
 
     @model_validator(mode="after")
     def _follow_broker(self) -> Settings:

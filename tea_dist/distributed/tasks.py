@@ -37,7 +37,7 @@ from tea_dist.core.graph import GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.distributed.breaker_redis import RedisBreakerStore
 from tea_dist.distributed.celery_app import app, current_settings
-from tea_dist.distributed.connections import redis_for
+from tea_dist.distributed.connections import redis_for, ride_out
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
 from tea_dist.distributed.wire import decode_branch
@@ -97,13 +97,13 @@ class StreamPublisher:
     def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
         self._add("on_flow_complete", result=result)
 
-    def flush(self, pipe: Any, keys: Keys, run_id: str, expires: int) -> None:
-        """Queue the collected events on the run's stream in ``pipe``."""
+    def queue(self, pipe: Any, keys: Keys, run_id: str, expires: int) -> None:
+        """Queue the collected events on the run's stream in ``pipe`` (``events`` is cleared
+        by the caller once the pipeline went through)."""
         stream = keys.events(run_id)
         for event in self.events:
             pipe.xadd(stream, {"e": event.model_dump_json()}, maxlen=100_000, approximate=True)
         pipe.expire(stream, expires)
-        self.events.clear()
 
 
 @dataclass
@@ -143,15 +143,24 @@ class WorkerBranch:
         dispatcher.listeners.append(publisher)
         return cls(message, Lifecycle([run], runtime), run, publisher, keys, client)
 
-    def send(self, pipe: Any | None = None) -> None:
-        """Publish the collected events (in ``pipe``, or in a pipeline of its own)."""
-        own = pipe is None
-        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        expires = int(current_settings().run_expires)
-        self.publisher.flush(pipe, self.keys, self.message.run, expires)
-        pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
-        if own:
-            pipe.execute()
+    def send(self, *before: tuple[str, tuple[Any, ...]], end: bool = True) -> list[Any]:
+        """Publish the collected events in one pipeline, riding out a Redis outage shorter than
+        ``TEA_DIST_BROKER_GRACE``. ``before``: commands (name, args) to run first, whose
+        replies are returned; ``end``: the attempt is over, drop its heartbeat."""
+        settings = current_settings()
+
+        def once() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for name, args in before:
+                getattr(pipe, name)(*args)
+            self.publisher.queue(pipe, self.keys, self.message.run, int(settings.run_expires))
+            if end:
+                pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
+            return list(pipe.execute())[: len(before)]
+
+        replies = ride_out(once, settings.redis, settings.broker_grace)
+        self.publisher.events.clear()
+        return replies
 
 
 # -- heartbeats and stop requests: one thread per worker process ------------------------------
@@ -163,8 +172,9 @@ class Watch:
 
     heartbeat: str
     target: str  # "fanout:index", what a stop request for this branch names
+    lease: str  # the caller's liveness lease: gone, the branch is orphaned
     token: CancelToken = field(default_factory=CancelToken)
-    stopped: str = ""  # why the driver stopped it: "cancel" or "timeout"
+    stopped: str = ""  # why it was stopped: "cancel" or "timeout" (the driver), "orphaned"
 
 
 class Beater:
@@ -204,7 +214,11 @@ class Beater:
                     if target == watch.target:
                         self._interrupt(watch, reason)
                 elif watch is not None:
-                    client.set(watch.heartbeat, worker_id(), px=ttl)
+                    pipe = client.pipeline(transaction=False)
+                    pipe.set(watch.heartbeat, worker_id(), px=ttl)
+                    pipe.exists(watch.lease)
+                    if not pipe.execute()[1]:  # its caller went silent: stop the orphan
+                        self._interrupt(watch, "orphaned")
             except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
                 time.sleep(settings.heartbeat_seconds)
 
@@ -289,26 +303,29 @@ def run_flow(self: Any, message: BranchMessage) -> None:
         return
     if not message.attempt.attempts:  # the driver admitted the first attempt
         run.admission = Admission(True, message.probe, CircuitState.CLOSED)
+    keys = branch.keys
     watch = Watch(
-        branch.keys.heartbeat(message.fanout, message.index), f"{message.fanout}:{message.index}"
+        keys.heartbeat(message.fanout, message.index),
+        f"{message.fanout}:{message.index}",
+        keys.run_lease(message.run),
     )
-    settings = current_settings()
+    ttl = int(current_settings().heartbeat_ttl * 1000)
     life.begin(run, worker=worker_id())
-    pipe = branch.client.pipeline(transaction=False)
-    pipe.exists(branch.keys.fanout_finished(message.fanout))
-    pipe.set(watch.heartbeat, worker_id(), px=int(settings.heartbeat_ttl * 1000))
-    branch.publisher.flush(pipe, branch.keys, message.run, int(settings.run_expires))
-    if pipe.execute()[0]:  # a late delivery: the fan-out is over
-        life.end(run, _ended(ErrorInfo.cancelled("the run had already finished; branch not run")))
+    finished, _, caller = branch.send(
+        ("exists", (keys.fanout_finished(message.fanout),)),
+        ("set", (watch.heartbeat, worker_id(), None, ttl)),
+        ("exists", (watch.lease,)),
+        end=False,
+    )
+    if finished or not caller:  # a late delivery, or its caller is gone: do not run it
+        why = "the run had already finished" if finished else "its caller went away"
+        life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
         branch.send()
         return
     delay = life.end(run, _attempt(message, run, watch))
+    branch.send()
     if delay is None:
-        branch.send()
         return
-    pipe = branch.client.pipeline(transaction=False)
-    branch.send(pipe)
-    pipe.execute()
     retry = message.retried(run.state)
     raise self.retry(args=(retry,), countdown=delay, argsrepr=retry.describe())
 
@@ -337,6 +354,9 @@ def _attempt(message: BranchMessage, run: BranchRun, watch: Watch) -> AttemptOut
         config = message.config
         if watch.stopped == "cancel":
             return _ended(ErrorInfo.cancelled("cancelled by the caller"), started)
+        if watch.stopped == "orphaned":
+            why = "cancelled: its caller went away (liveness lease lapsed)"
+            return _ended(ErrorInfo.cancelled(why), started)
         if watch.stopped == "timeout":
             return _ended(ErrorInfo.timed_out(config.timeout_total, "branch"), started)
         return _ended(ErrorInfo.timed_out(config.timeout_seconds), started)

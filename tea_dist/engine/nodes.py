@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -19,28 +20,52 @@ INJECTABLE = ("state", "config", "node", "parallel_results", "cancel_token")
 
 
 class CancelToken:
-    """Cooperative cancellation for a branch: set on timeout or fail-fast.
+    """Cooperative cancellation for a branch or a run: set on timeout, fail-fast or cancel.
 
     Long-running nodes that name ``cancel_token`` should check ``is_cancelled()`` (or use
-    ``wait(seconds)`` instead of ``time.sleep``) and return early.
+    ``wait(seconds)`` instead of ``time.sleep``) and return early. A token made with a
+    ``parent`` is cancelled when its parent is; ``reason`` says why.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_parent", "reason")
 
-    def __init__(self) -> None:
+    def __init__(self, parent: CancelToken | None = None) -> None:
         self._event = threading.Event()
+        self._parent = parent
+        self.reason = ""
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "") -> None:
         """Signal cancellation."""
+        self.reason = self.reason or reason
         self._event.set()
 
     def is_cancelled(self) -> bool:
-        """Whether cancellation was signalled."""
-        return self._event.is_set()
+        """Whether cancellation was signalled (here or on a parent)."""
+        return self._event.is_set() or (self._parent is not None and self._parent.is_cancelled())
+
+    def why(self, default: str) -> str:
+        """The reason given with the first ``cancel()`` here or above, else ``default``."""
+        token: CancelToken | None = self
+        while token is not None:
+            if token._event.is_set() and token.reason:
+                return token.reason
+            token = token._parent
+        return default
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Sleep up to ``timeout`` seconds, waking early on cancellation; True if cancelled."""
-        return self._event.wait(timeout)
+        """Sleep up to ``timeout`` seconds, waking early on cancellation; True if cancelled.
+
+        A parent's cancellation is noticed within 0.1 s.
+        """
+        if self._parent is None:
+            return self._event.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_cancelled():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self._event.wait(left)
+        return True
 
 
 @lru_cache(maxsize=4096)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 from tea_dist.core.errors import BranchError, NodeError, TeaDistError
 from tea_dist.core.graph import END, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import SharesBreakers, check_strategy, get_executor
+from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
 from tea_dist.engine.walk import Cursor, walk
@@ -115,7 +117,7 @@ class CompiledGraph:
             dispatcher=Dispatcher(self.callbacks, self.callback_timeout),
             shared_breakers=self.breakers,
             run_id=run_id or uuid.uuid4().hex,
-            cancel_token=cancel_token or CancelToken(),
+            cancel_token=CancelToken(parent=cancel_token),  # the run's own, cancelled at its end
         )
         cursor = Cursor()
         final = dict(state)
@@ -129,6 +131,8 @@ class CompiledGraph:
             cancel_token=runtime.cancel_token,
             cursor=cursor,
         )
+        interrupts = ExitStack()
+        interrupts.enter_context(terminating_runs())
         try:
             for step in steps:
                 if step.results:
@@ -148,7 +152,10 @@ class CompiledGraph:
                 ) from exc
             yield _error_event(cursor.node, exc)
             return
-        runtime.close()
+        finally:  # also when the caller abandons or closes the generator, or Ctrl-C
+            interrupts.close()
+            runtime.cancel_token.cancel("cancelled: the caller went away")
+            runtime.close()
         yield {"type": "final", "state": final}
 
     # -- circuits --

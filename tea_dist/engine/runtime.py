@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tea_dist.core.config import ParallelConfig
@@ -40,6 +40,7 @@ class Runtime:
     cancel_token: CancelToken = field(default_factory=CancelToken)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
     _run_circuits: set[str] = field(default_factory=set)
+    _closed: bool = False
 
     # -- events --
 
@@ -120,7 +121,13 @@ class Runtime:
         self.breakers(config).release(ctx.circuit, admission.probe)
 
     def close(self) -> None:
-        """End of the run: callbacks catch up, per-invocation circuits in a shared store go."""
+        """End of the run: callbacks catch up, per-invocation circuits in a shared store go.
+
+        Idempotent: the run's end and its ``finally`` may both call it.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self.dispatcher.close()
         self.shared_breakers.forget(self._run_circuits)
 
@@ -151,12 +158,18 @@ class Runtime:
             groups.setdefault(config.strategy, []).append(i)
         results: list[ParallelFlowResult | None] = [None] * len(tasks)
 
+        # strategy groups run side by side; a fail-fast failure in one stops the others too
+        fan_token = CancelToken(parent=self.cancel_token)
+        runtime = replace(self, cancel_token=fan_token) if len(groups) > 1 else self
+
         def run_group(strategy: str, indices: Sequence[int]) -> None:
             done = get_executor(strategy).execute(
-                [tasks[i] for i in indices], [fan.configs[i] for i in indices], self
+                [tasks[i] for i in indices], [fan.configs[i] for i in indices], runtime
             )
             for i, result in zip(indices, done, strict=True):
                 results[i] = result
+                if stops_siblings(fan.configs[i], result):
+                    fan_token.cancel(f"cancelled: fail_fast after branch '{result.branch}' failed")
 
         if len(groups) == 1:
             ((strategy, indices),) = groups.items()

@@ -72,6 +72,13 @@ class _Supervisor:
         self.running: dict[Future[AttemptOutcome], BranchRun] = {}
 
     def run(self) -> list[ParallelFlowResult]:
+        try:
+            return self._run()
+        except BaseException:  # the caller went away (Ctrl-C, an exception): stop everything
+            self.life.cancel_all("cancelled: the caller went away")
+            raise
+
+    def _run(self) -> list[ParallelFlowResult]:
         life, cancel = self.life, self.runtime.cancel_token
         while life.pending:
             self._start_ready(time.monotonic())
@@ -89,7 +96,7 @@ class _Supervisor:
                     self._retry_later(run, life.end(run, future.result()))
             self._expire(time.monotonic())
             if life.pending and cancel.is_cancelled():
-                life.cancel_all("cancelled: the run was cancelled")
+                life.cancel_all(cancel.why("cancelled: the run was cancelled"))
         return life.results()
 
     # -- scheduling --
