@@ -63,6 +63,13 @@ def _run_in_background(graph: Any, config: dict[str, Any]) -> tuple[threading.Th
     return thread, out
 
 
+def _wait_started(markers: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not all((markers / f"{b}.start").exists() for b in "ab"):
+        assert time.monotonic() < deadline, "the branches did not start"
+        time.sleep(0.05)
+
+
 def _graph() -> Any:
     return fan_graph(
         {"a": cn.start_sleep_done, "b": cn.start_sleep_done},
@@ -76,10 +83,7 @@ def test_i10_redis_blip_shorter_than_the_grace_is_ridden_out(private: Any, tmp_p
     server, _ = private
     config = {"marker_dir": str(tmp_path), "sleep": {"a": 2, "b": 2}}
     thread, out = _run_in_background(_graph(), config)
-    deadline = time.monotonic() + 60
-    while not all((tmp_path / f"{b}.start").exists() for b in "ab"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_started(tmp_path)
     with paused(server, 3.0):
         pass
     thread.join(30)
@@ -98,10 +102,7 @@ def test_i10_redis_outage_past_the_grace_ends_the_run_naming_the_url(
     try:
         config = {"marker_dir": str(tmp_path), "sleep": {"a": 30, "b": 30}}
         thread, out = _run_in_background(_graph(), config)
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"{b}.start").exists() for b in "ab"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_started(tmp_path)
         started = time.monotonic()
         with paused(server, 0):
             thread.join(15)
