@@ -2,11 +2,11 @@
 
 A node receives only the parameters it names, out of ``state``, ``config``, ``node``,
 ``graph`` (the ``GraphSpec`` being run), ``parallel_results`` and ``cancel_token`` (all but
-``graph`` if it takes ``**kwargs``; the state positionally if it names none of them). A fan-in node also
-finds its results in ``state["parallel_results"]``, as in The Edge Agent (only in the state it
-is given: the key is not kept unless the node returns it). A node returns a dict merged into
-the state; ``None`` means no change and any other value is stored under ``"result"``.
-"""
+``graph`` if it takes ``**kwargs``; the state positionally if it names none of them). A fan-in
+node also finds its results in ``state["parallel_results"]``, as in The Edge Agent (only in the
+state it is given: the key is not kept unless the node returns it). A node returns a dict
+merged into the state; ``None`` means no change and any other value is stored under
+``"result"``."""
 
 from __future__ import annotations
 
