@@ -2,7 +2,7 @@
 
     TeaDistError
     ├── GraphError               building or compiling a graph went wrong
-    │   └── YAMLError            a YAML agent file is malformed or invalid
+    │   └── YAMLError            (also a ValueError) a YAML agent file is malformed or invalid
     │       └── UnknownStrategyError   (also a ConfigError) a YAML agent names no known strategy
     ├── ConfigError              (also a ValueError) a strategy, policy or setting is invalid
     ├── SerializationError       a state value cannot cross to another process
@@ -30,8 +30,11 @@ class GraphError(TeaDistError):
     """Raised when a graph is built or compiled wrong: unknown node, no entry point, ..."""
 
 
-class YAMLError(GraphError):
-    """Raised when a YAML agent file cannot be read, parsed or validated."""
+class YAMLError(GraphError, ValueError):
+    """Raised when a YAML agent file cannot be read, parsed or validated.
+
+    Also a ``ValueError``, which is what code written for The Edge Agent catches.
+    """
 
 
 class ConfigError(TeaDistError, ValueError):

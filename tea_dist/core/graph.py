@@ -248,6 +248,14 @@ class StateGraph:
         The builder keeps the graph made last: ``invoke``, ``stream`` and the circuit methods
         of the builder use it (compiling with these arguments again after the builder changed).
         """
+        return self._compile(parallel_config, parallel_callbacks, **options)
+
+    def _compile(
+        self,
+        parallel_config: ParallelConfig | None = None,
+        parallel_callbacks: Iterable[ParallelFlowCallback] | None = None,
+        **options: Any,
+    ) -> CompiledGraph:
         if _compiler is None:
             raise GraphError("no graph engine is loaded: import tea_dist")
         spec = self.to_spec(parallel_config)
@@ -279,7 +287,7 @@ class StateGraph:
             args = dict(self._compile_args)
             if current is not None:
                 args.setdefault("breaker_store", current.breakers)
-            current = self.compile(**args)
+            current = self._compile(**args)
         return current
 
     def invoke(
