@@ -409,6 +409,8 @@ nodes:
     bad = doc.replace("goto: check", "goto: chek")
     with pytest.raises(YAMLError, match=r"nodes\[0\]\.goto: unknown node 'chek'.*'check'"):
         load_yaml_string(bad)
+    with pytest.raises(YAMLError, match=r"nodes\[0\]\.goto: needs a node or at least one rule"):
+        load_yaml_string(doc.replace("goto: check", "goto: []"))
 
 
 def test_yaml_variables_are_shared_by_the_agents_code() -> None:

@@ -483,6 +483,8 @@ def _check_references(doc: AgentDoc, source: _Source) -> None:
             problem = f"node '{node.name}' has both 'goto' and edges leaving it: give one"
             raise source.error(["nodes", index, "goto"], problem)
         rules = [node.goto] if isinstance(node.goto, str) else [r.to for r in node.goto]
+        if not rules:
+            raise source.error(["nodes", index, "goto"], "needs a node or at least one rule")
         for target in rules:
             if target not in nodes and target != END:
                 hint = _did_you_mean(target, [*nodes, END])
