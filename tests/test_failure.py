@@ -50,6 +50,7 @@ def test_td13_int_008_fail_fast_error_ends_the_run(strategy: str, tmp_path: Path
             "branch": "bad",
             "error_type": "ValueError",
             "error": "branch 'bad' failed (ValueError: boom); fail_fast stopped the other branches",
+            "state": {"started": True},
         }
     ]
     # the slow sibling was cancelled, not awaited (celery adds its dispatch round trips)

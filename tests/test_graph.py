@@ -107,7 +107,9 @@ def test_node_error_gives_error_event_naming_node() -> None:
     g.set_entry_point("bad")
     g.set_finish_point("bad")
     events = list(g.compile().invoke({}))
-    assert events == [{"type": "error", "node": "bad", "error": "boom", "error_type": "ValueError"}]
+    assert events == [
+        {"type": "error", "node": "bad", "error": "boom", "error_type": "ValueError", "state": {}}
+    ]
 
 
 def test_raise_exceptions_raises_instead_of_error_event() -> None:

@@ -212,7 +212,11 @@ def test_yaml_unknown_strategy_names_it_and_the_known_ones() -> None:
             "edges[2].to: must be a string or a list, got 3",
         ),
         ("name: b, uses", "name: a, uses", "nodes[2]: node 'a' is already in the graph"),
-        ("  - {from: b, to: merge}\n", "", "branch 'b' cannot reach its fan-in node 'merge'"),
+        (
+            "{from: b, to: merge}",
+            "{from: b, to: __end__}",
+            "branch 'b' cannot reach its fan-in node 'merge'",
+        ),
         (
             "name: fanout\n",
             "name: fanout\nname: again\n",

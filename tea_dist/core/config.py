@@ -88,6 +88,10 @@ class RetryPolicy(_Frozen):
             return delay / 2 + rand() * delay / 2
         return delay
 
+    def get_delay(self, attempt: int) -> float:
+        """The Edge Agent's name for ``delay_for``."""
+        return self.delay_for(attempt)
+
     def matches(self, error_names: Sequence[str], timeout: bool = False) -> bool:
         """Whether an error (given by ``exception_names``) is retryable under this policy."""
         if timeout:

@@ -2,9 +2,9 @@
 
     TeaDistError
     ├── GraphError               building or compiling a graph went wrong
-    │   └── YAMLError            a YAML agent file is malformed or invalid
+    │   └── YAMLError            (also a ValueError) a YAML agent file is malformed or invalid
     │       └── UnknownStrategyError   (also a ConfigError) a YAML agent names no known strategy
-    ├── ConfigError              a strategy, policy or setting is unknown or invalid
+    ├── ConfigError              (also a ValueError) a strategy, policy or setting is invalid
     ├── SerializationError       a state value cannot cross to another process
     │   └── StateTooLargeError   a branch state exceeds the configured size limit
     ├── BranchError              a branch failed (raised only with fail_fast/raise_exceptions)
@@ -12,7 +12,7 @@
     │   ├── CircuitOpenError     a branch was refused by an open circuit
     │   └── RemoteError          an error from another process, as type name and message
     ├── MergeError               a fan-in merge helper cannot merge the results
-    ├── NodeError                a node raised outside any parallel branch
+    ├── NodeError                (also a RuntimeError) a node raised outside any branch
     ├── BrokerError              the broker or Redis cannot be reached, refused, or stayed away
     ├── NoWorkerError            branches were sent to a queue no live worker consumes
     ├── RunCancelledError        a submitted workflow run was cancelled
@@ -32,12 +32,18 @@ class GraphError(TeaDistError):
     """Raised when a graph is built or compiled wrong: unknown node, no entry point, ..."""
 
 
-class YAMLError(GraphError):
-    """Raised when a YAML agent file cannot be read, parsed or validated."""
+class YAMLError(GraphError, ValueError):
+    """Raised when a YAML agent file cannot be read, parsed or validated.
+
+    Also a ``ValueError``, which is what code written for The Edge Agent catches.
+    """
 
 
-class ConfigError(TeaDistError):
-    """Raised when a configuration value is invalid: unknown strategy, bad policy field."""
+class ConfigError(TeaDistError, ValueError):
+    """Raised when a configuration value is invalid: unknown strategy, bad policy field.
+
+    Also a ``ValueError``, which is what code written for The Edge Agent catches.
+    """
 
 
 class UnknownStrategyError(YAMLError, ConfigError):
@@ -45,7 +51,18 @@ class UnknownStrategyError(YAMLError, ConfigError):
 
 
 class SerializationError(TeaDistError):
-    """Raised before dispatch when a state value cannot be serialised for another process."""
+    """Raised before dispatch when a state value cannot be serialised for another process.
+
+    ``key`` names the state key at fault and ``flow_index`` the branch's position in its
+    fan-out, when known.
+    """
+
+    def __init__(
+        self, message: str, *, key: str | None = None, flow_index: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.flow_index = flow_index
 
 
 class StateTooLargeError(SerializationError):
@@ -80,8 +97,11 @@ class MergeError(TeaDistError):
     """Raised by a fan-in merge helper when the results cannot be merged as asked."""
 
 
-class NodeError(TeaDistError):
-    """Raised when a node fails outside any parallel branch (with ``raise_exceptions``)."""
+class NodeError(TeaDistError, RuntimeError):
+    """Raised when a node fails outside any parallel branch (with ``raise_exceptions``).
+
+    Also a ``RuntimeError``, which is what code written for The Edge Agent catches.
+    """
 
 
 class BrokerError(TeaDistError):

@@ -3,20 +3,21 @@
 ``StateGraph`` is the builder users call (names compatible with The Edge Agent). ``compile()``
 validates the topology, naming the culprit of every problem, and freezes it into a
 ``GraphSpec``: plain data that can be pickled to another process. Running a graph is the
-business of ``tea_dist.engine.runner``.
+business of ``tea_dist.engine.runner``; as in The Edge Agent, the builder also runs itself
+(``graph.compile(...); graph.invoke(state)``) through the graph its last ``compile()`` made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tea_dist.core.config import ParallelConfig, resolve_config
 from tea_dist.core.errors import GraphError
 
 if TYPE_CHECKING:
-    from tea_dist.engine.runner import CompiledGraph
+    from tea_dist.engine.runner import CompiledGraph, Event
     from tea_dist.observe.events import ParallelFlowCallback
 
 # What ``compile()`` builds: set by the engine (``tea_dist.engine.runner``), which sits above
@@ -152,6 +153,12 @@ class StateGraph:
     >>> g.set_entry_point("a"); g.set_finish_point("a")
     >>> list(g.compile().invoke({"value": 1}))[-1]["state"]["value"]
     2
+
+    ``failed_branches`` says what a failed (or timed-out, or circuit-refused) branch does:
+    ``"fan_in"`` (the default) hands its result to the fan-in with the others; ``"tea"`` is The
+    Edge Agent's rule: ``invoke()`` ends the run at the first failed branch (an ``error`` event
+    naming it, or ``NodeError`` with ``raise_exceptions``), ``stream()`` reports it as a
+    ``parallel_error`` event and leaves it out of the fan-in's ``parallel_results``.
     """
 
     state_schema: Mapping[str, Any] = field(default_factory=dict)
@@ -160,6 +167,10 @@ class StateGraph:
     parallel_config: ParallelConfig | None = None
     name: str = "graph"
     origin: dict[str, str] | None = None
+    failed_branches: Literal["fan_in", "tea"] = "fan_in"
+    _compiled: CompiledGraph | None = field(default=None, repr=False, compare=False)
+    _compile_args: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _stale: bool = field(default=False, repr=False, compare=False)
     _nodes: dict[str, Node] = field(default_factory=dict, repr=False)
     _edges: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _conditionals: dict[str, Conditional] = field(default_factory=dict, repr=False)
@@ -185,11 +196,13 @@ class StateGraph:
         if node.run is not None and not callable(node.run):
             raise GraphError(f"run of node '{node.name}' is not callable: {node.run!r}")
         self._nodes[node.name] = node
+        self._stale = True
         return self
 
     def add_edge(self, source: str, target: str) -> StateGraph:
         """Add a normal edge ``source -> target``."""
         self._edges.setdefault(source, []).append(target)
+        self._stale = True
         return self
 
     def add_conditional_edges(
@@ -199,6 +212,7 @@ class StateGraph:
         if source in self._conditionals:
             raise GraphError(f"node '{source}' already has conditional edges")
         self._conditionals[source] = Conditional(func, dict(targets))
+        self._stale = True
         return self
 
     def add_parallel_edge(
@@ -206,6 +220,7 @@ class StateGraph:
     ) -> StateGraph:
         """Fan out from ``source`` to a branch starting at ``target``, joining at ``fan_in``."""
         self._parallel.setdefault(source, []).append(ParallelEdge(target, fan_in, config))
+        self._stale = True
         return self
 
     def set_entry_point(self, name: str) -> StateGraph:
@@ -229,16 +244,71 @@ class StateGraph:
         Raises ``GraphError`` naming the culprit: unknown node, no entry point, a branch
         that cannot reach its fan-in, a node with both parallel and normal successors.
         Options: ``callback_timeout`` (seconds, default 5), ``breaker_store``.
+
+        The builder keeps the graph made last: ``invoke``, ``stream`` and the circuit methods
+        of the builder use it (compiling with these arguments again after the builder changed).
         """
+        return self._compile(parallel_config, parallel_callbacks, **options)
+
+    def _compile(
+        self,
+        parallel_config: ParallelConfig | None = None,
+        parallel_callbacks: Iterable[ParallelFlowCallback] | None = None,
+        **options: Any,
+    ) -> CompiledGraph:
         if _compiler is None:
             raise GraphError("no graph engine is loaded: import tea_dist")
         spec = self.to_spec(parallel_config)
-        return _compiler(
+        compiled = _compiler(
             spec,
             raise_exceptions=self.raise_exceptions,
             callbacks=list(parallel_callbacks or []),
+            failed_branches=self.failed_branches,
             **options,
         )
+        self._compile_args = {
+            "parallel_config": parallel_config,
+            "parallel_callbacks": parallel_callbacks,
+            **options,
+        }
+        self._compiled, self._stale = compiled, False
+        return compiled
+
+    # -- running the builder itself, as The Edge Agent does --
+
+    def compiled(self) -> CompiledGraph:
+        """The graph the last ``compile()`` made (compiled with defaults if there was none).
+
+        When the builder changed since, it is compiled again with the same arguments, keeping
+        its circuits.
+        """
+        current = self._compiled
+        if current is None or self._stale:
+            args = dict(self._compile_args)
+            if current is not None:
+                args.setdefault("breaker_store", current.breakers)
+            current = self._compile(**args)
+        return current
+
+    def invoke(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
+    ) -> Iterator[Event]:
+        """``compiled().invoke(...)``: run, yielding the ``final`` (or ``error``) event."""
+        return self.compiled().invoke(state, config, **options)
+
+    def stream(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
+    ) -> Iterator[Event]:
+        """``compiled().stream(...)``: run the graph, yielding an event after every step."""
+        return self.compiled().stream(state, config, **options)
+
+    def reset_circuit(self, name: str | None = None) -> None:
+        """``compiled().reset_circuit(name)``."""
+        self.compiled().reset_circuit(name)
+
+    def get_circuit_states(self) -> Mapping[str, Any]:
+        """``compiled().get_circuit_states()``."""
+        return self.compiled().get_circuit_states()
 
     def to_spec(self, parallel_config: ParallelConfig | None = None) -> GraphSpec:
         """Validate and freeze the topology (see ``compile``)."""

@@ -7,6 +7,7 @@ branch state dict it replaces, so fan-in code written for plain dicts keeps work
 
 from __future__ import annotations
 
+import traceback as tb
 from enum import StrEnum
 from typing import Any
 
@@ -19,6 +20,25 @@ class CircuitState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+RESERVED = frozenset(
+    {
+        "branch",
+        "success",
+        "state",
+        "error",
+        "error_type",
+        "traceback",
+        "timeout",
+        "timing_ms",
+        "retry_count",
+        "circuit_state",
+        "attempt_errors",
+    }
+)
+"""Keys that ``r[key]`` and ``r.get(key)`` read from the result, never from the branch state:
+the field names The Edge Agent's results had."""
 
 
 class ParallelFlowResult(BaseModel):
@@ -51,14 +71,21 @@ class ParallelFlowResult(BaseModel):
     def __getitem__(self, key: str) -> Any:
         if not isinstance(key, str):
             raise KeyError(key)
-        if key in type(self).model_fields:
+        if key in RESERVED:
             return getattr(self, key)
         if self.state is not None and key in self.state:
             return self.state[key]
+        if key in type(self).model_fields:  # start_time, end_time, worker: a state key wins
+            return getattr(self, key)
         raise KeyError(key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        """Like ``dict.get``: a result field, else a key of the branch state, else ``default``."""
+        """Like ``dict.get``: a result field, else a key of the branch state, else ``default``.
+
+        The Edge Agent's field names (``RESERVED``) always mean the field; the fields tea_dist
+        added (``start_time``, ``end_time``, ``worker``) yield to a branch-state key of the
+        same name.
+        """
         try:
             return self[key]
         except KeyError:
@@ -81,3 +108,71 @@ class ParallelFlowResult(BaseModel):
     def from_dict(cls, data: dict[str, Any]) -> ParallelFlowResult:
         """The inverse of ``to_dict``."""
         return cls.model_validate(data)
+
+    # -- builders (The Edge Agent's names) --
+
+    @classmethod
+    def from_success(
+        cls, branch: str, state: dict[str, Any], timing_ms: float = 0.0, **fields: Any
+    ) -> ParallelFlowResult:
+        """A successful branch that ended with ``state``."""
+        return cls(branch=branch, success=True, state=state, timing_ms=timing_ms, **fields)
+
+    @classmethod
+    def from_error(
+        cls,
+        branch: str,
+        exception: BaseException,
+        state: dict[str, Any] | None = None,
+        timing_ms: float = 0.0,
+        include_traceback: bool = False,
+        **fields: Any,
+    ) -> ParallelFlowResult:
+        """A branch that failed with ``exception`` (its traceback only when asked)."""
+        text = None
+        if include_traceback:
+            text = "".join(tb.format_exception(type(exception), exception, exception.__traceback__))
+        return cls(
+            branch=branch,
+            success=False,
+            state=state,
+            error=str(exception),
+            error_type=getattr(exception, "error_type", None) or type(exception).__name__,
+            traceback=text,
+            timing_ms=timing_ms,
+            **fields,
+        )
+
+    @classmethod
+    def from_timeout(
+        cls,
+        branch: str,
+        state: dict[str, Any] | None = None,
+        timing_ms: float = 0.0,
+        timeout_seconds: float | None = None,
+        **fields: Any,
+    ) -> ParallelFlowResult:
+        """A branch stopped by its timeout."""
+        limit = f" after {timeout_seconds:g}s" if timeout_seconds else ""
+        return cls(
+            branch=branch,
+            success=False,
+            state=state,
+            error=f"branch '{branch}' timed out{limit}",
+            error_type="TimeoutError",
+            timeout=True,
+            timing_ms=timing_ms,
+            **fields,
+        )
+
+    @classmethod
+    def from_circuit_open(cls, branch: str, circuit_name: str, **fields: Any) -> ParallelFlowResult:
+        """A branch refused, without running, by the open circuit ``circuit_name``."""
+        return cls(
+            branch=branch,
+            success=False,
+            error=f"Circuit breaker '{circuit_name}' is open; branch '{branch}' was not run",
+            error_type="CircuitOpenError",
+            circuit_state=CircuitState.OPEN,
+            **fields,
+        )

@@ -2,7 +2,9 @@
 
 Both keep their source, compile it again when unpickled (so the process strategy can send
 them to child processes) and report the YAML file's own line numbers, in syntax errors and
-in tracebacks alike.
+in tracebacks alike. Both see the agent's ``variables`` (the document's ``variables:``
+mapping): one dict shared by every node of the agent in a process, as in The Edge Agent;
+a child process or a Celery worker has its own copy, so writes there stay there.
 """
 
 from __future__ import annotations
@@ -39,8 +41,16 @@ class InlineCode:
     process compiles it again.
     """
 
-    def __init__(self, source: str, name: str, filename: str = "<yaml>", first_line: int = 1):
+    def __init__(
+        self,
+        source: str,
+        name: str,
+        filename: str = "<yaml>",
+        first_line: int = 1,
+        variables: dict[str, Any] | None = None,
+    ):
         self.source, self.name, self.filename, self.first_line = source, name, filename, first_line
+        self.variables = variables if variables is not None else {}
         body = textwrap.indent(textwrap.dedent(source).rstrip(), "    ")
         # The header goes on the line before the body, so body lines keep their YAML numbers;
         # the trailing ``pass`` makes an empty (or comment-only) body valid.
@@ -49,6 +59,7 @@ class InlineCode:
         namespace: dict[str, Any] = {
             "__builtins__": builtins,
             "__name__": "tea_dist.core.yaml_code",
+            "variables": self.variables,
         }
         exec(code, namespace)
         fn = namespace["__inline__"]
@@ -66,7 +77,8 @@ class InlineCode:
         return self._fn(state, config, node, parallel_results, cancel_token)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.name, self.filename, self.first_line))
+        args = (self.source, self.name, self.filename, self.first_line, self.variables)
+        return (type(self), args)
 
     def __repr__(self) -> str:
         first = next((ln.strip() for ln in self.source.splitlines() if ln.strip()), "")
@@ -78,8 +90,8 @@ class InlineCode:
 class WhenCondition:
     """Routing after ``node``: the index of the first ``when`` expression true for the state.
 
-    Expressions see ``state``. When none holds, the edge without ``when`` is taken (key
-    ``"default"``); with no such edge the run fails with a ``GraphError``.
+    Expressions see ``state`` and ``variables``. When none holds, the edge without ``when`` is
+    taken (key ``"default"``); with no such edge the run fails with a ``GraphError``.
     """
 
     def __init__(
@@ -88,8 +100,10 @@ class WhenCondition:
         expressions: Sequence[tuple[str, int]],
         filename: str = "<yaml>",
         has_default: bool = False,
+        variables: dict[str, Any] | None = None,
     ):
         self.node, self.filename, self.has_default = node, filename, has_default
+        self.variables = variables if variables is not None else {}
         self.expressions = tuple((expr, line) for expr, line in expressions)
         self._codes = [
             _compile(expr.strip(), filename, line, "eval", f"'when' after node '{node}'")
@@ -97,7 +111,7 @@ class WhenCondition:
         ]
 
     def __call__(self, state: dict[str, Any]) -> int | str:
-        scope = {"__builtins__": builtins, "state": state}
+        scope = {"__builtins__": builtins, "state": state, "variables": self.variables}
         for index, code in enumerate(self._codes):
             if eval(code, scope):
                 return index
@@ -110,7 +124,8 @@ class WhenCondition:
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.node, self.expressions, self.filename, self.has_default))
+        args = (self.node, self.expressions, self.filename, self.has_default, self.variables)
+        return (type(self), args)
 
     def __repr__(self) -> str:
         return f"<WhenCondition after {self.node!r}: {[e for e, _ in self.expressions]}>"

@@ -6,9 +6,14 @@ e.g. ``agent.yaml:14: edges[2].fan_inn: unknown key (did you mean 'fan_in'?)``.
 
 Node code comes from ``uses: "module:callable"`` (imported at load time) or an inline ``run:``
 body, compiled into an ``InlineCode``; the ``when:`` edges leaving a node become one
-``WhenCondition``. Both keep their source, compile it again when unpickled (so the process
-strategy can send them to child processes) and report the YAML file's own line numbers, in
-syntax errors and in tracebacks alike.
+``WhenCondition``. As in The Edge Agent, the run starts at the first node unless an edge leaves
+``__start__``; a node with ``goto`` goes there (``goto: node``, or a list of ``{if: expression,
+to: node}`` rules tried in order, a rule without ``if`` being the default); a node with neither
+``goto`` nor edges leaving it goes on to the next node declared (the last one to ``__end__``).
+``variables:`` is the dict inline code and conditions see as ``variables``. Inline code and
+conditions keep their source, compile it again when unpickled (so the process strategy can send
+them to child processes) and report the YAML file's own line numbers, in syntax errors and in
+tracebacks alike.
 """
 
 from __future__ import annotations
@@ -68,13 +73,42 @@ class _Doc(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class GotoRule(_Doc):
+    """One rule of a conditional ``goto``: go ``to`` a node when ``if`` holds (no ``if``:
+    always)."""
+
+    when: str | None = Field(None, alias="if")
+    to: str = Field(min_length=1)
+
+
+_MAP_KINDS = "The Edge Agent's dynamic_parallel, matrix and parallel_each nodes"
+
+
 class NodeDoc(_Doc):
-    """``nodes[i]``: a name and its code (``run`` inline or ``uses`` an import path)."""
+    """``nodes[i]``: a name, its code (``run`` inline or ``uses`` an import path), and where
+    the run goes after it (``goto``, else its edges, else the next node)."""
 
     name: str = Field(min_length=1)
     run: str | None = None
     uses: str | None = None
     fan_in: bool = False
+    goto: str | list[GotoRule] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_map_kinds(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            strategy = data.get("strategy")
+            if (
+                data.get("type") == "dynamic_parallel"
+                or "parallel_each" in data
+                or (isinstance(strategy, Mapping) and "matrix" in strategy)
+            ):
+                raise ValueError(
+                    f"node '{data.get('name')}': {_MAP_KINDS} (a fan-out over items known "
+                    "at run time) are not supported; fan out with parallel edges"
+                )
+        return data
 
     @model_validator(mode="after")
     def _one_code(self) -> NodeDoc:
@@ -140,6 +174,7 @@ class SettingsDoc(_Doc):
 
     parallel: ParallelSettings | None = None
     raise_exceptions: bool = False
+    failed_branches: Literal["fan_in", "tea"] = "fan_in"
 
 
 class AgentDoc(_Doc):
@@ -149,20 +184,37 @@ class AgentDoc(_Doc):
     description: str | None = None
     state_schema: dict[str, Any] | None = None
     settings: SettingsDoc = SettingsDoc()
+    variables: dict[str, Any] | None = None
     nodes: list[NodeDoc] = Field(min_length=1)
     edges: list[EdgeDoc] = Field(default_factory=list)
 
 
-_VOCABULARY = sorted(
-    {
-        f.alias or n
-        for m in (AgentDoc, SettingsDoc, NodeDoc, EdgeDoc)
-        for n, f in m.model_fields.items()
-    }
-    | _EDGE_SETTINGS
-    | set(RetryPolicy.model_fields)
-    | set(CircuitBreakerConfig.model_fields)
-)
+def _keys(*models: type[BaseModel]) -> frozenset[str]:
+    return frozenset(f.alias or n for m in models for n, f in m.model_fields.items())
+
+
+# The keys allowed under each parent key (a node, an edge, settings, a policy), for hints.
+_PARALLEL_KEYS = _keys(ParallelConfig) | {a for v in _ALIASES.values() for a in v}
+_KEYS_UNDER: dict[Any, frozenset[str]] = {
+    None: _keys(AgentDoc),
+    "nodes": _keys(NodeDoc),
+    "goto": _keys(GotoRule),
+    "edges": _keys(EdgeDoc) | _EDGE_SETTINGS,
+    "settings": _keys(SettingsDoc),
+    "parallel": _PARALLEL_KEYS,
+    "parallel_config": _PARALLEL_KEYS,
+    "retry": _keys(RetryPolicy),
+    "retry_policy": _keys(RetryPolicy),
+    "circuit_breaker": _keys(CircuitBreakerConfig),
+}
+_VOCABULARY = sorted(frozenset().union(*_KEYS_UNDER.values()))
+
+
+def _keys_at(loc: Sequence[Any]) -> Sequence[str]:
+    """The keys allowed where the unknown key at ``loc`` was found (every key if unsure)."""
+    parents = [seg for seg in loc[:-1] if isinstance(seg, str) and seg in _KEYS_UNDER]
+    keys = _KEYS_UNDER.get(parents[-1] if parents else None)
+    return sorted(keys) if keys else _VOCABULARY
 
 
 # -- places, lines and messages -------------------------------------------------------------
@@ -223,7 +275,8 @@ def _entry(node: yaml.Node | None, key: Any) -> tuple[yaml.Node | None, yaml.Nod
 
 
 def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), candidates, n=1, cutoff=0.7)
+    others = [c for c in candidates if c != str(word)]  # never suggest the rejected word
+    close = difflib.get_close_matches(str(word), others, n=1, cutoff=0.7)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -252,7 +305,7 @@ def _problem(error: Mapping[str, Any]) -> str:
     """One pydantic error as a short phrase: ``must be > 0``."""
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "extra_forbidden":
-        return "unknown key" + _did_you_mean(error["loc"][-1], _VOCABULARY)
+        return "unknown key" + _did_you_mean(error["loc"][-1], _keys_at(error["loc"]))
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
     if kind in _COMPARISONS:
@@ -287,11 +340,13 @@ def _validation_error(source: _Source, exc: ValidationError) -> YAMLError:
 # -- loading ------------------------------------------------------------------------------
 
 
-def load_yaml(path: str | Path) -> StateGraph:
+def load_yaml(path: str | Path, *, variables: dict[str, Any] | None = None) -> StateGraph:
     """Load and validate a YAML agent file; return its ``StateGraph``.
 
     ``graph.origin`` records the absolute path and the SHA-256 of the file, which distributed
-    workers use to load the same graph and to refuse a different file.
+    workers use to load the same graph and to refuse a different file. ``variables`` is the
+    dict its code sees as ``variables`` (updated with the document's ``variables:``; default:
+    a new dict).
     """
     file = Path(path)
     try:
@@ -304,19 +359,25 @@ def load_yaml(path: str | Path) -> StateGraph:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise YAMLError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    graph = load_yaml_string(text, str(path))
+    graph = load_yaml_string(text, str(path), variables=variables)
     graph.origin = {"yaml": str(file.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}
     return graph
 
 
-def load_yaml_string(text: str, path: str | None = None) -> StateGraph:
-    """Load a YAML agent from text; ``path`` names it in messages (no ``origin`` is set)."""
+def load_yaml_string(
+    text: str, path: str | None = None, *, variables: dict[str, Any] | None = None
+) -> StateGraph:
+    """Load a YAML agent from text; ``path`` names it in messages (no ``origin`` is set, so
+    Celery workers, which load agents from files, cannot run its branches)."""
     source = _parse(text, path or "<yaml>")
     try:
         doc = AgentDoc.model_validate(source.data)
     except ValidationError as exc:
         raise _validation_error(source, exc) from None
-    graph = _build(doc, source)
+    if variables is None:
+        variables = {}
+    variables.update(doc.variables or {})
+    graph = _build(doc, source, variables)
     try:
         graph.to_spec()
     except GraphError as exc:
@@ -370,30 +431,32 @@ def _first_line(node: yaml.Node | None) -> int:
     return node.start_mark.line + (2 if getattr(node, "style", None) in ("|", ">") else 1)
 
 
-def _build(doc: AgentDoc, source: _Source) -> StateGraph:
+def _build(doc: AgentDoc, source: _Source, variables: dict[str, Any]) -> StateGraph:
     settings = doc.settings
     graph = StateGraph(
         state_schema=doc.state_schema or {},
         raise_exceptions=settings.raise_exceptions,
         parallel_config=settings.parallel,
         name=doc.name or Path(source.name).stem,
+        failed_branches=settings.failed_branches,
     )
     for index, node in enumerate(doc.nodes):
-        run = _node_code(node, index, source)
+        run = _node_code(node, index, source, variables)
         add = graph.add_fanin_node if node.fan_in else graph.add_node
         try:
             add(node.name, run)
         except GraphError as exc:
             raise source.error(["nodes", index], str(exc)) from None
     _check_references(doc, source)
-    _add_edges(graph, doc, source)
+    _add_edges(graph, doc, source, variables)
+    _add_implicit_edges(graph, doc, source, variables)
     return graph
 
 
-def _node_code(node: NodeDoc, index: int, source: _Source) -> Any:
+def _node_code(node: NodeDoc, index: int, source: _Source, variables: dict[str, Any]) -> Any:
     if node.run is not None:
         first = _first_line(source.value_node("nodes", index, "run"))
-        return InlineCode(node.run, node.name, source.name, first)
+        return InlineCode(node.run, node.name, source.name, first, variables)
     if node.uses is None:
         return None
     module_name, _, qualname = node.uses.partition(":")
@@ -410,8 +473,23 @@ def _node_code(node: NodeDoc, index: int, source: _Source) -> Any:
 
 
 def _check_references(doc: AgentDoc, source: _Source) -> None:
-    """Every edge names declared nodes; fan-ins are fan-in nodes."""
+    """Every edge and ``goto`` names declared nodes; fan-ins are fan-in nodes; a node with
+    ``goto`` has no edges leaving it."""
     nodes = {n.name: n for n in doc.nodes}
+    sources = {e.source for e in doc.edges}
+    for index, node in enumerate(doc.nodes):
+        if node.goto is None:
+            continue
+        if node.name in sources:
+            problem = f"node '{node.name}' has both 'goto' and edges leaving it: give one"
+            raise source.error(["nodes", index, "goto"], problem)
+        rules = [node.goto] if isinstance(node.goto, str) else [r.to for r in node.goto]
+        if not rules:
+            raise source.error(["nodes", index, "goto"], "needs a node or at least one rule")
+        for target in rules:
+            if target not in nodes and target != END:
+                hint = _did_you_mean(target, [*nodes, END])
+                raise source.error(["nodes", index, "goto"], f"unknown node '{target}'{hint}")
     for index, edge in enumerate(doc.edges):
         refs = [("from", edge.source, {START})]
         refs += [("to", t, {END}) for t in edge.targets]
@@ -425,7 +503,9 @@ def _check_references(doc: AgentDoc, source: _Source) -> None:
             raise source.error(["edges", index, "fan_in"], problem)
 
 
-def _add_edges(graph: StateGraph, doc: AgentDoc, source: _Source) -> None:
+def _add_edges(
+    graph: StateGraph, doc: AgentDoc, source: _Source, variables: dict[str, Any]
+) -> None:
     routed = {e.source for e in doc.edges if e.when is not None}
     groups: dict[str, list[tuple[int, EdgeDoc]]] = {}
     for index, edge in enumerate(doc.edges):
@@ -450,5 +530,57 @@ def _add_edges(graph: StateGraph, doc: AgentDoc, source: _Source) -> None:
         targets: dict[Hashable, str] = {k: e.targets[0] for k, (_, e) in enumerate(whens)}
         if defaults:
             targets["default"] = defaults[0][1].targets[0]
-        condition = WhenCondition(node, expressions, source.name, has_default=bool(defaults))
+        condition = WhenCondition(
+            node, expressions, source.name, has_default=bool(defaults), variables=variables
+        )
         graph.add_conditional_edges(node, condition, targets)
+
+
+def _add_implicit_edges(
+    graph: StateGraph, doc: AgentDoc, source: _Source, variables: dict[str, Any]
+) -> None:
+    """The Edge Agent's navigation: entry at the first node, ``goto``, then declaration order."""
+    sources = {e.source for e in doc.edges}
+    if START not in sources:
+        graph.set_entry_point(doc.nodes[0].name)
+    for index, node in enumerate(doc.nodes):
+        following = doc.nodes[index + 1].name if index + 1 < len(doc.nodes) else END
+        if isinstance(node.goto, str):
+            graph.add_edge(node.name, node.goto)
+        elif node.goto is not None:
+            _add_goto_rules(graph, node, index, source, variables)
+        elif node.name not in sources:
+            graph.add_edge(node.name, following)
+
+
+def _add_goto_rules(
+    graph: StateGraph, node: NodeDoc, index: int, source: _Source, variables: dict[str, Any]
+) -> None:
+    rules = node.goto if isinstance(node.goto, list) else []
+    conditional = [(i, r) for i, r in enumerate(rules) if r.when is not None]
+    defaults = [r for r in rules if r.when is None]
+    if len(defaults) > 1:
+        problem = "only one rule may go without 'if' (it is the default)"
+        raise source.error(["nodes", index, "goto"], problem)
+    expressions = [
+        (_expression(r.when or ""), _first_line(source.value_node("nodes", index, "goto", i)))
+        for i, r in conditional
+    ]
+    targets: dict[Hashable, str] = {k: r.to for k, (_, r) in enumerate(conditional)}
+    if defaults:
+        targets["default"] = defaults[0].to
+    if not conditional:
+        graph.add_edge(node.name, targets["default"])
+        return
+    condition = WhenCondition(
+        node.name, expressions, source.name, has_default=bool(defaults), variables=variables
+    )
+    graph.add_conditional_edges(node.name, condition, targets)
+
+
+def _expression(text: str) -> str:
+    """A ``goto`` condition, accepted with or without The Edge Agent's ``{{ }}``."""
+    text = text.strip()
+    if text.startswith("{{") and text.endswith("}}"):
+        return text[2:-2].strip()
+    return text

@@ -20,6 +20,7 @@ from typing import Any
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import GraphError, SerializationError, StateTooLargeError
 from tea_dist.core.graph import Conditional, FanOut, GraphSpec, Node
+from tea_dist.core.yaml_code import InlineCode
 
 
 def callable_path(fn: Callable[..., Any], node: str) -> str:
@@ -66,6 +67,12 @@ def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
     if spec.origin and "yaml" in spec.origin:
         return {"yaml": spec.origin["yaml"], "sha256": spec.origin["sha256"], "name": spec.name}
     names = spec.branch_nodes(branch, fan_in)[0]
+    if any(isinstance(spec.nodes[n].run, InlineCode) for n in names):
+        raise GraphError(
+            f"branch '{branch}' of '{spec.name}' runs inline code of a YAML agent that was not "
+            "loaded from a file: Celery workers load YAML agents by path and hash, so load it "
+            "with load_yaml(path)"
+        )
     nodes = {}
     for name in names:
         node = spec.nodes[name]

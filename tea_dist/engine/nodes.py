@@ -1,10 +1,12 @@
 """Calling node callables: parameter injection, sync and ``async def`` alike.
 
 A node receives only the parameters it names, out of ``state``, ``config``, ``node``,
-``parallel_results`` and ``cancel_token`` (all of them if it takes ``**kwargs``; the state
-positionally if it names none of them). It returns a dict merged into the state; ``None``
-means no change and any other value is stored under ``"result"``.
-"""
+``graph`` (the ``GraphSpec`` being run), ``parallel_results`` and ``cancel_token`` (all but
+``graph`` if it takes ``**kwargs``; the state positionally if it names none of them). A fan-in
+node also finds its results in ``state["parallel_results"]``, as in The Edge Agent (only in the
+state it is given: the key is not kept unless the node returns it). A node returns a dict
+merged into the state; ``None`` means no change and any other value is stored under
+``"result"``."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
-INJECTABLE = ("state", "config", "node", "parallel_results", "cancel_token")
+INJECTABLE = ("state", "config", "node", "graph", "parallel_results", "cancel_token")
 
 
 class CancelToken:
@@ -81,12 +83,16 @@ def _plan(fn: Callable[..., Any]) -> tuple[tuple[str, ...], bool, bool]:
     return names, var_kw, not names and not var_kw and bool(positional)
 
 
-def _invoke(fn: Callable[..., Any], values: Mapping[str, Any]) -> Any:
+def _invoke(fn: Callable[..., Any], values: dict[str, Any]) -> Any:
+    values.setdefault("graph", None)
+    results = values.get("parallel_results")
+    if results is not None and "parallel_results" not in values["state"]:
+        values["state"] = {**values["state"], "parallel_results": results}
     names, var_kw, state_positional = _plan(fn)
     if state_positional:
         return fn(values["state"])
-    if var_kw:
-        return fn(**values)
+    if var_kw:  # ``graph`` only when named: **kwargs nodes get what they always got
+        return fn(**{k: v for k, v in values.items() if k != "graph" or k in names})
     return fn(**{name: values[name] for name in names})
 
 

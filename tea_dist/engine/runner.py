@@ -4,12 +4,17 @@ Both are generators of The Edge Agent's event dicts and share one walk, so the f
 the same ``parallel_results`` either way:
 
 - ``{"type": "final", "state": {...}}`` when the run ends;
-- ``{"type": "error", "node": n, "error": "...", "error_type": "..."}`` when it fails
-  (raised instead with ``raise_exceptions=True``);
+- ``{"type": "error", "node": n, "error": "...", "error_type": "...", "state": {...}}`` when
+  it fails, with the last state reached (raised instead with ``raise_exceptions=True``);
 - in ``stream`` only: ``{"type": "state", "node": n, "state": {...}}`` after each node, and for
-  each branch of a fan-out ``{"type": "parallel_state", "branch": b, "state": {...},
-  "result": r}`` or ``{"type": "parallel_error", "branch": b, "error": ..., "error_type": ...,
-  "timeout": bool, "result": r}``.
+  each branch of a fan-out ``{"type": "parallel_state", "branch": b, "node": b, "state": {...},
+  "result": r}`` or ``{"type": "parallel_error", "branch": b, "node": b, "error": ...,
+  "error_type": ..., "timeout": bool, "state": {...}, "result": r}`` (a branch is reported
+  once, when it is done; ``node`` names the branch).
+
+``get_circuit_states()`` maps each circuit's name to its ``CircuitState``;
+``get_circuit_info()`` to The Edge Agent's description (``{"name", "state", "failure_count",
+...}``).
 """
 
 from __future__ import annotations
@@ -17,20 +22,34 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Literal
 
-from tea_dist.core.errors import BranchError, NodeError, TeaDistError
-from tea_dist.core.graph import END, GraphSpec, set_compiler
+from tea_dist.core.errors import BranchError, ConfigError, NodeError, TeaDistError
+from tea_dist.core.graph import END, FanOut, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import SharesBreakers, check_strategy, get_executor
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
-from tea_dist.engine.walk import Cursor, walk
+from tea_dist.engine.walk import Cursor, FanOutRunner, walk
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
 
 Event = dict[str, Any]
+FailedBranches = Literal["fan_in", "tea"]
+
+
+def circuit_info(name: str, store: BreakerStore) -> dict[str, Any]:
+    """One circuit as The Edge Agent describes it: ``{"name", "state", "failure_count",
+    "opened_at", "half_open_active"}`` (``state`` is the ``CircuitState`` value, a str)."""
+    snap = store.snapshot(name)
+    return {
+        "name": name,
+        "state": snap.state.value,
+        "failure_count": snap.failures,
+        "opened_at": snap.opened_at,
+        "half_open_active": snap.probes_in_flight,
+    }
 
 
 class CompiledGraph:
@@ -44,11 +63,15 @@ class CompiledGraph:
         callbacks: Iterable[Any] = (),
         callback_timeout: float = 5.0,
         breaker_store: BreakerStore | None = None,
+        failed_branches: FailedBranches = "fan_in",
     ) -> None:
         if callback_timeout <= 0:
             raise TeaDistError(f"callback_timeout must be > 0, got {callback_timeout}")
+        if failed_branches not in ("fan_in", "tea"):
+            raise ConfigError(f"failed_branches must be 'fan_in' or 'tea', got {failed_branches!r}")
         self.spec = spec
         self.raise_exceptions = raise_exceptions
+        self.failed_branches = failed_branches
         self.callbacks = list(callbacks)
         self.callback_timeout = callback_timeout
         strategies = {
@@ -121,12 +144,13 @@ class CompiledGraph:
         )
         cursor = Cursor()
         final = dict(state)
+        failed: list[ParallelFlowResult] = []  # "tea" rule in stream(): left out of the fan-in
         steps = walk(
             self.spec,
             self.spec.entry,
             END,
             final,
-            fanout=runtime.fanout,
+            fanout=self._fanout(runtime.fanout, detailed, failed),
             run_config=config,
             cancel_token=runtime.cancel_token,
             cursor=cursor,
@@ -135,28 +159,54 @@ class CompiledGraph:
         interrupts.enter_context(terminating_runs())
         try:
             for step in steps:
-                if step.results:
+                if step.results or failed:
                     if detailed:
-                        yield from map(_branch_event, step.results)
+                        yield from (_branch_event(r, step.state) for r in (*step.results, *failed))
+                    failed.clear()
                 else:
                     final = step.state
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
         except Exception as exc:
             runtime.close()
+            tea = self.failed_branches == "tea"
+            node = exc.branch if tea and isinstance(exc, _FailedBranch) else cursor.node
             if self.raise_exceptions:
+                if tea:
+                    raise NodeError(f"Error in node '{node}': {exc}") from exc
                 if isinstance(exc, TeaDistError):
                     raise
                 raise NodeError(
                     f"node '{cursor.node}' failed: {type(exc).__name__}: {exc}"
                 ) from exc
-            yield _error_event(cursor.node, exc)
+            yield _error_event(node, exc, final)
             return
         finally:  # also when the caller abandons or closes the generator, or Ctrl-C
             interrupts.close()
             runtime.cancel_token.cancel("cancelled: the caller went away")
             runtime.close()
         yield {"type": "final", "state": final}
+
+    def _fanout(
+        self, fanout: FanOutRunner, detailed: bool, failed: list[ParallelFlowResult]
+    ) -> FanOutRunner:
+        """The fan-out runner of one run, applying the ``"tea"`` rule for failed branches."""
+        if self.failed_branches != "tea":
+            return fanout
+
+        def tea_fanout(
+            spec: GraphSpec, fan: FanOut, state: dict[str, Any], run_config: Mapping[str, Any]
+        ) -> list[ParallelFlowResult]:
+            results = fanout(spec, fan, state, run_config)
+            bad = [r for r in results if not r.success]
+            if bad and not detailed:
+                raise _FailedBranch(
+                    bad[0].error or "failed", branch=bad[0].branch, error_type=bad[0].error_type
+                )
+            failed.extend(bad)
+            return [r for r in results if r.success]
+
+        return tea_fanout
 
     # -- circuits --
 
@@ -179,28 +229,46 @@ class CompiledGraph:
         """Every known circuit and its state."""
         return self.breakers.states()
 
+    def get_circuit_info(self) -> dict[str, dict[str, Any]]:
+        """Every known circuit described as The Edge Agent does (see ``circuit_info``)."""
+        store = self.breakers
+        return {name: circuit_info(name, store) for name in store.states()}
 
-def _branch_event(result: ParallelFlowResult) -> Event:
+
+class _FailedBranch(BranchError):
+    """A failed branch ending the run under the ``"tea"`` rule (never leaves this module)."""
+
+
+def _branch_event(result: ParallelFlowResult, state: dict[str, Any]) -> Event:
     if result.success:
         return {
             "type": "parallel_state",
             "branch": result.branch,
+            "node": result.branch,
             "state": result.state,
             "result": result,
         }
     return {
         "type": "parallel_error",
         "branch": result.branch,
+        "node": result.branch,
         "error": result.error,
         "error_type": result.error_type,
         "timeout": result.timeout,
+        "state": result.state if result.state is not None else state,
         "result": result,
     }
 
 
-def _error_event(node: str, exc: BaseException) -> Event:
+def _error_event(node: str, exc: BaseException, state: dict[str, Any]) -> Event:
     error_type = exc.error_type if isinstance(exc, BranchError) else type(exc).__name__
-    event: Event = {"type": "error", "node": node, "error": str(exc), "error_type": error_type}
+    event: Event = {
+        "type": "error",
+        "node": node,
+        "error": str(exc),
+        "error_type": error_type,
+        "state": state,
+    }
     if isinstance(exc, BranchError):
         event["branch"] = exc.branch
     return event

@@ -74,6 +74,7 @@ def walk(
             state=state,
             config=config,
             node=node,
+            graph=spec,
             parallel_results=results,
             cancel_token=cancel_token,
         )
@@ -109,6 +110,7 @@ async def awalk(
             state=state,
             config=config,
             node=node,
+            graph=spec,
             parallel_results=results,
             cancel_token=cancel_token,
         )
