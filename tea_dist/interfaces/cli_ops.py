@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -68,7 +69,7 @@ def read_secret(value: str, option: str) -> str:
         )
     source = value[1:]
     try:
-        text = sys.stdin.read() if source == "-" else open(source).read()  # noqa: SIM115
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
     except OSError as exc:
         fail(f"{option}: cannot read {source}: {exc.strerror or exc}", EXIT_USAGE)
     return text.strip()
