@@ -101,6 +101,12 @@ class Settings(BaseSettings):
             value = value.split(",")
         return tuple(item.strip() for item in value if item and item.strip())
 
+    @field_validator("secret", "redis_password", "agents_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``TEA_DIST_SECRET=`` (as a compose file's ``${VAR:-}`` gives) means no secret."""
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _follow_broker(self) -> Settings:
         if self.result_backend is None:
