@@ -50,7 +50,7 @@ def callable_path(fn: Callable[..., Any], node: str) -> str:
             "move it into an importable module"
         )
     try:
-        found = import_callable(f"{module}:{qualname}")
+        found = _lookup(f"{module}:{qualname}")  # uncached: a reloaded module has new objects
     except GraphError:
         found = None
     if found is not fn and getattr(found, "__wrapped__", None) is not fn:
@@ -64,6 +64,10 @@ def callable_path(fn: Callable[..., Any], node: str) -> str:
 @lru_cache(maxsize=1024)
 def import_callable(path: str) -> Callable[..., Any]:
     """Import ``module:qualname``; ``GraphError`` saying what could not be imported."""
+    return _lookup(path)
+
+
+def _lookup(path: str) -> Callable[..., Any]:
     module_name, _, qualname = path.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
