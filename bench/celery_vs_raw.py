@@ -101,6 +101,7 @@ class Cluster:
             flows_queue=self.queue("tea"),
             runs_queue=self.queue("runs"),
             result_expires=600,
+            allowed=("bench",),  # the benchmark's node modules
         )
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.keys_before = set(self.redis.scan_iter(count=1000))

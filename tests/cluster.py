@@ -21,6 +21,7 @@ class TestCluster:
     """Settings shared by the test process and the worker processes it starts."""
 
     redis_url: str
+    agents_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -32,6 +33,8 @@ class TestCluster:
             "TEA_DIST_FLOWS_QUEUE": f"tea.flows.{self.tag}",
             "TEA_DIST_RUNS_QUEUE": f"tea.runs.{self.tag}",
             "TEA_DIST_RESULT_EXPIRES": "600",
+            "TEA_DIST_ALLOWED": "tests,bench,examples",
+            **({"TEA_DIST_AGENTS_DIR": self.agents_dir} if self.agents_dir else {}),
         }
 
     def settings(self) -> Settings:

@@ -66,10 +66,12 @@ CELERY_REDIS_URL = os.environ.get("TEA_DIST_TEST_CELERY_URL", "redis://127.0.0.1
 
 
 @pytest.fixture(scope="session")
-def cluster(redis_url: str) -> Iterator[object]:
+def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real flow worker (prefork, 2 processes) on its own queue and key prefix.
 
-    The test process's Celery app is pointed at the same settings.
+    The test process's Celery app is pointed at the same settings. The workers allow the
+    repository's test, bench and example modules, and find YAML agents under the session's
+    temporary directory (every ``tmp_path`` is inside it).
     """
     import redis
 
@@ -81,7 +83,7 @@ def cluster(redis_url: str) -> Iterator[object]:
         if _redis_answers(CELERY_REDIS_URL)
         else redis_url.rsplit("/", 1)[0] + "/14"
     )
-    test_cluster = TestCluster(url)
+    test_cluster = TestCluster(url, agents_dir=str(tmp_path_factory.getbasetemp()))
     previous = current_settings()
     configure(test_cluster.settings())
     test_cluster.start_worker("flows", concurrency=2)

@@ -29,7 +29,8 @@ from tea_dist.distributed.celery_app import app, current_settings
 from tea_dist.distributed.connections import redis_for
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.local_cluster import driver_settings
-from tea_dist.distributed.wire import check_json_state, import_callable
+from tea_dist.distributed.trust import Allowlist, agent_path, agent_ref, worker_allowlist
+from tea_dist.distributed.wire import check_json_state, import_callable, yaml_uses_modules
 from tea_dist.engine.nodes import CancelToken
 
 FAIL_IF_ORPHANED = """
@@ -54,15 +55,27 @@ class RunStatus(StrEnum):
 TERMINAL = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 
 
-def resolve_graph(graph_ref: str) -> StateGraph:
-    """A ``StateGraph`` from ``"pkg.module:attr"`` (a graph or a factory) or a YAML path."""
-    if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
+def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGraph:
+    """A ``StateGraph`` from ``"pkg.module:attr"`` (a graph or a factory) or a YAML path.
+
+    With ``allowlist`` (a run worker resolving a submitted ref), nothing is imported unless
+    it allows the ref's module, and a YAML ref is found under the agents directory with its
+    ``uses:`` modules allowed: a refused ref raises ``NotAllowedError`` naming it.
+    """
+    if graph_ref.endswith((".yaml", ".yml")) or (allowlist is None and Path(graph_ref).is_file()):
         from tea_dist.core.yaml_loader import load_yaml
 
-        return load_yaml(str(Path(graph_ref).resolve()))
+        if allowlist is None:
+            return load_yaml(str(Path(graph_ref).resolve()))
+        path = agent_path(graph_ref)
+        for module in sorted(yaml_uses_modules(path.read_bytes()) if path.is_file() else ()):
+            allowlist.check(module, f" (a 'uses:' of the YAML agent '{graph_ref}')")
+        return load_yaml(str(path))
     module_name, sep, attr = graph_ref.partition(":")
     if not sep or not module_name or not attr:
         raise GraphError(f"graph reference '{graph_ref}' must be 'pkg.module:attr' or a YAML path")
+    if allowlist is not None:
+        allowlist.check(graph_ref, " (a submitted graph)")
     try:
         obj: Any = import_callable(graph_ref)
     except GraphError as exc:
@@ -83,7 +96,7 @@ def submit(
     check_json_state(state, "the run input", settings.max_state_bytes)
     check_json_state(dict(config or {}), "the run config", settings.max_state_bytes)
     if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
-        graph_ref = str(Path(graph_ref).resolve())  # run workers load YAML by absolute path
+        graph_ref = agent_ref(graph_ref)  # run workers find it under their agents directory
     run = WorkflowRun(uuid.uuid4().hex)
     now = time.time()
     pipe = run.client.pipeline()
@@ -230,7 +243,7 @@ def run_workflow(
     }
     with _RunWatch(run) as token:
         try:
-            graph = resolve_graph(graph_ref).compile()
+            graph = resolve_graph(graph_ref, worker_allowlist()).compile()
             for event in graph.stream(state, config, run_id=run_id, cancel_token=token):
                 run.client.xadd(
                     stream, {"event": "graph", "data": json.dumps(event, default=_jsonable)}

@@ -26,6 +26,7 @@ from pathlib import Path
 from tea_dist.core.errors import ConfigError, TeaDistError
 from tea_dist.distributed.celery_app import configure, current_settings, explicitly_configured
 from tea_dist.distributed.settings import Settings
+from tea_dist.distributed.trust import branch_modules
 from tea_dist.distributed.worker import spawn_flower, spawn_worker
 
 
@@ -139,7 +140,10 @@ class LocalCluster:
 
     @property
     def settings(self) -> Settings:
-        return Settings(broker_url=self.redis_url)
+        """The cluster's settings; its workers allow what ``TEA_DIST_ALLOWED`` names plus the
+        modules of every celery branch compiled in this process so far."""
+        base = Settings(broker_url=self.redis_url)
+        return base.with_overrides(allowed=(*base.allowed, *branch_modules()))
 
     @property
     def flower_url(self) -> str | None:

@@ -6,26 +6,55 @@ ever shows a password: URLs are printed through ``redact``.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any
+from urllib.parse import quote
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+URL_FIELDS = ("broker_url", "result_backend", "redis_url")
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&;][^&=#;]*(?:pass|secret|token)[^&=#;]*=)[^&#;]*")
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with every password replaced by ``***``.
+
+    Covers ``user:pass@``, ``:pass@`` and a bare ``pass@`` (Redis reads a lone user part as the
+    password), any query parameter whose name holds ``pass``, ``secret`` or ``token``
+    (``?password=``, ``ssl_keyfile_password=``), and each URL of a ``;``-separated failover list.
+    An ``@`` anywhere after ``://`` is taken as the end of credentials: a URL is over-redacted
+    rather than leaked.
+    """
+    pieces = []
+    for piece in url.split(";"):
+        scheme, sep, rest = piece.partition("://")
+        if sep and "@" in rest:
+            userinfo, _, host = rest.rpartition("@")
+            user = userinfo.partition(":")[0] if ":" in userinfo else ""
+            rest = f"{user}:***@{host}" if user else f":***@{host}"
+        pieces.append(scheme + sep + rest)
+    return _SECRET_QUERY.sub(r"\1***", ";".join(pieces))
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (URL-encoded) in it, unless it names one already."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    host, slash, tail = rest.partition("/")
+    if "@" in host:
+        userinfo, _, hostport = host.rpartition("@")
+        if ":" in userinfo:
+            return url
+        host = f"{userinfo}:{quote(password, safe='')}@{hostport}"
+    else:
+        host = f":{quote(password, safe='')}@{host}"
+    return f"{scheme}{sep}{host}{slash}{tail}"
 
 
 class Settings(BaseSettings):
@@ -34,6 +63,12 @@ class Settings(BaseSettings):
     Environment: ``TEA_DIST_BROKER_URL``, ``TEA_DIST_RESULT_BACKEND``, ``TEA_DIST_REDIS_URL``,
     ``TEA_DIST_FLOWS_QUEUE``, ``TEA_DIST_MAX_STATE_BYTES``, ... (the field name, upper-cased).
     An unset result backend or Redis URL follows the broker URL.
+
+    Security: ``TEA_DIST_ALLOWED`` (modules and packages a worker may import from a message,
+    comma-separated), ``TEA_DIST_SECRET`` (signs and verifies every message),
+    ``TEA_DIST_AGENTS_DIR`` (where YAML agents are found, default: the working directory) and
+    ``TEA_DIST_REDIS_PASSWORD`` (URL-encoded into every URL that names no password, so a
+    password with ``@ / : #`` needs no escaping by hand).
     """
 
     model_config = SettingsConfigDict(env_prefix="TEA_DIST_", frozen=True, extra="ignore")
@@ -53,7 +88,26 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(2.0, gt=0)
     cancel_grace: float = Field(0.3, gt=0)
     broker_grace: float = Field(10.0, gt=0)  # a Redis or broker outage a run rides out
-    caller_lease: float = Field(6.0, gt=0)  # branches of a silent caller stop after this
+    caller_lease: float = Field(10.0, gt=0)  # branches of a silent caller stop after this
+    # security: what a worker runs, how messages are signed, where the Redis password comes from
+    allowed: Annotated[tuple[str, ...], NoDecode] = ()
+    secret: SecretStr | None = None
+    agents_dir: str | None = None
+    redis_password: SecretStr | None = None
+
+    @field_validator("allowed", mode="before")
+    @classmethod
+    def _split_allowed(cls, value: Any) -> Any:
+        """``TEA_DIST_ALLOWED`` is a comma-separated list of modules or packages."""
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(item.strip() for item in value if item and item.strip())
+
+    @field_validator("secret", "redis_password", "agents_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``TEA_DIST_SECRET=`` (as a compose file's ``${VAR:-}`` gives) means no secret."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _follow_broker(self) -> Settings:
@@ -61,6 +115,11 @@ class Settings(BaseSettings):
             object.__setattr__(self, "result_backend", self.broker_url)
         if self.redis_url is None:
             object.__setattr__(self, "redis_url", self.broker_url)
+        if self.redis_password is not None:
+            password = self.redis_password.get_secret_value()
+            for name in URL_FIELDS:
+                url = getattr(self, name).get_secret_value()
+                object.__setattr__(self, name, SecretStr(with_password(url, password)))
         return self
 
     @property
@@ -78,7 +137,7 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
             if isinstance(value, SecretStr):
-                value = redact(value.get_secret_value())
+                value = redact(value.get_secret_value()) if name in URL_FIELDS else "***"
             yield name, value
 
     def with_overrides(self, **changes: Any) -> Settings:

@@ -2,9 +2,12 @@
 
 A Python graph's branch travels as its nodes and edges, each callable named by
 ``module:qualname`` (checked at compile time: a lambda, a closure or a ``__main__`` function
-fails naming its node). A YAML graph travels as its file path plus the file's SHA-256; the
-worker loads the file and refuses to run a different one. ``check_json_state`` rejects a state
-that cannot cross, naming the key and the branch, before anything is sent.
+fails naming its node). A YAML graph travels as its path relative to ``TEA_DIST_AGENTS_DIR``
+plus the file's SHA-256; the worker loads its own copy and refuses a different one. Either
+carries a code fingerprint (tea_dist's version, the SHA-256 of each node module's source).
+A worker decodes a branch only after ``trust`` has passed it: every module allowed, no agent
+outside its agents directory, the same code as the caller. ``check_json_state`` rejects a
+state that cannot cross, naming the key and the branch, before anything is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import GraphError, SerializationError, StateTooLargeError
 from tea_dist.core.graph import Conditional, FanOut, GraphSpec, Node
 from tea_dist.core.yaml_code import InlineCode
+from tea_dist.distributed.trust import (
+    Allowlist,
+    CodeMismatchError,
+    agent_path,
+    agent_ref,
+    check_fingerprint,
+    fingerprint,
+    note_branch_modules,
+    worker_allowlist,
+)
 
 
 def callable_path(fn: Callable[..., Any], node: str) -> str:
@@ -38,7 +51,7 @@ def callable_path(fn: Callable[..., Any], node: str) -> str:
             "move it into an importable module"
         )
     try:
-        found = import_callable(f"{module}:{qualname}")
+        found = _lookup(f"{module}:{qualname}")  # uncached: a reloaded module has new objects
     except GraphError:
         found = None
     if found is not fn and getattr(found, "__wrapped__", None) is not fn:
@@ -52,6 +65,10 @@ def callable_path(fn: Callable[..., Any], node: str) -> str:
 @lru_cache(maxsize=1024)
 def import_callable(path: str) -> Callable[..., Any]:
     """Import ``module:qualname``; ``GraphError`` saying what could not be imported."""
+    return _lookup(path)
+
+
+def _lookup(path: str) -> Callable[..., Any]:
     module_name, _, qualname = path.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -63,9 +80,15 @@ def import_callable(path: str) -> Callable[..., Any]:
 
 
 def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
-    """The JSON description of the part of ``spec`` a branch runs."""
+    """The JSON description of the part of ``spec`` a branch runs, with its code fingerprint."""
     if spec.origin and "yaml" in spec.origin:
-        return {"yaml": spec.origin["yaml"], "sha256": spec.origin["sha256"], "name": spec.name}
+        modules = yaml_uses_modules(Path(spec.origin["yaml"]).read_bytes())
+        return {
+            "yaml": agent_ref(spec.origin["yaml"]),
+            "sha256": spec.origin["sha256"],
+            "name": spec.name,
+            "code": fingerprint(modules),
+        }
     names = spec.branch_nodes(branch, fan_in)[0]
     if any(isinstance(spec.nodes[n].run, InlineCode) for n in names):
         raise GraphError(
@@ -96,19 +119,53 @@ def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
         if name in nodes
     }
     edges = {name: list(spec.edges[name]) for name in names if name in spec.edges}
-    return {
+    data = {
         "name": spec.name,
         "nodes": nodes,
         "edges": edges,
         "conditionals": conditionals,
         "fanouts": fanouts,
     }
+    data["code"] = fingerprint(p.partition(":")[0] for p in _callable_paths(data))
+    return data
 
 
-def decode_branch(data: Mapping[str, Any], entry: str) -> GraphSpec:
-    """The ``GraphSpec`` a worker runs for an encoded branch (``GraphError`` if it cannot)."""
+def _callable_paths(data: Mapping[str, Any]) -> list[str]:
+    """Every ``module:qualname`` an encoded Python branch names."""
+    runs = [n["run"] for n in data["nodes"].values() if n["run"]]
+    return [*runs, *(c["func"] for c in data["conditionals"].values())]
+
+
+def yaml_uses_modules(raw: bytes) -> set[str]:
+    """The modules a YAML agent's ``uses:`` entries name (read without importing anything)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return set()
+    nodes = doc.get("nodes") if isinstance(doc, dict) else None
+    uses = [n.get("uses") for n in nodes or () if isinstance(n, dict)]
+    return {u.partition(":")[0] for u in uses if isinstance(u, str) and u}
+
+
+def decode_branch(
+    data: Mapping[str, Any], entry: str, allowlist: Allowlist | None = None
+) -> GraphSpec:
+    """The ``GraphSpec`` a worker runs for an encoded branch.
+
+    Nothing is imported before every module the message names passes ``allowlist`` (this
+    worker's, by default): a refused one raises ``NotAllowedError`` naming it; a module whose
+    source differs from the caller's raises ``CodeMismatchError``; anything else that stops
+    the branch from loading raises ``GraphError``.
+    """
+    allowlist = allowlist if allowlist is not None else worker_allowlist()
     if "yaml" in data:
-        return load_checked_yaml(data["yaml"], data["sha256"])
+        return load_checked_yaml(data["yaml"], data["sha256"], data.get("code"), allowlist)
+    paths = _callable_paths(data)
+    for path in paths:
+        allowlist.check(path)
+    _check_code(data.get("code"), {p.partition(":")[0] for p in paths}, allowlist)
     nodes = {
         name: Node(name, import_callable(n["run"]) if n["run"] else None, bool(n["fan_in"]))
         for name, n in data["nodes"].items()
@@ -130,18 +187,39 @@ def decode_branch(data: Mapping[str, Any], entry: str) -> GraphSpec:
     return GraphSpec(data["name"], nodes, edges, conditionals, fanouts, entry)
 
 
-def load_checked_yaml(path: str, sha256: str) -> GraphSpec:
-    """Load a YAML agent, refusing a file whose hash differs from the caller's."""
+def _check_code(code: Any, needed: set[str], allowlist: Allowlist) -> None:
+    """The fingerprint covers every module in ``needed`` and matches this worker's code."""
+    check_fingerprint(code, allowlist)
+    missing = sorted(needed - set(code["modules"]))
+    if missing:
+        raise CodeMismatchError(
+            f"the message names module '{missing[0]}' without its code fingerprint; "
+            "refusing to run code the caller did not vouch for"
+        )
+
+
+def load_checked_yaml(
+    ref: str, sha256: str, code: Any = None, allowlist: Allowlist | None = None
+) -> GraphSpec:
+    """Load a YAML agent found under the agents directory, refusing a file whose hash differs
+    from the caller's and ``uses:`` modules the allowlist does not name."""
+    allowlist = allowlist if allowlist is not None else worker_allowlist()
+    path = agent_path(ref)
     try:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise GraphError(f"this worker cannot read the YAML agent '{path}': {exc}") from exc
+        raise GraphError(f"this worker cannot read the YAML agent '{ref}': {exc}") from exc
+    digest = hashlib.sha256(raw).hexdigest()
     if digest != sha256:
         raise GraphError(
-            f"the YAML agent '{path}' on this worker differs from the caller's "
+            f"the YAML agent '{ref}' on this worker differs from the caller's "
             f"(sha256 {digest[:12]} here, {sha256[:12]} sent); refusing to run other code"
         )
-    return _load_yaml_spec(path, digest)
+    uses = yaml_uses_modules(raw)
+    for module in sorted(uses):
+        allowlist.check(module, f" (a 'uses:' of the YAML agent '{ref}')")
+    _check_code(code, uses, allowlist)
+    return _load_yaml_spec(str(path), digest)
 
 
 @lru_cache(maxsize=64)
@@ -181,7 +259,8 @@ def check_fanout(spec: GraphSpec, fan: FanOut) -> None:
     for branch, config in zip(fan.branches, fan.configs, strict=True):
         if config.strategy != "celery":
             continue
-        encode_branch(spec, branch, fan.fan_in)
+        data = encode_branch(spec, branch, fan.fan_in)
+        note_branch_modules(data["code"]["modules"])
         for name in spec.branch_nodes(branch, fan.fan_in)[0]:
             inner = spec.fanouts.get(name)
             if inner is not None and any(c.strategy == "celery" for c in inner.configs):

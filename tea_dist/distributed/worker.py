@@ -68,6 +68,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
+        if isinstance(value, tuple):
+            value = ",".join(value)
         env[f"TEA_DIST_{name.upper()}"] = str(value)
     return env
 
@@ -100,14 +102,20 @@ def spawn_worker(
 def spawn_flower(
     settings: Settings, port: int, *, auth: str | None = None, log_path: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start Flower for ``settings`` on 127.0.0.1:``port`` in its own process group."""
+    """Start Flower for ``settings`` on 127.0.0.1:``port`` in its own process group.
+
+    ``auth`` (``user:password``, several separated by commas) reaches Flower through its own
+    ``FLOWER_BASIC_AUTH`` environment variable, never its command line, which every user of
+    the machine can read with ``ps``; the broker URL travels in the environment as well.
+    """
     argv = [sys.executable, "-m", "celery", "-A", "tea_dist.distributed.celery_app", "flower"]
     argv += [f"--port={port}", "--address=127.0.0.1"]
+    env = {**os.environ, **settings_env(settings)}
     if auth:
-        argv.append(f"--basic-auth={auth}")
+        env["FLOWER_BASIC_AUTH"] = auth
     return subprocess.Popen(
         argv,
-        env={**os.environ, **settings_env(settings)},
+        env=env,
         stdout=open(log_path, "ab") if log_path else subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -1,10 +1,11 @@
 """The distributed part of ``tea-dist``: workers, submitted runs, circuits, a local cluster.
 
-    tea-dist worker [--role flows|runs|all] [--concurrency N] [--queues Q] [--name N]
+    tea-dist worker [--role flows|runs|all] [--allow pkg.module,...] [--concurrency N] [--queues Q]
     tea-dist submit REF --input JSON [--config JSON] [--wait]
     tea-dist status RUN | result RUN [--wait] | cancel RUN
     tea-dist circuits [--reset NAME | --reset-all]
-    tea-dist cluster [--workers N] [--concurrency N] [--flower-port P]
+    tea-dist cluster [--workers N] [--concurrency N] [--allow M,...] [--flower-port P]
+                     [--flower-auth @FILE]
 
 These commands talk to the broker of ``TEA_DIST_BROKER_URL`` (``submit`` with no broker set
 starts nothing: point it at a cluster, e.g. the one ``tea-dist cluster`` prints).
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -36,6 +38,41 @@ from tea_dist.interfaces.common import (
 
 RoleOpt = Annotated[str, typer.Option("--role", help="flows (branches), runs (whole runs) or all.")]
 RunArg = Annotated[str, typer.Argument(help="A run id printed by submit.", show_default=False)]
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow",
+        help="Modules or packages whose callables messages may name (comma-separated, "
+        "repeatable; added to TEA_DIST_ALLOWED). Nothing else is imported from a message.",
+    ),
+]
+
+
+def allow_env(allow: list[str] | None) -> str:
+    """``TEA_DIST_ALLOWED`` with ``--allow`` values added; set in this process's environment,
+    so the worker it becomes (or starts) reads it like any other setting."""
+    entries = [e for e in os.environ.get("TEA_DIST_ALLOWED", "").split(",") if e.strip()]
+    for value in allow or ():
+        entries += [e.strip() for e in value.split(",") if e.strip()]
+    joined = ",".join(dict.fromkeys(entries))
+    os.environ["TEA_DIST_ALLOWED"] = joined
+    return joined
+
+
+def read_secret(value: str, option: str) -> str:
+    """A secret given as ``@FILE`` (``@-``: standard input), never as the value itself."""
+    if not value.startswith("@"):
+        fail(
+            f"{option} takes @FILE (a file holding the secret) or @- (standard input), not the "
+            "secret itself: a command line is visible to every user of the machine (ps)",
+            EXIT_USAGE,
+        )
+    source = value[1:]
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        fail(f"{option}: cannot read {source}: {exc.strerror or exc}", EXIT_USAGE)
+    return text.strip()
 
 
 @app.command()
@@ -45,11 +82,17 @@ def worker(
     queues: Annotated[str | None, typer.Option(help="Queues to consume (comma-separated).")] = None,
     name: Annotated[str | None, typer.Option(help="Node name, default ROLE@HOST.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    allow: AllowOpt = None,
 ) -> None:
-    """Run a worker: branch tasks (flows, prefork), whole runs (runs, threads), or both."""
+    """Run a worker: branch tasks (flows, prefork), whole runs (runs, threads), or both.
+
+    The worker imports only callables from the modules and packages that --allow and
+    TEA_DIST_ALLOWED name (plus tea_dist's own helpers), whatever a message asks for.
+    """
     from tea_dist.distributed.celery_app import current_settings
     from tea_dist.distributed.worker import worker_argv
 
+    allowed = allow_env(allow)
     settings = current_settings()
     roles = ["flows", "runs"] if role == "all" else [role]
     single_name = name if len(roles) == 1 else None
@@ -70,7 +113,11 @@ def worker(
             ]
             for r in roles
         ]
-    typer.echo(f"tea-dist worker {role} on {redact(settings.broker)}", err=True)
+    typer.echo(
+        f"tea-dist worker {role} on {redact(settings.broker)}, allowing "
+        f"{allowed or 'only tea_dist helpers'}",
+        err=True,
+    )
     if len(argvs) == 1:
         os.execv(sys.executable, argvs[0])  # the worker becomes this process (signals, PID 1)
     children = [subprocess.Popen(argv) for argv in argvs]
@@ -181,18 +228,25 @@ def cluster(
     concurrency: Annotated[int, typer.Option(help="Branch slots per flow worker.")] = 2,
     flower_port: Annotated[int, typer.Option(help="Flower's port (0: no Flower).")] = 5555,
     flower_auth: Annotated[
-        str | None, typer.Option(help="Flower basic auth user:password.")
+        str | None,
+        typer.Option(
+            help="Flower basic auth: @FILE holding user:password (@- reads stdin). "
+            "FLOWER_BASIC_AUTH in the environment works too."
+        ),
     ] = None,
+    allow: AllowOpt = None,
 ) -> None:
     """Start a local cluster (embedded Redis, workers, Flower) and keep it up until Ctrl-C."""
     from tea_dist.distributed.local_cluster import LocalCluster
 
+    auth = read_secret(flower_auth, "--flower-auth") if flower_auth else None
+    allow_env(allow)
     with reporting(False, EXIT_USAGE):
         local = LocalCluster(
             flow_workers=workers,
             concurrency=concurrency,
             flower_port=flower_port or None,
-            flower_auth=flower_auth,
+            flower_auth=auth,
         ).start()
     try:
         typer.echo(f"broker:  {local.redis_url}")
