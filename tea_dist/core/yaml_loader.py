@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, ResourceLimit, RetryPolicy
 from tea_dist.core.errors import ConfigError, GraphError, UnknownStrategyError, YAMLError
 from tea_dist.core.graph import END, START, StateGraph
 from tea_dist.core.strategies import check_strategy
@@ -162,6 +162,7 @@ _VOCABULARY = sorted(
     | _EDGE_SETTINGS
     | set(RetryPolicy.model_fields)
     | set(CircuitBreakerConfig.model_fields)
+    | set(ResourceLimit.model_fields)
 )
 
 
@@ -233,6 +234,7 @@ _PHRASES = {
     "model_type": "must be a mapping",
     "model_attributes_type": "must be a mapping",
     "list_type": "must be a list",
+    "tuple_type": "must be a list",  # ParallelConfig.limits
     "string_type": "must be a string",
     "bool_type": "must be true or false",
     "bool_parsing": "must be true or false",
