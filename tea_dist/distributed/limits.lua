@@ -26,8 +26,8 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-local function newest(key)
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+local function newest(i)
+  local last = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
   if last[2] then return tonumber(last[2]) end
   return nil
 end
@@ -35,7 +35,7 @@ end
 -- Every key expires when its last lease, start (+ one period) and waiter is over, plus SLACK.
 local function touch(now)
   local keep = 0
-  local lease, start, waiter = newest(KEYS[1]), newest(KEYS[2]), newest(KEYS[3])
+  local lease, start, waiter = newest(1), newest(2), newest(3)
   local period = tonumber(redis.call('HGET', KEYS[4], 'period'))
   if lease then keep = math.max(keep, lease - now) end
   if start and period then keep = math.max(keep, start + period - now) end
