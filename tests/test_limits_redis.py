@@ -3,7 +3,8 @@
 The behaviour shared with the memory store is in ``test_limits.py`` (the contract suite); this
 file holds what only a store shared between processes must do: ``max_concurrent`` and ``rate``
 held across processes contending for one limit, a SIGKILLed holder's permit coming back within
-its lease, keys that always expire, and ``tea-dist limits``. Child processes are started with
+its lease, keys that always expire, the scripts on a real Redis Cluster, and ``tea-dist
+limits``. Child processes are started with
 the ``spawn`` method, so each builds its own connection as a worker would, and every store here
 uses the Redis server's clock.
 """
@@ -14,19 +15,24 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import time
+from collections.abc import Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 from typer.testing import CliRunner
 
 from tea_dist.core.config import ResourceLimit
 from tea_dist.core.errors import ConfigError, TeaDistError
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.limits_redis import RedisLimitStore
+from tea_dist.distributed.local_cluster import free_port, redis_server_binary
 from tea_dist.distributed.settings import Settings
 from tea_dist.interfaces.cli import app
 
@@ -301,3 +307,90 @@ def test_i12_3_cli_limits_lists_and_resets(
         "db",
         "openai",
     ]
+
+
+# -- Redis Cluster --
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real three-node Redis Cluster (no replicas) of our own, its slots split in three."""
+    folder = tmp_path_factory.mktemp("cluster")
+    binary = redis_server_binary()
+    ports = [_cluster_port() for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", f"nodes-{port}.conf", "--save", "", "--appendonly", "no"],
+            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]  # fmt: skip
+    try:
+        nodes = [redis.Redis(port=port, retry=None) for port in ports]
+        deadline = time.time() + 20
+        while not all(_answers(node) for node in nodes):
+            assert time.time() < deadline, "cluster nodes did not start"
+            time.sleep(0.05)
+        bounds = [0, 5461, 10923, 16384]
+        for i, node in enumerate(nodes):
+            node.execute_command("CLUSTER ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+            node.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
+        for port in ports[1:]:
+            nodes[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        while not all(node.cluster("info")["cluster_state"] == "ok" for node in nodes):
+            assert time.time() < deadline, "the cluster did not form"
+            time.sleep(0.05)
+        client = RedisCluster(host="127.0.0.1", port=ports[0])
+        yield client
+        client.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free as well."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def _answers(node: redis.Redis) -> bool:
+    try:
+        return bool(node.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_i12_3_limits_run_on_redis_cluster(redis_cluster: RedisCluster) -> None:
+    store = RedisLimitStore(redis_cluster, Keys("tea-test"))
+    names = [f"api{i}" for i in range(6)]
+    nodes = {redis_cluster.get_node_from_key(Keys("tea-test").limit(n, "info")).port for n in names}
+    assert len(nodes) >= 2  # the limits live on different nodes
+    for name in names:
+        lim = ResourceLimit(name=name, max_concurrent=1, rate="2/m")
+        assert store.acquire(lim, "a", 5.0) is None
+        assert store.acquire(lim, "b", 5.0) == pytest.approx(0.1)
+        store.waiting(lim, "b", time.time() + 5)
+        assert store.renew(lim, "a", 5.0) is True
+        store.release(lim, "a")
+        assert store.acquire(lim, "b", 5.0) is None
+        store.release(lim, "b")
+        assert store.acquire(lim, "c", 5.0) == pytest.approx(60, abs=1)
+    assert sorted(store.states()) == names
+    assert {s.started for s in store.states().values()} == {2}
+    assert all(store.reset(name) for name in names)
+    assert store.states() == {}

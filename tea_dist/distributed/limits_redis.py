@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from tea_dist.core.config import ResourceLimit
@@ -48,6 +49,14 @@ def lua_sources() -> dict[str, str]:
     return scripts
 
 
+def _where(client: redis.Redis | RedisCluster) -> str:
+    """A password-free description of where ``client`` connects (for messages only)."""
+    if isinstance(client, RedisCluster):
+        node = client.get_default_node()
+        return f"redis cluster {node.host}:{node.port}" if node else "redis cluster"
+    return _url_of(client)
+
+
 def _opt(value: object | None) -> str:
     return "" if value is None else str(value)
 
@@ -55,19 +64,21 @@ def _opt(value: object | None) -> str:
 class RedisLimitStore:
     """Resource limits in Redis; one Lua script per operation.
 
-    ``client_or_url`` is a ``redis.Redis`` or a URL; ``keys`` gives the namespace (default
-    prefix ``"tea"``); ``clock`` returns epoch seconds, ``None`` meaning the Redis server's
-    clock; ``poll_seconds`` is the wait answered while ``max_concurrent`` is full. Raises
-    ``ConfigError`` when the URL is malformed; no connection is made until the first call.
+    ``client_or_url`` is a ``redis.Redis``, a ``redis.cluster.RedisCluster`` or a URL;
+    ``keys`` gives the namespace (default prefix ``"tea"``); ``clock`` returns epoch seconds,
+    ``None`` meaning the Redis server's clock; ``poll_seconds`` is the wait answered while
+    ``max_concurrent`` is full. Raises ``ConfigError`` when the URL is malformed; no
+    connection is made until the first call.
     """
 
     def __init__(
         self,
-        client_or_url: redis.Redis | str,
+        client_or_url: redis.Redis | RedisCluster | str,
         keys: Keys | None = None,
         clock: Clock | None = None,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
     ) -> None:
+        self._client: redis.Redis | RedisCluster
         if isinstance(client_or_url, str):
             self._url: str | None = client_or_url
             self._where = redact(client_or_url).split("?", 1)[0]  # a query may hold a password
@@ -78,7 +89,7 @@ class RedisLimitStore:
         else:
             self._url = None
             self._client = client_or_url
-            self._where = _url_of(client_or_url)
+            self._where = _where(client_or_url)
         self._keys = keys or Keys()
         self._clock = clock
         self._poll = poll_seconds
@@ -191,6 +202,11 @@ class RedisLimitStore:
         keys, index = self._keys.limit_keys(name), self._keys.limits_index()
         runner = self._scripts[script]
         with self._translated():
+            if isinstance(self._client, RedisCluster):  # no scripts in a cluster pipeline
+                reply = runner(keys=keys, args=args)
+                self._client.sadd(index, name)
+                self._client.expire(index, INDEX_TTL_SECONDS)
+                return reply
             pipe = self._client.pipeline(transaction=False)
             pipe.evalsha(runner.sha, len(keys), *keys, *args)
             pipe.sadd(index, name)
