@@ -11,9 +11,10 @@ shares it through a ``LimitStore``. An attempt takes one *permit* before it star
 Permits are *leases*: a grant holds for ``lease_seconds`` and the holder renews it while its
 attempt runs (from its heartbeat). A holder that dies (a SIGKILLed worker) stops renewing and
 its permit comes back by itself once the lease has run out. An expired lease is dropped by the
-next ``acquire`` (which needs the room); until then its holder may still renew it, so a
-``renew`` fails only when the lease has expired *and* been taken. A released lease is gone:
-a late ``renew`` never brings it back.
+next ``acquire`` (which needs the room; in Redis also when the limit's keys expire, a second
+after everything in them is over); until then its holder may still renew it, so a ``renew``
+fails only when the lease has expired *and* been taken. A released lease is gone: a late
+``renew`` never brings it back.
 
 The rate rule is a sliding-window log: the start times of the last period are kept and a new
 start is granted while fewer than N are younger than one period. It is exact: no half-open
