@@ -4,7 +4,7 @@ or a Celery cluster.
 Grouped by concept:
 
 - building and running graphs: ``StateGraph``, ``START``, ``END``, ``load_yaml``
-- policies: ``ParallelConfig``, ``RetryPolicy``, ``CircuitBreakerConfig``
+- policies: ``ParallelConfig``, ``RetryPolicy``, ``CircuitBreakerConfig``, ``ResourceLimit``
 - results and events: ``ParallelFlowResult``, ``CircuitState``, ``ParallelFlowCallback``,
   ``FlowContext``, ``CancelToken``
 - fan-in helpers: ``first_success``, ``all_success``, ``majority``
@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from tea_dist.core.config import (
+    CircuitBreakerConfig,
+    ParallelConfig,
+    ResourceLimit,
+    RetryPolicy,
+)
 from tea_dist.core.errors import TeaDistError
 from tea_dist.core.graph import END, START, StateGraph
 from tea_dist.core.results import CircuitState, ParallelFlowResult
@@ -37,6 +42,7 @@ __all__ = [
     "ParallelExecutor",
     "ParallelFlowCallback",
     "ParallelFlowResult",
+    "ResourceLimit",
     "RetryPolicy",
     "StateGraph",
     "TeaDistError",

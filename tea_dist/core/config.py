@@ -1,4 +1,4 @@
-"""Policy models: ``ParallelConfig``, ``RetryPolicy``, ``CircuitBreakerConfig``.
+"""Policy models: ``ParallelConfig``, ``RetryPolicy``, ``CircuitBreakerConfig``, ``ResourceLimit``.
 
 All are frozen pydantic models validated on construction (a negative timeout or an unknown
 field is an error naming it). Policies carry pure decision methods so that tests call them
@@ -9,10 +9,11 @@ edge config > graph config > defaults is applied, for Python and YAML graphs ali
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tea_dist.core.errors import BranchTimeoutError
 
@@ -132,6 +133,62 @@ class CircuitBreakerConfig(_Frozen):
     scope: Literal["shared", "invocation"] = "shared"
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*(?:/\s*([smh]))?\s*$")
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(rate: str) -> tuple[int, float]:
+    """``"100/m"`` -> ``(100, 60.0)``: starts allowed per period of seconds (Celery's notation;
+    a bare ``"5"`` is per second). Raises ``ValueError`` saying what is accepted."""
+    match = _RATE.match(rate)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(
+            f"rate must look like '100/m', '5/s' or '1000/h' (a whole number >= 1 per "
+            f"second, minute or hour), got {rate!r}"
+        )
+    return int(match.group(1)), _PERIODS[match.group(2) or "s"]
+
+
+class ResourceLimit(_Frozen):
+    """A cluster-wide limit on branch attempts, shared by everything that names it.
+
+    ``max_concurrent``: attempts holding a permit at once; ``rate``: attempt starts per period,
+    in Celery's notation (``"100/m"``, ``"5/s"``, ``"1000/h"``). At least one must be given;
+    an attempt under a limit with both needs both.
+    """
+
+    name: str = Field(min_length=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    rate: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name must not be blank")
+        return value.strip()
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        count, period = parse_rate(value)
+        unit = next(u for u, seconds in _PERIODS.items() if seconds == period)
+        return f"{count}/{unit}"
+
+    @model_validator(mode="after")
+    def _something_to_limit(self) -> ResourceLimit:
+        if self.max_concurrent is None and self.rate is None:
+            raise ValueError(f"limit {self.name!r} needs max_concurrent or rate (or both)")
+        return self
+
+    @property
+    def window(self) -> tuple[int, float] | None:
+        """``(starts, period_seconds)`` of ``rate``, or ``None`` without a rate."""
+        return None if self.rate is None else parse_rate(self.rate)
+
+
 class ParallelConfig(_Frozen):
     """How the branches of a fan-out run. Every field is optional.
 
@@ -148,6 +205,16 @@ class ParallelConfig(_Frozen):
     circuit_breaker: CircuitBreakerConfig | None = None
     include_traceback: bool = False
     queue: str | None = None
+    limits: tuple[ResourceLimit, ...] = ()
+
+    @field_validator("limits")
+    @classmethod
+    def _distinct_limits(cls, value: tuple[ResourceLimit, ...]) -> tuple[ResourceLimit, ...]:
+        names = [limit.name for limit in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"limit {twice[0]!r} is named twice; give each limit once")
+        return value
 
     @field_validator("strategy")
     @classmethod

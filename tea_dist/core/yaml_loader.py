@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, ResourceLimit, RetryPolicy
 from tea_dist.core.errors import ConfigError, GraphError, UnknownStrategyError, YAMLError
 from tea_dist.core.graph import END, START, StateGraph
 from tea_dist.core.strategies import check_strategy
@@ -206,6 +206,7 @@ _KEYS_UNDER: dict[Any, frozenset[str]] = {
     "retry": _keys(RetryPolicy),
     "retry_policy": _keys(RetryPolicy),
     "circuit_breaker": _keys(CircuitBreakerConfig),
+    "limits": _keys(ResourceLimit),
 }
 _VOCABULARY = sorted(frozenset().union(*_KEYS_UNDER.values()))
 
@@ -286,6 +287,7 @@ _PHRASES = {
     "model_type": "must be a mapping",
     "model_attributes_type": "must be a mapping",
     "list_type": "must be a list",
+    "tuple_type": "must be a list",  # ParallelConfig.limits
     "string_type": "must be a string",
     "bool_type": "must be true or false",
     "bool_parsing": "must be true or false",

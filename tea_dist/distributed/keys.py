@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from tea_dist.core.errors import ConfigError
 
 DEFAULT_PREFIX = "tea"
+LIMIT_PARTS = ("holders", "starts", "waiting", "info")
+"""The keys of one resource limit: leases (zset holder -> expiry), starts of the rate window
+(zset seq -> time), waiters (zset holder -> until), and a hash of its settings and counters."""
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,22 @@ class Keys:
     def queue_workers(self, queue: str) -> str:
         """Sorted set: live workers consuming ``queue``, scored by when they stop counting."""
         return f"{self.prefix}:queue:{queue}:workers"
+
+    # -- resource limits --
+
+    def limit(self, name: str, part: str) -> str:
+        """One of a limit's keys (``holders``, ``starts``, ``waiting``, ``info``).
+
+        The limit's name is the hash tag, ``{name}``: all its keys sit in one Redis Cluster
+        slot, so one script may use them all. The tag follows the prefix so that ``SCAN
+        prefix*`` still finds every key of a deployment.
+        """
+        return f"{self.prefix}:limit:{{{name}}}:{part}"
+
+    def limit_keys(self, name: str) -> list[str]:
+        """Every key of one limit, in the order its Lua scripts take them (``KEYS[1..4]``)."""
+        return [self.limit(name, part) for part in LIMIT_PARTS]
+
+    def limits_index(self) -> str:
+        """The set of limit names, so listing limits needs no SCAN."""
+        return f"{self.prefix}:limits"

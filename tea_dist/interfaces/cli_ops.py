@@ -4,6 +4,7 @@
     tea-dist submit REF --input JSON [--config JSON] [--wait]
     tea-dist status RUN | result RUN [--wait] | cancel RUN
     tea-dist circuits [--reset NAME | --reset-all]
+    tea-dist limits [--reset NAME]
     tea-dist cluster [--workers N] [--concurrency N] [--allow M,...] [--flower-port P]
                      [--flower-auth @FILE]
 
@@ -220,6 +221,37 @@ def circuits(
         for name, state in sorted(store.states().items()):
             snap = store.snapshot(name)
             typer.echo(f"{name}\t{state}\tfailures={snap.failures}")
+
+
+@app.command()
+def limits(
+    reset: Annotated[
+        str | None, typer.Option(help="Drop this limit's permits and waiters.")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List the resource limits in Redis with permits held and waiting, or reset one."""
+    from tea_dist.distributed.celery_app import current_settings
+    from tea_dist.distributed.keys import Keys
+    from tea_dist.distributed.limits_redis import RedisLimitStore
+
+    with reporting(debug):
+        settings = current_settings()
+        store = RedisLimitStore(settings.redis, Keys(settings.key_prefix))
+        if reset:
+            known = store.reset(reset)
+            typer.echo(f"{reset}: {'reset' if known else 'nothing held or waiting'}")
+            return
+        rows = [
+            (s.name, s.held, s.max_concurrent, s.waiting, s.rate, s.started)
+            for s in store.states().values()
+        ]
+        if not rows:
+            typer.echo("no limit has permits held or waiting", err=True)
+        for name, held, most, waiting, rate, started in rows:
+            cap = f"held={held}/{most}" if most is not None else f"held={held}"
+            pace = f"\trate={rate}\tstarted={started}" if rate else ""
+            typer.echo(f"{name}\t{cap}\twaiting={waiting}{pace}")
 
 
 @app.command()
