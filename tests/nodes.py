@@ -291,7 +291,7 @@ async def async_count_concurrency(state: dict[str, Any]) -> dict[str, Any]:
     CONCURRENCY["now"] += 1
     CONCURRENCY["max"] = max(CONCURRENCY["max"], CONCURRENCY["now"])
     try:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(float(state.get("hold", 0.005)))
     finally:
         CONCURRENCY["now"] -= 1
     return {"counted": True}

@@ -70,7 +70,7 @@ def test_h4_ac3_100_branches_max_workers_4_no_deadlock() -> None:
 def test_asyncio_default_runs_every_branch_at_once() -> None:
     nodes.CONCURRENCY.update(now=0, max=0)
     branches = {f"b{i}": nodes.async_count_concurrency for i in range(20)}
-    list(fan_graph(branches, config=ASYNCIO).compile().invoke({}))
+    list(fan_graph(branches, config=ASYNCIO).compile().invoke({"hold": 0.3}))  # all overlap
     assert nodes.CONCURRENCY["max"] == 20
 
 
