@@ -117,7 +117,9 @@ class CompiledGraph:
             run_id=run_id or uuid.uuid4().hex,
             cancel_token=cancel_token or CancelToken(),
         )
-        cursor = Cursor()
+        run = FlowContext(branch="", graph_name=self.spec.name, run_id=runtime.run_id)
+        runtime.emit("on_invoke_start", run)
+        cursor = _NodeCursor(runtime, run)
         final = dict(state)
         steps = walk(
             self.spec,
@@ -131,6 +133,7 @@ class CompiledGraph:
         )
         try:
             for step in steps:
+                cursor.ended()
                 if step.results:
                     if detailed:
                         yield from map(_branch_event, step.results)
@@ -139,6 +142,8 @@ class CompiledGraph:
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
         except Exception as exc:
+            cursor.ended(exc)
+            runtime.emit("on_invoke_end", run, exc)
             runtime.close()
             if self.raise_exceptions:
                 if isinstance(exc, TeaDistError):
@@ -148,6 +153,7 @@ class CompiledGraph:
                 ) from exc
             yield _error_event(cursor.node, exc)
             return
+        runtime.emit("on_invoke_end", run, None)
         runtime.close()
         yield {"type": "final", "state": final}
 
@@ -171,6 +177,31 @@ class CompiledGraph:
     def get_circuit_states(self) -> dict[str, CircuitState]:
         """Every known circuit and its state."""
         return self.breakers.states()
+
+
+class _NodeCursor(Cursor):
+    """The run's cursor, which times its nodes: the walk sets ``node`` just before it calls a
+    node (``on_node_start``); the runner calls ``ended`` when the node's step comes back, or
+    its error (``on_node_end``)."""
+
+    runtime: Runtime
+    run: FlowContext
+    running: str
+
+    def __init__(self, runtime: Runtime, run: FlowContext) -> None:
+        self.__dict__.update(runtime=runtime, run=run, running="")
+        super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "node" and value:
+            self.__dict__["running"] = value
+            self.runtime.emit("on_node_start", self.run, value)
+
+    def ended(self, error: BaseException | None = None) -> None:
+        if self.running:
+            node, self.__dict__["running"] = self.running, ""
+            self.runtime.emit("on_node_end", self.run, node, error)
 
 
 def _branch_event(result: ParallelFlowResult) -> Event:
