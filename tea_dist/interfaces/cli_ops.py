@@ -1,6 +1,7 @@
 """The distributed part of ``tea-dist``: workers, submitted runs, circuits, a local cluster.
 
     tea-dist worker [--role flows|runs|all] [--concurrency N] [--queues Q] [--name N]
+                    [--metrics-port P]
     tea-dist submit REF --input JSON [--config JSON] [--wait]
     tea-dist status RUN | result RUN [--wait] | cancel RUN
     tea-dist circuits [--reset NAME | --reset-all]
@@ -45,10 +46,13 @@ def worker(
     queues: Annotated[str | None, typer.Option(help="Queues to consume (comma-separated).")] = None,
     name: Annotated[str | None, typer.Option(help="Node name, default ROLE@HOST.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics of all its processes here.")
+    ] = None,
 ) -> None:
     """Run a worker: branch tasks (flows, prefork), whole runs (runs, threads), or both."""
     from tea_dist.distributed.celery_app import current_settings
-    from tea_dist.distributed.worker import worker_argv
+    from tea_dist.distributed.worker import serve_metrics, worker_argv
 
     settings = current_settings()
     roles = ["flows", "runs"] if role == "all" else [role]
@@ -71,9 +75,13 @@ def worker(
             for r in roles
         ]
     typer.echo(f"tea-dist worker {role} on {redact(settings.broker)}", err=True)
-    if len(argvs) == 1:
+    env = dict(os.environ)
+    if metrics_port:  # this process stays, serving what the worker processes record
+        with reporting(False):
+            env.update(serve_metrics(settings, role, metrics_port, queues))
+    elif len(argvs) == 1:
         os.execv(sys.executable, argvs[0])  # the worker becomes this process (signals, PID 1)
-    children = [subprocess.Popen(argv) for argv in argvs]
+    children = [subprocess.Popen(argv, env=env) for argv in argvs]
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:

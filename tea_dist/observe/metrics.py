@@ -267,13 +267,14 @@ def _here() -> str:
     return f"{_HOST}/{os.getpid()}"  # as ``engine.attempt.worker_id`` names a process
 
 
-def counted_here(ctx: FlowContext, result_outcome: str | None = None) -> bool:
+def counted_here(ctx: FlowContext, result: ParallelFlowResult | None = None) -> bool:
     """Whether this process counts an event of ``ctx``'s branch (see the module docstring)."""
     if ctx.config is None or ctx.config.strategy != "celery":
         return True
-    if ctx.worker:
-        return ctx.worker == _here()
-    return result_outcome in CALLER_OUTCOMES
+    worker = ctx.worker or (result.worker if result is not None else None)
+    if worker:
+        return worker == _here()
+    return result is not None and outcome(result) in CALLER_OUTCOMES
 
 
 def relayed(ctx: FlowContext) -> bool:
@@ -325,9 +326,9 @@ class MetricsListener:
             self.m.retries.labels(*_labels(ctx)).inc()
 
     def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
-        kind = outcome(result)
-        if not counted_here(ctx, kind):
+        if not counted_here(ctx, result):
             return
+        kind = outcome(result)
         labels = _labels(ctx)
         self.m.branches.labels(*labels, kind).inc()
         self.m.branch_seconds.labels(*labels).observe(result.timing_ms / 1000.0)
