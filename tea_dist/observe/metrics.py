@@ -98,7 +98,7 @@ def build(registry: Any) -> Metrics:
     def histogram(name: str, text: str, labels: Iterable[str]) -> Any:
         return Histogram(name, text, list(labels), registry=registry, buckets=BUCKETS)
 
-    def gauge(name: str, text: str, labels: Iterable[str], mode: str) -> Any:
+    def gauge(name: str, text: str, labels: Iterable[str], mode: Any) -> Any:
         return Gauge(name, text, list(labels), registry=registry, multiprocess_mode=mode)
 
     return Metrics(

@@ -120,7 +120,7 @@ class _Fanout:
     """A running fan-out's spans, reachable from its context."""
 
     span: Any
-    token: object
+    token: Any
     branches: dict[str, Any] = field(default_factory=dict)  # open branch spans
     attempts: dict[str, Any] = field(default_factory=dict)  # running attempt spans
 
@@ -157,8 +157,8 @@ class TracingListener:
         self.tracer, self.trace, self.context = tracer, trace, context
         self.error = lambda text: Status(StatusCode.ERROR, text)
         self.invoke: Any = None
-        self.node: tuple[Any, object] | None = None
-        self.attempts: dict[str, tuple[Any, object]] = {}  # attached here: a worker's attempts
+        self.node: tuple[Any, Any] | None = None
+        self.attempts: dict[str, tuple[Any, Any]] = {}  # attached here: a worker's attempts
 
     def _start(self, name: str, parent: Any, attributes: dict[str, Any]) -> Any:
         context = None if parent is None else self.trace.set_span_in_context(parent)
