@@ -35,7 +35,12 @@ Everything lives in Redis db 12 under a fresh tag (queues ``bench-<tag>.*``, key
 ``bench-<tag>``); only keys this run created are deleted at the end, and only the worker
 processes this script started are stopped (by process group).
 
-Run: ``python bench/celery_vs_raw.py [--quick] [--reps R] [--only SECTIONS]``.
+5. observe (only with ``--observe``): the overhead section's tea_dist fan-out with tracing and
+   metrics off, against the same on a second ``-c 2`` worker that has both on (this module is
+   its ``-A`` app: an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` dropping the spans,
+   metrics in Prometheus multiprocess mode) and the caller tracing and counting too.
+
+Run: ``python bench/celery_vs_raw.py [--quick] [--reps R] [--only SECTIONS] [--observe]``.
 ``--quick`` (a smoke run, ~30 s): N = 50 and 200, 2 repetitions; 0.1 s CPU branches on
 ``-c 1`` and ``-c 2`` only; one repetition of tea_dist's two timeout paths and of one
 fail-fast pair.
@@ -81,6 +86,7 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 SECTIONS = ("overhead", "cpu", "timeout", "failfast")
 WORKER_APPS = {  # worker kind -> the -A module it runs
     "tea": "tea_dist.distributed.celery_app",
+    "observed": "bench.celery_vs_raw",  # tracing and metrics on: see the end of this module
     "raw": "bench.rawtasks",
     "refill": "bench.refill_bootstep",
 }
@@ -125,6 +131,11 @@ class Cluster:
             argv = worker_argv(settings, "flows", concurrency=concurrency, name=name)
             argv[argv.index("tea_dist.distributed.celery_app")] = WORKER_APPS[kind]
             env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+            if kind == "observed":
+                metrics_dir = self.logs / "metrics"
+                metrics_dir.mkdir(exist_ok=True)
+                env |= {"BENCH_OBSERVED": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+                env["TEA_DIST_METRICS_PORT"] = "9464"  # recorded, not served (multiprocess)
             log = open(self.logs / f"{kind}-{queue}-{n}.log", "ab")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", *argv],
@@ -654,12 +665,82 @@ def release_pending_results() -> None:
     gc.collect()
 
 
+def observe_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
+    """N no-op branches: tracing and metrics off, against on (caller and worker)."""
+    obs = ObservedSide()
+    rows = []
+    for n in sizes:
+        runs = {}
+        for mode, queue in (("off", "tea"), ("on", "obs")):
+            config = ParallelConfig(strategy="celery", queue=cluster.queue(queue))
+            app = fan_graph(n, bn.noop, config, name=f"obs{n}").compile()
+
+            def run(app: Any = app, n: int = n, mode: str = mode) -> None:
+                obs.set(mode == "on")
+                final = final_state(list(app.invoke({})))
+                if final["ok"] != n:
+                    raise RuntimeError(f"observe {mode}: {final['ok']} of {n} branches succeeded")
+
+            run()  # warm
+            runs[mode] = run
+        times = alternate(list(runs.items()), reps, f"observe N={n}")
+        off, on = median(times["off"]), median(times["on"])
+        rows.append(
+            [
+                f"N={n}",
+                f"{off:.3f}",
+                f"{on:.3f}",
+                f"{off / n * 1e3:.2f}",
+                f"{on / n * 1e3:.2f}",
+                f"{(on - off) / n * 1e3:+.2f}",
+                f"{on / off - 1:+.0%}",
+            ]
+        )
+    obs.set(False)
+    return table(
+        f"Observability: N no-op celery branches, tracing and metrics off vs on (caller and "
+        f"worker), prefork -c 2 each, {reps} alternating repetitions",
+        ["fan-out", "off med s", "on med s", "off ms/branch", "on", "cost ms/branch", "cost %"],
+        rows,
+    )
+
+
+class ObservedSide:
+    """The caller's tracing (spans dropped by a batch processor) and metrics, on or off."""
+
+    def __init__(self) -> None:
+        self.provider = dropping_provider()
+
+    def set(self, on: bool) -> None:
+        from tea_dist.observe import metrics, tracing
+
+        tracing.set_tracer_provider(self.provider if on else None)
+        (metrics.enable if on else metrics.disable)()
+
+
+def dropping_provider() -> Any:
+    """An SDK tracer provider whose batch processor drops every span (no collector's cost)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):  # type: ignore[misc]
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    return provider
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a < 30 s run (smaller, fewer reps)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per section")
     parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+    )
+    parser.add_argument(
+        "--observe", action="store_true", help="add the tracing and metrics overhead section"
     )
     args = parser.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -688,6 +769,9 @@ def main() -> None:
         specs += [("tea", "w2", 1), ("tea", "w2", 1)]
     if "timeout" in only:
         specs.append(("raw", "rc1", 1))
+    if args.observe:
+        specs += [("tea", "tea", 2)] if ("tea", "tea", 2) not in specs else []
+        specs.append(("observed", "obs", 2))
     outputs = []
     load_before = os.getloadavg()
     try:
@@ -703,6 +787,8 @@ def main() -> None:
             outputs.append(timeout_section(cluster, 1 if args.quick else reps, args.quick))
         if "failfast" in only:
             outputs.append(failfast_section(cluster, 1 if args.quick else reps, args.quick))
+        if args.observe:
+            outputs.append(observe_section(cluster, sizes, reps))
     finally:
         release_pending_results()
         cluster.stop()
@@ -717,6 +803,13 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.1f} s; {deleted} Redis keys of this run deleted")
 
+
+if os.environ.get("BENCH_OBSERVED"):  # this module as the observed worker's -A app
+    from opentelemetry import trace
+
+    from tea_dist.distributed.celery_app import app  # noqa: F401 - the worker's app
+
+    trace.set_tracer_provider(dropping_provider())
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,12 @@ reporting median wall times (``time.perf_counter``) and ratios:
    strategy does per branch). A tea_dist time is the whole ``invoke()`` (start node, fan-out,
    fan-in node), compiled beforehand; per-branch = total / N. Every pool is warmed first.
 
-Run: ``python bench/local_strategies.py [--quick] [--reps R]``.
+4. With ``--observe``: the cost of tracing and metrics. The same N no-op fan-outs per strategy
+   with both off, tracing on (an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` whose
+   exporter drops the spans: what tea_dist pays, not what a collector costs), metrics on (in
+   this process's registry, not served), and both, alternated within one run.
+
+Run: ``python bench/local_strategies.py [--quick] [--reps R] [--observe]``.
 """
 
 from __future__ import annotations
@@ -228,10 +233,76 @@ def overhead_section(
     )
 
 
+class Observability:
+    """Tracing and metrics, switched per side (a Dispatcher takes its listeners at invoke)."""
+
+    MODES = ("off", "tracing", "metrics", "tracing+metrics")
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class Drop(SpanExporter):  # type: ignore[misc]
+            def export(self, spans: object) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(BatchSpanProcessor(Drop()))
+
+    def set(self, mode: str) -> None:
+        from tea_dist.observe import metrics, tracing
+
+        tracing.set_tracer_provider(self.provider if "tracing" in mode else None)
+        (metrics.enable if "metrics" in mode else metrics.disable)()
+
+    def side(self, mode: str, run):  # type: ignore[no-untyped-def]
+        def observed() -> None:
+            self.set(mode)
+            run()
+
+        return observed
+
+
+def observe_section(reps: int, sizes: list[int]) -> str:
+    obs = Observability()
+    rows = []
+    for n in sizes:
+        for strategy, node in (
+            ("thread", benchnodes.noop),
+            ("process", benchnodes.noop),
+            ("asyncio", benchnodes.anoop),
+        ):
+            run = invoker(fan_graph(n, node, ParallelConfig(strategy=strategy)), {}, n)
+            run()  # warm
+            sides = [(mode, obs.side(mode, run)) for mode in Observability.MODES]
+            times = alternate(sides, reps, f"observe N={n} {strategy}")
+            off = median(times["off"])
+            row = [f"N={n} {strategy}", f"{off / n * 1e6:.0f}"]
+            for mode in Observability.MODES[1:]:
+                t = median(times[mode])
+                row += [f"{t / n * 1e6:.0f}", f"{(t - off) / n * 1e6:+.0f} ({t / off - 1:+.0%})"]
+            rows.append(row)
+    obs.set("off")
+    obs.provider.shutdown()
+    return table(
+        f"Observability overhead: N no-op branches, {reps} alternating repetitions (median "
+        "us per branch; the cost over off in us and %)",
+        ["fan-out", "off", "tracing", "cost", "metrics", "cost", "both", "cost"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a < 30 s run (smaller, fewer reps)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per section")
+    parser.add_argument(
+        "--observe", action="store_true", help="add the tracing and metrics overhead section"
+    )
     args = parser.parse_args()
     reps = args.reps or (3 if args.quick else 5)
     cpu_seconds = 0.1 if args.quick else 0.3
@@ -247,6 +318,8 @@ def main() -> None:
         outputs.append(cpu_section(reps, cpu_seconds, procs))
         outputs.append(asyncio_section(max(reps, 5)))
         outputs.append(overhead_section(reps, sizes, threads, procs))
+        if args.observe:
+            outputs.append(observe_section(reps, sizes))
     from tea_dist.core.strategies import get_executor
 
     get_executor("process").shutdown()  # type: ignore[attr-defined]

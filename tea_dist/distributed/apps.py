@@ -32,6 +32,7 @@ from tea_dist.distributed.local_cluster import driver_settings
 from tea_dist.distributed.trust import Allowlist, agent_path, agent_ref, worker_allowlist
 from tea_dist.distributed.wire import check_json_state, import_callable, yaml_uses_modules
 from tea_dist.engine.nodes import CancelToken
+from tea_dist.observe import tracing
 
 FAIL_IF_ORPHANED = """
 if redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
@@ -105,6 +106,7 @@ def submit(
     pipe.execute()
     run_workflow.apply_async(
         (run.run_id, graph_ref, dict(state), dict(config or {})),
+        {"trace": tracing.carrier()},  # the run joins the submitter's trace
         task_id=run.run_id,
         queue=settings.runs_queue,
         argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
@@ -228,7 +230,12 @@ class _RunWatch:
 
 @app.task(bind=True, name="tea_dist.run_workflow", acks_late=False)
 def run_workflow(
-    self: Any, run_id: str, graph_ref: str, state: dict[str, Any], config: dict[str, Any]
+    self: Any,
+    run_id: str,
+    graph_ref: str,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    trace: dict[str, str] | None = None,
 ) -> str:
     """Drive one submitted run on a run worker; the outcome goes to the run's record."""
     run = WorkflowRun(run_id)
@@ -241,7 +248,7 @@ def run_workflow(
         "status": RunStatus.FAILED,
         "error": "the run ended without a final event",
     }
-    with _RunWatch(run) as token:
+    with _RunWatch(run) as token, tracing.attached(trace):
         try:
             graph = resolve_graph(graph_ref, worker_allowlist()).compile()
             for event in graph.stream(state, config, run_id=run_id, cancel_token=token):

@@ -39,6 +39,7 @@ from tea_dist.distributed.presence import live_consumers
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
 from tea_dist.engine.attempt import BranchTask, ErrorInfo
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result
+from tea_dist.observe import tracing
 from tea_dist.policies.breaker import BreakerStore
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ class _Driver:
                 circuit=run.ctx.circuit,
                 probe=bool(admission and admission.probe),
                 attempt=run.state,
+                trace=tracing.carrier(task.branch),
             )
             run.handle = _Remote(message, run.config.queue or self.settings.flows_queue)
             self._send(run)
@@ -287,6 +289,7 @@ class _Driver:
             self.life.resolve(run, build_result(run.state, run.config, error=lost))
             return
         remote.redispatched += 1
+        self.runtime.emit("on_branch_redispatched", run.context())
         self.app.control.revoke(remote.task_id, terminate=True, signal="SIGKILL")
         remote.message = remote.message.retried(run.state)
         self._send(run)

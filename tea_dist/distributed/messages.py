@@ -75,6 +75,7 @@ class BranchMessage(BaseModel):
     circuit: str | None = None
     probe: bool = False  # this attempt holds a half-open probe slot of its circuit
     attempt: AttemptState
+    trace: dict[str, str] = {}  # W3C trace context of the branch's span (observe.tracing)
 
     def retried(self, attempt: AttemptState) -> BranchMessage:
         """The message of the next attempt (it asks its circuit again: no probe yet)."""

@@ -45,6 +45,7 @@ from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_a
 from tea_dist.engine.lifecycle import SYSTEM_CLOCK, BranchRun, Lifecycle, total_deadline
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
+from tea_dist.observe import tracing
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission
 
@@ -379,6 +380,21 @@ def _revoked(sender: Any = None, request: Any = None, **info: Any) -> None:
         branch.run, _ended(ErrorInfo.cancelled(f"the branch task was {reason} before it finished"))
     )
     branch.send()
+
+
+@signals.task_prerun.connect
+def _enter_trace(task_id: str = "", task: Any = None, args: Any = (), **_: Any) -> None:
+    """A branch task runs in its caller's trace: the branch span's context is current."""
+    if getattr(task, "name", None) == run_flow.name and args:
+        _TRACES[task_id] = tracing.attach(getattr(args[0], "trace", None))
+
+
+@signals.task_postrun.connect
+def _leave_trace(task_id: str = "", **_: Any) -> None:
+    tracing.detach(_TRACES.pop(task_id, None))
+
+
+_TRACES: dict[str, object | None] = {}  # task id -> its attached trace context
 
 
 def _ended(error: ErrorInfo, started: float | None = None) -> AttemptOutcome:

@@ -8,16 +8,20 @@ thread pool: the driver mostly waits on chords, and must never take a branch slo
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tea_dist.core.errors import ConfigError, TeaDistError
 from tea_dist.distributed.settings import Settings
+from tea_dist.observe.metrics import MULTIPROC_ENV, PORT_ENV, QUEUE_DEPTH, serve_directory
 
 Role = Literal["flows", "runs"]
 ROLES: dict[str, tuple[str, int]] = {
@@ -97,6 +101,54 @@ def spawn_worker(
     )
     wait_ready(settings, name, proc, ready_timeout)
     return proc
+
+
+class QueueDepth:
+    """A Prometheus collector: ``tea_dist_queue_depth{queue}``, the messages waiting in each of
+    a worker's queues (their Redis lists), read when scraped."""
+
+    def __init__(self, settings: Settings, queues: list[str]) -> None:
+        self.broker, self.queues = settings.broker, queues
+
+    def describe(self) -> list[Any]:
+        return [self._family()]
+
+    def _family(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return GaugeMetricFamily(QUEUE_DEPTH, "Messages waiting in a queue", labels=["queue"])
+
+    def collect(self) -> list[Any]:
+        from redis import RedisError
+
+        from tea_dist.distributed.connections import redis_for
+
+        family = self._family()
+        try:
+            client = redis_for(self.broker)
+            for queue in self.queues:
+                family.add_metric([queue], client.llen(queue))
+        except RedisError:
+            return []  # the broker is away: no sample rather than a wrong one
+        return [family]
+
+
+def serve_metrics(settings: Settings, role: str, port: int, queues: str | None) -> dict[str, str]:
+    """Serve ``/metrics`` on ``port`` from this process for the worker processes it starts
+    (and their prefork children): the environment to start them with."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("--metrics-port needs prometheus-client: tea-dist[metrics]") from exc
+    directory = tempfile.mkdtemp(prefix="tea-dist-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    names = {"flows": settings.flows_queue, "runs": settings.runs_queue}
+    served = queues.split(",") if queues else [names[r] for r in names if role in (r, "all")]
+    try:
+        serve_directory(port, directory, [QueueDepth(settings, served)])
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror or exc}") from exc
+    return {MULTIPROC_ENV: directory, PORT_ENV: str(port)}
 
 
 def spawn_flower(

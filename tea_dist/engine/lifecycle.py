@@ -267,6 +267,8 @@ class Lifecycle:
         run.started = None
         ctx = run.context(worker=outcome.worker) if outcome.worker else run.context()
         error = outcome.error
+        exception = None if error is None else outcome.exception or error.as_exception()
+        self.runtime.emit("on_attempt_end", ctx, exception, max(outcome.ended - outcome.started, 0))
         if error is not None and error.type_name == "CancelledError":
             self._release(run)
             self.resolve(run, build_result(run.state, run.config, error=error, outcome=outcome))
@@ -276,7 +278,6 @@ class Lifecycle:
             self.resolve(run, build_result(run.state, run.config, outcome=outcome))
             return None
         run.state.note(error, run.config.retry().max_stored_errors)
-        exception = outcome.exception or error.as_exception()
         if error.timeout:
             self.runtime.emit("on_flow_timeout", ctx, error.seconds)
         else:

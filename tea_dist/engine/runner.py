@@ -142,7 +142,9 @@ class CompiledGraph:
             run_id=run_id or uuid.uuid4().hex,
             cancel_token=CancelToken(parent=cancel_token),  # the run's own, cancelled at its end
         )
-        cursor = Cursor()
+        run = FlowContext(branch="", graph_name=self.spec.name, run_id=runtime.run_id)
+        runtime.emit("on_invoke_start", run)
+        cursor = _NodeCursor(runtime, run)
         final = dict(state)
         failed: list[ParallelFlowResult] = []  # "tea" rule in stream(): left out of the fan-in
         steps = walk(
@@ -159,6 +161,7 @@ class CompiledGraph:
         interrupts.enter_context(terminating_runs())
         try:
             for step in steps:
+                cursor.ended()
                 if step.results or failed:
                     if detailed:
                         yield from (_branch_event(r, step.state) for r in (*step.results, *failed))
@@ -168,6 +171,8 @@ class CompiledGraph:
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
         except Exception as exc:
+            cursor.ended(exc)
+            runtime.emit("on_invoke_end", run, exc)
             runtime.close()
             tea = self.failed_branches == "tea"
             node = exc.branch if tea and isinstance(exc, _FailedBranch) else cursor.node
@@ -181,6 +186,8 @@ class CompiledGraph:
                 ) from exc
             yield _error_event(node, exc, final)
             return
+        else:
+            runtime.emit("on_invoke_end", run, None)
         finally:  # also when the caller abandons or closes the generator, or Ctrl-C
             interrupts.close()
             runtime.cancel_token.cancel("cancelled: the caller went away")
@@ -233,6 +240,31 @@ class CompiledGraph:
         """Every known circuit described as The Edge Agent does (see ``circuit_info``)."""
         store = self.breakers
         return {name: circuit_info(name, store) for name in store.states()}
+
+
+class _NodeCursor(Cursor):
+    """The run's cursor, which times its nodes: the walk sets ``node`` just before it calls a
+    node (``on_node_start``); the runner calls ``ended`` when the node's step comes back, or
+    its error (``on_node_end``)."""
+
+    runtime: Runtime
+    run: FlowContext
+    running: str
+
+    def __init__(self, runtime: Runtime, run: FlowContext) -> None:
+        self.__dict__.update(runtime=runtime, run=run, running="")
+        super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "node" and value:
+            self.__dict__["running"] = value
+            self.runtime.emit("on_node_start", self.run, value)
+
+    def ended(self, error: BaseException | None = None) -> None:
+        if self.running:
+            node, self.__dict__["running"] = self.running, ""
+            self.runtime.emit("on_node_end", self.run, node, error)
 
 
 class _FailedBranch(BranchError):

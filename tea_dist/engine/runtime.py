@@ -9,6 +9,7 @@ it builds one ``BranchTask`` per branch, runs them on their strategies' executor
 
 from __future__ import annotations
 
+import contextvars
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ from tea_dist.engine.attempt import BranchTask
 from tea_dist.engine.lifecycle import stops_siblings
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.observe import logs as _logs  # noqa: F401 - installs the logging listener
+from tea_dist.observe import metrics as _metrics  # noqa: F401 - installs the metrics listener
+from tea_dist.observe import tracing as _tracing  # noqa: F401 - installs the tracing listener
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStore
 
@@ -141,6 +144,29 @@ class Runtime:
         run_config: Mapping[str, Any],
     ) -> list[ParallelFlowResult]:
         """Run a fan-out's branches, one result per branch in declaration order."""
+        ctx = FlowContext(
+            branch="", fan_in_node=fan.fan_in, graph_name=self.graph_name, run_id=self.run_id
+        )
+        self.emit("on_fanout_start", ctx, fan)
+        results: list[ParallelFlowResult] = []
+        error: BaseException | None = None
+        try:
+            results = self._run_fanout(spec, fan, state, run_config)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.emit("on_fanout_end", ctx, fan, results, error)
+        _raise_for_fail_fast(results, fan.configs)
+        return results
+
+    def _run_fanout(
+        self,
+        spec: GraphSpec,
+        fan: FanOut,
+        state: dict[str, Any],
+        run_config: Mapping[str, Any],
+    ) -> list[ParallelFlowResult]:
         tasks = [
             BranchTask(
                 spec=spec,
@@ -176,11 +202,13 @@ class Runtime:
             run_group(strategy, indices)
         else:
             with ThreadPoolExecutor(len(groups), thread_name_prefix="tea-dist-group") as pool:
-                for future in [pool.submit(run_group, s, ix) for s, ix in groups.items()]:
+                futures = [  # each group in the fan-out's context (its trace, for one)
+                    pool.submit(contextvars.copy_context().run, run_group, s, ix)
+                    for s, ix in groups.items()
+                ]
+                for future in futures:
                     future.result()
-        final = [r for r in results if r is not None]
-        _raise_for_fail_fast(final, fan.configs)
-        return final
+        return [r for r in results if r is not None]
 
 
 def _raise_for_fail_fast(

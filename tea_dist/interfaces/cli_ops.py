@@ -1,6 +1,7 @@
 """The distributed part of ``tea-dist``: workers, submitted runs, circuits, a local cluster.
 
-    tea-dist worker [--role flows|runs|all] [--allow pkg.module,...] [--concurrency N] [--queues Q]
+    tea-dist worker [--role flows|runs|all] [--allow pkg.module,...] [--concurrency N]
+                    [--queues Q] [--name N] [--metrics-port P]
     tea-dist submit REF --input JSON [--config JSON] [--wait]
     tea-dist status RUN | result RUN [--wait] | cancel RUN
     tea-dist circuits [--reset NAME | --reset-all]
@@ -84,6 +85,9 @@ def worker(
     name: Annotated[str | None, typer.Option(help="Node name, default ROLE@HOST.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     allow: AllowOpt = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics of all its processes here.")
+    ] = None,
 ) -> None:
     """Run a worker: branch tasks (flows, prefork), whole runs (runs, threads), or both.
 
@@ -91,7 +95,7 @@ def worker(
     TEA_DIST_ALLOWED name (plus tea_dist's own helpers), whatever a message asks for.
     """
     from tea_dist.distributed.celery_app import current_settings
-    from tea_dist.distributed.worker import worker_argv
+    from tea_dist.distributed.worker import serve_metrics, worker_argv
 
     allowed = allow_env(allow)
     settings = current_settings()
@@ -119,9 +123,13 @@ def worker(
         f"{allowed or 'only tea_dist helpers'}",
         err=True,
     )
-    if len(argvs) == 1:
+    env = dict(os.environ)
+    if metrics_port:  # this process stays, serving what the worker processes record
+        with reporting(False):
+            env.update(serve_metrics(settings, role, metrics_port, queues))
+    elif len(argvs) == 1:
         os.execv(sys.executable, argvs[0])  # the worker becomes this process (signals, PID 1)
-    children = [subprocess.Popen(argv) for argv in argvs]
+    children = [subprocess.Popen(argv, env=env) for argv in argvs]
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:
