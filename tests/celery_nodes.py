@@ -77,3 +77,29 @@ def start_sleep_done(state: dict[str, Any], config: dict[str, Any], node: str) -
     time.sleep(float(config.get("sleep", {}).get(node, 4.0)))
     Path(config["marker_dir"], f"{node}.done").write_text(str(os.getpid()))
     return {f"done_{node}": True}
+
+
+def record_interval(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Sleeps ``config['hold']`` seconds and records when it ran (a file per run of it), so a
+    test can compute how many ran at once and how many started in any window."""
+    started = time.time()
+    time.sleep(float(config.get("hold", 0.3)))
+    name = f"{state.get('index', node)}-{os.getpid()}-{started!r}.interval"
+    Path(config["marker_dir"], name).write_text(f"{started!r} {time.time()!r}")
+    return {"seen": state.get("item")}
+
+
+def double_item(state: dict[str, Any]) -> dict[str, Any]:
+    return {"doubled": state["item"] * 2, "at": state["index"]}
+
+
+def collect_items(state: dict[str, Any], parallel_results: list[Any]) -> dict[str, Any]:
+    return {
+        "branches": [r.branch for r in parallel_results],
+        "doubled": [r.get("doubled") for r in parallel_results],
+        "ok": [r.success for r in parallel_results],
+    }
+
+
+def items_of(state: dict[str, Any]) -> list[int]:
+    return list(range(int(state["count"])))

@@ -55,33 +55,44 @@ def send_branch_message(
     graph: dict[str, Any],
     state: dict[str, Any],
     run_config: dict[str, Any] | None = None,
-) -> Any:
-    """Send one ``tea_dist.run_flow`` message shaped as the driver builds it today
-    (``tea_dist/distributed/driver.py``: ``_Driver.dispatch`` and ``_options``), as anyone who
-    can write to the broker could; returns its ``AsyncResult``. The one place to adapt when the
+) -> dict[str, Any]:
+    """Send one ``tea_dist.run_flow`` message shaped as the driver builds it (a
+    ``BranchMessage``), as anyone who can write to the broker could, and return the branch's
+    result as the worker publishes it on the run's stream. The one place to adapt when the
     branch message format changes."""
-    payload = {
-        "run": uuid.uuid4().hex,
-        "fanout": uuid.uuid4().hex,
-        "index": 0,
-        "branch": "a",
-        "fan_in": "merge",
-        "graph": graph,
-        "state": state,
-        "run_config": run_config or {},
-        "config": ParallelConfig(strategy="celery").model_dump(mode="json"),
-        "dispatched": time.time(),
-        "circuit": None,
-        "probe": False,
-        "ledger": {"attempts": 0, "errors": [], "first_start": None},
-    }
-    return app.send_task(
-        "tea_dist.run_flow",
-        args=(payload,),
-        queue=queue,
-        argsrepr="(run=raw, branch=a)",
-        kwargsrepr="{}",
+    import redis as redis_client
+
+    from tea_dist.distributed.celery_app import current_settings
+    from tea_dist.distributed.keys import Keys
+    from tea_dist.distributed.messages import BranchEvent, BranchMessage
+    from tea_dist.engine.lifecycle import AttemptState
+
+    message = BranchMessage(
+        run=uuid.uuid4().hex,
+        graph_name="raw",
+        fanout=uuid.uuid4().hex,
+        index=0,
+        branch="a",
+        fan_in="merge",
+        graph=graph,
+        state=state,
+        run_config=run_config or {},
+        config=ParallelConfig(strategy="celery"),
+        attempt=AttemptState(branch="a", dispatched_at=time.time()),
     )
+    settings = current_settings()
+    keys = Keys(settings.key_prefix)
+    client = redis_client.Redis.from_url(settings.redis)
+    client.set(keys.run_lease(message.run), 1, ex=60)  # a live caller
+    app.send_task("tea_dist.run_flow", args=(message,), queue=queue, argsrepr="(raw)")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for _id, fields in client.xrange(keys.events(message.run)):
+            event = BranchEvent.model_validate_json(fields[b"e"])
+            if event.event == "on_flow_complete" and event.result is not None:
+                return event.result.to_dict()
+        time.sleep(0.1)
+    raise AssertionError("the worker published no result")
 
 
 def one_node_graph(path: str) -> dict[str, Any]:
@@ -225,8 +236,7 @@ def test_rce_repro_is_refused_on_a_real_worker(cluster: Any, tmp_path: Path) -> 
     }
     graph = one_node_graph("logging.config:dictConfig")
     queue = cluster.env["TEA_DIST_FLOWS_QUEUE"]
-    result = send_branch_message(app, queue, graph, logging_config, logging_config)
-    outcome = result.get(timeout=30)
+    outcome = send_branch_message(app, queue, graph, logging_config, logging_config)
     assert not marker.exists(), "the worker ran the shell command"
     assert outcome["success"] is False and outcome["error_type"] == "NotAllowedError"
     assert "logging.config:dictConfig" in outcome["error"] and "--allow" in outcome["error"]

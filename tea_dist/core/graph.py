@@ -55,12 +55,43 @@ class Conditional:
 
 
 @dataclass(frozen=True)
+class MapItems:
+    """The items of a run-time fan-out (a map): a state key, or ``items(state)`` evaluated in
+    the caller; each branch sees its item and index under ``item_key`` and ``index_key``."""
+
+    items: str | Callable[[Mapping[str, Any]], Iterable[Any]]
+    item_key: str = "item"
+    index_key: str = "index"
+
+    def of(self, state: Mapping[str, Any], source: str) -> list[Any]:
+        """The items for one run; ``GraphError`` naming the map when there are none to take."""
+        if callable(self.items):
+            found: Any = self.items(state)
+        elif self.items in state:
+            found = state[self.items]
+        else:
+            raise GraphError(f"map of node '{source}': the state has no key '{self.items}'")
+        if isinstance(found, (str, bytes, Mapping)) or not isinstance(found, Iterable):
+            raise GraphError(
+                f"map of node '{source}': items must be a list or another iterable, "
+                f"got {type(found).__name__}"
+            )
+        return list(found)
+
+    def branch_state(self, state: Mapping[str, Any], index: int, item: Any) -> dict[str, Any]:
+        """The state branch ``index`` starts from: its own copy, with its item."""
+        return {**state, self.item_key: item, self.index_key: index}
+
+
+@dataclass(frozen=True)
 class ParallelEdge:
-    """A fan-out edge from a node to a branch start, joining at ``fan_in``."""
+    """A fan-out edge from a node to a branch start, joining at ``fan_in`` (``map``: one branch
+    per item, known only at run time)."""
 
     target: str
     fan_in: str
     config: ParallelConfig | None = None
+    map: MapItems | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +102,7 @@ class FanOut:
     fan_in: str
     branches: tuple[str, ...]
     configs: tuple[ParallelConfig, ...]
+    map: MapItems | None = None  # a map: ``branches`` is its one target, run once per item
 
 
 @dataclass(frozen=True)
@@ -220,6 +252,29 @@ class StateGraph:
     ) -> StateGraph:
         """Fan out from ``source`` to a branch starting at ``target``, joining at ``fan_in``."""
         self._parallel.setdefault(source, []).append(ParallelEdge(target, fan_in, config))
+        self._stale = True
+        return self
+
+    def add_parallel_map(
+        self,
+        source: str,
+        target: str,
+        fan_in: str,
+        items: str | Callable[[Mapping[str, Any]], Iterable[Any]],
+        *,
+        item_key: str = "item",
+        index_key: str = "index",
+        config: ParallelConfig | None = None,
+    ) -> StateGraph:
+        """Fan out from ``source`` to one branch per item, each starting at ``target``.
+
+        ``items`` is a state key or ``items(state)``, evaluated when the run reaches
+        ``source``. Branch ``i`` runs on its own copy of the state plus ``{item_key: item,
+        index_key: i}``, is named ``target[i]``, and the fan-in gets the results in item order
+        (none for no items). One circuit guards the whole map.
+        """
+        mapping = MapItems(items, item_key, index_key)
+        self._parallel.setdefault(source, []).append(ParallelEdge(target, fan_in, config, mapping))
         self._stale = True
         return self
 
@@ -390,9 +445,15 @@ class StateGraph:
         targets = [e.target for e in edges]
         if len(set(targets)) != len(targets):
             raise GraphError(f"node '{src}' has the same parallel edge twice: {targets}")
+        if any(e.map for e in edges) and len(edges) > 1:
+            raise GraphError(
+                f"node '{src}' has a map and other parallel edges: a map is the only fan-out of "
+                "its node (put the other branches behind another node)"
+            )
         return FanOut(
             source=src,
             fan_in=edges[0].fan_in,
             branches=tuple(targets),
             configs=tuple(resolve_config(graph_config, e.config) for e in edges),
+            map=edges[0].map,
         )

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tea_dist.engine.attempt import BranchTask
     from tea_dist.engine.runtime import Runtime
     from tea_dist.policies.breaker import BreakerStore
+    from tea_dist.policies.limits import LimitStore
 
 
 @runtime_checkable
@@ -44,8 +45,9 @@ class ParallelExecutor(Protocol):
 
 
 @runtime_checkable
-class SharesBreakers(Protocol):
-    """An executor whose branches run in other processes, which must share its circuits."""
+class SharesStores(Protocol):
+    """An executor whose branches run in other processes, which must share its circuits and
+    its limits' permits."""
 
     def shared_breakers(self) -> BreakerStore:
         """The store every process running its branches records circuits in."""
@@ -53,6 +55,10 @@ class SharesBreakers(Protocol):
 
     def check_breakers(self, graph: str, store: BreakerStore) -> None:
         """Refuse (``GraphError``) a store its branches' processes cannot reach."""
+        ...
+
+    def shared_limits(self) -> LimitStore:
+        """The store of ``ResourceLimit`` permits every process running its branches uses."""
         ...
 
 

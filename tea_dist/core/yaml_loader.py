@@ -128,6 +128,9 @@ class EdgeDoc(_Doc):
     type: Literal["normal", "parallel"] | None = None
     fan_in: str | None = None
     when: str | None = None
+    map: str | None = Field(None, min_length=1)  # a state key: one branch per item
+    item_key: str = Field("item", min_length=1)
+    index_key: str = Field("index", min_length=1)
     parallel_config: ParallelSettings | None = None  # filled from the flat per-edge settings
 
     @model_validator(mode="before")
@@ -145,6 +148,10 @@ class EdgeDoc(_Doc):
 
     @model_validator(mode="after")
     def _consistent(self) -> EdgeDoc:
+        if self.map is not None and not self.is_parallel:
+            raise ValueError("a 'map' edge is a parallel edge: add 'parallel: true' and 'fan_in'")
+        if self.map is not None and len(self.targets) != 1:
+            raise ValueError("a 'map' edge has one target: the node each item's branch starts at")
         if self.is_parallel:
             if self.fan_in is None:
                 raise ValueError("a parallel edge needs 'fan_in'")
@@ -511,7 +518,17 @@ def _add_edges(
     routed = {e.source for e in doc.edges if e.when is not None}
     groups: dict[str, list[tuple[int, EdgeDoc]]] = {}
     for index, edge in enumerate(doc.edges):
-        if edge.is_parallel:
+        if edge.is_parallel and edge.map is not None:
+            graph.add_parallel_map(
+                edge.source,
+                edge.targets[0],
+                edge.fan_in or "",
+                edge.map,
+                item_key=edge.item_key,
+                index_key=edge.index_key,
+                config=edge.parallel_config,
+            )
+        elif edge.is_parallel:
             for target in edge.targets:
                 graph.add_parallel_edge(
                     edge.source, target, edge.fan_in or "", edge.parallel_config

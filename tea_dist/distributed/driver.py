@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +34,7 @@ from tea_dist.core.errors import (
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
-from tea_dist.distributed.connections import check_reachable, ride_out
+from tea_dist.distributed.connections import check_reachable, redis_for, ride_out
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
 from tea_dist.distributed.presence import live_consumers
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
@@ -41,6 +42,7 @@ from tea_dist.engine.attempt import BranchTask, ErrorInfo
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result
 from tea_dist.observe import tracing
 from tea_dist.policies.breaker import BreakerStore
+from tea_dist.policies.limits import LimitStore
 
 if TYPE_CHECKING:
     from tea_dist.engine.runtime import Runtime
@@ -68,6 +70,15 @@ class CeleryExecutor:
 
         settings = driver_settings()
         return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
+
+    def shared_limits(self) -> LimitStore:
+        """Permits of ``ResourceLimit``s live in Redis, shared by every worker and caller."""
+        from tea_dist.distributed.keys import Keys
+        from tea_dist.distributed.limits_redis import RedisLimitStore
+        from tea_dist.distributed.local_cluster import driver_settings
+
+        settings = driver_settings()
+        return RedisLimitStore(redis_for(settings.redis), Keys(settings.key_prefix))
 
     def check_breakers(self, graph: str, store: BreakerStore) -> None:
         """Workers record circuit outcomes in Redis: a store elsewhere would not see them."""
@@ -130,6 +141,9 @@ class _Driver:
         self.life = Lifecycle.for_fanout(tasks, configs, runtime, stop=self._stop)
         self.graphs: dict[str, dict[str, Any]] = {}
         self.lease = self.keys.run_lease(runtime.run_id)
+        self.unsent = deque(self.life.runs)  # branches not sent yet, in declaration order
+        self.in_flight: set[BranchRun] = set()  # sent and not resolved yet (with a window)
+        self.window = min((c.max_workers for c in configs if c.max_workers), default=None)
         self.unconsumed: dict[str, float] = {}  # queue -> monotonic time it was seen unconsumed
 
     def _redis(self, operation: Callable[[], T]) -> T:
@@ -157,9 +171,9 @@ class _Driver:
                     f"{self.settings.visibility_timeout:g}s: it would be delivered twice; raise "
                     "TEA_DIST_VISIBILITY_TIMEOUT or lower max_delay"
                 )
-            key = f"{task.branch}->{task.fan_in}"
+            key = f"{task.start}->{task.fan_in}"
             if key not in self.graphs:
-                self.graphs[key] = encode_branch(task.spec, task.branch, task.fan_in)
+                self.graphs[key] = encode_branch(task.spec, task.start, task.fan_in)
 
     def _longest_hold(self, config: ParallelConfig) -> float:
         policy = config.retry()
@@ -174,8 +188,17 @@ class _Driver:
         if self.settings.broker != self.settings.redis:
             check_reachable(self.settings.broker, "the broker")
         self._renew_lease()
-        for run in self.life.runs:
-            if not self.life.admit(run):  # an open circuit: resolved, nothing sent
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Send branches while fewer than ``max_workers`` are outstanding (every one, without
+        it): the rest wait here, not in the broker."""
+        if self.window is not None:
+            self.in_flight = {r for r in self.in_flight if not r.done}
+        while self.unsent and (self.window is None or len(self.in_flight) < self.window):
+            run = self.unsent.popleft()
+            # an open circuit resolves it, nothing is sent; the worker takes the permits
+            if run.done or not self.life.admit(run, permits=False):
                 continue
             task, admission = run.task, run.admission
             message = BranchMessage(
@@ -184,8 +207,9 @@ class _Driver:
                 fanout=self.fanout_id,
                 index=run.index,
                 branch=task.branch,
+                node=task.node,
                 fan_in=task.fan_in,
-                graph=self.graphs[f"{task.branch}->{task.fan_in}"],
+                graph=self.graphs[f"{task.start}->{task.fan_in}"],
                 state=task.state,
                 run_config=dict(task.run_config),
                 config=run.config,
@@ -195,6 +219,8 @@ class _Driver:
                 trace=tracing.carrier(task.branch),
             )
             run.handle = _Remote(message, run.config.queue or self.settings.flows_queue)
+            if self.window is not None:
+                self.in_flight.add(run)
             self._send(run)
 
     def _send(self, run: BranchRun) -> None:
@@ -220,6 +246,8 @@ class _Driver:
                     if b"e" in fields:  # else an event of the run itself (apps)
                         self._on_event(BranchEvent.model_validate_json(fields[b"e"]))
             self._expire()
+            if self.unsent:
+                self._top_up()
             if cancel.is_cancelled():
                 life.cancel_all(cancel.why("cancelled: the run was cancelled"))
             if time.monotonic() >= next_check:

@@ -67,6 +67,7 @@ class BranchMessage(BaseModel):
     fanout: str
     index: int
     branch: str
+    node: str = ""  # the node the branch starts at, when ``branch`` is a map's ``target[i]``
     fan_in: str
     graph: dict[str, Any]
     state: dict[str, Any]

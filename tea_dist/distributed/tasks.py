@@ -20,10 +20,11 @@ soft-time-limit exception so the slot is freed at once.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,6 +40,7 @@ from tea_dist.distributed.breaker_redis import RedisBreakerStore
 from tea_dist.distributed.celery_app import app, current_settings
 from tea_dist.distributed.connections import redis_for, ride_out
 from tea_dist.distributed.keys import Keys
+from tea_dist.distributed.limits_redis import RedisLimitStore
 from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
 from tea_dist.distributed.wire import decode_branch
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
@@ -48,6 +50,8 @@ from tea_dist.engine.runtime import Runtime
 from tea_dist.observe import tracing
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission
+
+PERMIT_RECHECK_SECONDS = 0.5  # a branch waiting for a permit is re-published at most this often
 
 # -- events: the worker's listener that publishes them ---------------------------------------
 
@@ -129,9 +133,17 @@ class WorkerBranch:
             dispatcher=dispatcher,
             shared_breakers=RedisBreakerStore(client, keys),
             run_id=message.run,
+            limits=lambda: RedisLimitStore(client, keys),
         )
         spec = GraphSpec(message.graph_name, {}, {}, {}, {}, message.branch)  # decoded later
-        task = BranchTask(spec, message.branch, message.fan_in, message.state, message.run_config)
+        task = BranchTask(
+            spec,
+            message.branch,
+            message.fan_in,
+            message.state,
+            message.run_config,
+            node=message.node,
+        )
         run = BranchRun(
             index=message.index,
             task=task,
@@ -174,6 +186,7 @@ class Watch:
     heartbeat: str
     target: str  # "fanout:index", what a stop request for this branch names
     lease: str  # the caller's liveness lease: gone, the branch is orphaned
+    renew: Callable[[], None] | None = None  # keeps the attempt's limit permits
     token: CancelToken = field(default_factory=CancelToken)
     stopped: str = ""  # why it was stopped: "cancel" or "timeout" (the driver), "orphaned"
 
@@ -220,6 +233,8 @@ class Beater:
                     pipe.exists(watch.lease)
                     if not pipe.execute()[1]:  # its caller went silent: stop the orphan
                         self._interrupt(watch, "orphaned")
+                    if watch.renew is not None:
+                        watch.renew()
             except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
                 time.sleep(settings.heartbeat_seconds)
 
@@ -299,16 +314,22 @@ def run_flow(self: Any, message: BranchMessage) -> None:
     """Run one attempt of one branch; its events and result go to the run's stream."""
     branch = WorkerBranch.of(message, self.request.id)
     life, run = branch.life, branch.run
-    if message.attempt.attempts and not life.admit(run):  # a retry asks its circuit again
-        branch.send()
-        return
-    if not message.attempt.attempts:  # the driver admitted the first attempt
+    first = not message.attempt.attempts  # the driver asked the first attempt's circuit
+    if not life.admit(run, circuit=not first):
+        if run.done:  # past its deadline, or its circuit is open
+            branch.send()
+            return
+        # it waits for a permit of a limit: re-published, holding no worker slot meanwhile
+        countdown = max(run.wait or 0.0, PERMIT_RECHECK_SECONDS) * (1 + random.random() / 2)
+        raise self.retry(args=(message,), countdown=countdown, argsrepr=message.describe())
+    if first:
         run.admission = Admission(True, message.probe, CircuitState.CLOSED)
     keys = branch.keys
     watch = Watch(
         keys.heartbeat(message.fanout, message.index),
         f"{message.fanout}:{message.index}",
         keys.run_lease(message.run),
+        renew=life.renew_permits if run.permits else None,
     )
     ttl = int(current_settings().heartbeat_ttl * 1000)
     life.begin(run, worker=worker_id())
@@ -336,7 +357,7 @@ def _attempt(message: BranchMessage, run: BranchRun, watch: Watch) -> AttemptOut
     started = time.time()
     try:
         with BEATER.watching(watch):
-            spec = decode_branch(message.graph, message.branch)
+            spec = decode_branch(message.graph, message.node or message.branch)
             task = BranchTask(
                 spec=spec,
                 branch=message.branch,
@@ -345,6 +366,7 @@ def _attempt(message: BranchMessage, run: BranchRun, watch: Watch) -> AttemptOut
                 run_config=message.run_config,
                 include_traceback=message.config.include_traceback,
                 index=message.index,
+                node=message.node,
             )
             outcome = run_attempt(task, Runtime(graph_name=spec.name).fanout, watch.token)
     except GraphError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import GraphError, SerializationError, StateTooLargeError
-from tea_dist.core.graph import Conditional, FanOut, GraphSpec, Node
+from tea_dist.core.graph import Conditional, FanOut, GraphSpec, MapItems, Node
 from tea_dist.core.yaml_code import InlineCode
 from tea_dist.distributed.trust import (
     Allowlist,
@@ -114,6 +114,7 @@ def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
             "fan_in": f.fan_in,
             "branches": list(f.branches),
             "configs": [c.model_dump(mode="json", exclude_unset=False) for c in f.configs],
+            "map": _encode_map(f.map, name),
         }
         for name, f in spec.fanouts.items()
         if name in nodes
@@ -130,10 +131,31 @@ def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
     return data
 
 
+def _encode_map(mapping: MapItems | None, node: str) -> dict[str, Any] | None:
+    """A nested map: its items' state key, or the import path of its ``items`` callable."""
+    if mapping is None:
+        return None
+    items = callable_path(mapping.items, node) if callable(mapping.items) else mapping.items
+    return {
+        "items": items,
+        "call": callable(mapping.items),
+        "item_key": mapping.item_key,
+        "index_key": mapping.index_key,
+    }
+
+
+def _decode_map(data: Mapping[str, Any] | None) -> MapItems | None:
+    if not data:
+        return None
+    items = import_callable(data["items"]) if data["call"] else data["items"]
+    return MapItems(items, data["item_key"], data["index_key"])
+
+
 def _callable_paths(data: Mapping[str, Any]) -> list[str]:
     """Every ``module:qualname`` an encoded Python branch names."""
     runs = [n["run"] for n in data["nodes"].values() if n["run"]]
-    return [*runs, *(c["func"] for c in data["conditionals"].values())]
+    maps = [m["items"] for f in data["fanouts"].values() if (m := f.get("map")) and m["call"]]
+    return [*runs, *(c["func"] for c in data["conditionals"].values()), *maps]
 
 
 def yaml_uses_modules(raw: bytes) -> set[str]:
@@ -180,6 +202,7 @@ def decode_branch(
             f["fan_in"],
             tuple(f["branches"]),
             tuple(ParallelConfig.model_validate(c) for c in f["configs"]),
+            _decode_map(f.get("map")),
         )
         for name, f in data["fanouts"].items()
     }

@@ -106,6 +106,12 @@ class BranchTask:
     run_config: Mapping[str, Any] = field(default_factory=dict)
     include_traceback: bool = False
     index: int = 0
+    node: str = ""  # the node it starts at, when ``branch`` is a map's ``target[i]``
+
+    @property
+    def start(self) -> str:
+        """The node the branch starts at."""
+        return self.node or self.branch
 
 
 @dataclass
@@ -138,7 +144,7 @@ def run_attempt(
     started, cursor = time.time(), Cursor()
     steps = walk(
         task.spec,
-        task.branch,
+        task.start,
         task.fan_in,
         copy.deepcopy(task.state),
         fanout=fanout,
@@ -164,7 +170,7 @@ async def arun_attempt(
     try:
         async for step in awalk(
             task.spec,
-            task.branch,
+            task.start,
             task.fan_in,
             state,
             fanout=fanout,

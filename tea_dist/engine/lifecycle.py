@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tea_dist.core.config import ParallelConfig, RetryPolicy
+from tea_dist.core.config import ParallelConfig, ResourceLimit, RetryPolicy
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
 from tea_dist.observe.events import FlowContext
 from tea_dist.policies.breaker import Admission
+from tea_dist.policies.limits import DEFAULT_LEASE_SECONDS as LEASE_SECONDS
 
 if TYPE_CHECKING:
     from tea_dist.engine.runtime import Runtime
@@ -156,6 +157,8 @@ class BranchRun:
     attempt_deadline: float | None = None
     result: ParallelFlowResult | None = None
     handle: Any = None
+    permits: tuple[str, tuple[ResourceLimit, ...]] | None = None  # holder id, limits held
+    wait: float | None = None  # refused a permit: seconds until asking again
 
     @property
     def done(self) -> bool:
@@ -230,20 +233,67 @@ class Lifecycle:
 
     # -- an attempt's life --
 
-    def admit(self, run: BranchRun) -> bool:
-        """May an attempt of ``run`` start now? If not, the branch is resolved (or retried)."""
+    def admit(self, run: BranchRun, circuit: bool = True, permits: bool = True) -> bool:
+        """May an attempt of ``run`` start now? Its deadline, its circuit (unless the caller
+        already asked it), then a permit of every limit it names (unless the attempt takes
+        them where it runs: a celery worker).
+
+        False: the branch is resolved (past its deadline, an open circuit), or, with ``run.wait``
+        set, it must wait that long for a permit, holding nothing meanwhile.
+        """
+        run.wait = None
         if run.deadline is not None and self.clock.monotonic() >= run.deadline:
             self.time_out(run)
             return False
-        ctx = run.context()
-        admission = self.runtime.admit(ctx, run.config)
-        if admission is not None and not admission.allowed:
-            circuit = ErrorInfo.circuit_open(ctx.circuit or "")
-            run.state.circuit_state = CircuitState.OPEN
-            self.resolve(run, build_result(run.state, run.config, error=circuit, clock=self.clock))
-            return False
-        run.admission = admission
-        return True
+        if circuit:
+            ctx = run.context()
+            admission = self.runtime.admit(ctx, run.config)
+            if admission is not None and not admission.allowed:
+                error = ErrorInfo.circuit_open(ctx.circuit or "")
+                run.state.circuit_state = CircuitState.OPEN
+                self.resolve(
+                    run, build_result(run.state, run.config, error=error, clock=self.clock)
+                )
+                return False
+            run.admission = admission
+        wait = self._take_permits(run) if permits else None
+        if wait is None:
+            return True
+        self._release(run)
+        left = None if run.deadline is None else run.deadline - self.clock.monotonic()
+        run.wait = wait if left is None else max(min(wait, left), 0.0)
+        return False
+
+    def _take_permits(self, run: BranchRun) -> float | None:
+        """A permit of every limit, taken in name order; none kept when one is refused."""
+        limits = sorted(run.config.limits, key=lambda limit: limit.name)
+        if not limits:
+            return None
+        store = self.runtime.limit_store()
+        holder = f"{self.runtime.run_id}:{run.task.branch}:{run.state.attempts + 1}:{id(run):x}"
+        for i, limit in enumerate(limits):
+            wait = store.acquire(limit, holder, LEASE_SECONDS)
+            if wait is not None:
+                for taken in limits[:i]:
+                    store.release(taken, holder, started=False)
+                store.waiting(limit, holder, self.clock.time() + wait)
+                return wait
+        run.permits = (holder, tuple(limits))
+        return None
+
+    def renew_permits(self) -> None:
+        """Keep the permits of running attempts (a holder that stops renewing loses them)."""
+        for run in self.runs:
+            if run.permits is not None:
+                holder, limits = run.permits
+                for limit in limits:
+                    self.runtime.limit_store().renew(limit, holder, LEASE_SECONDS)
+
+    def _return_permits(self, run: BranchRun) -> None:
+        if run.permits is not None:
+            (holder, limits), run.permits = run.permits, None
+            for limit in limits:
+                self.runtime.limit_store().release(limit, holder)
 
     def begin(self, run: BranchRun, worker: str | None = None) -> None:
         """An attempt of ``run`` starts now (``worker``: where, when not this process)."""
@@ -265,6 +315,7 @@ class Lifecycle:
         if run.done:
             return None
         run.started = None
+        self._return_permits(run)
         ctx = run.context(worker=outcome.worker) if outcome.worker else run.context()
         error = outcome.error
         exception = None if error is None else outcome.exception or error.as_exception()
@@ -308,6 +359,7 @@ class Lifecycle:
         run.state.note(error, config.retry().max_stored_errors)
         self.runtime.emit("on_flow_timeout", run.context(), seconds)
         self._release(run)
+        self._return_permits(run)
         self.resolve(run, build_result(run.state, config, error=error, clock=self.clock))
         return None
 
@@ -331,6 +383,7 @@ class Lifecycle:
                 continue
             self.stop(run)
             self._release(run)
+            self._return_permits(run)
             error = ErrorInfo.cancelled(reason)
             self.resolve(run, build_result(run.state, run.config, error=error, clock=self.clock))
 

@@ -27,13 +27,14 @@ from typing import Any, Literal
 from tea_dist.core.errors import BranchError, ConfigError, NodeError, TeaDistError
 from tea_dist.core.graph import END, FanOut, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.core.strategies import SharesBreakers, check_strategy, get_executor
+from tea_dist.core.strategies import SharesStores, check_strategy, get_executor
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
 from tea_dist.engine.walk import Cursor, FanOutRunner, walk
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
+from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
 
 Event = dict[str, Any]
 FailedBranches = Literal["fan_in", "tea"]
@@ -82,7 +83,7 @@ class CompiledGraph:
                 get_executor(strategy).check(spec, fan)
         # an executor whose branches run elsewhere names the store they share (celery: Redis)
         self._store_owner = next(
-            (e for s in sorted(strategies) if isinstance(e := get_executor(s), SharesBreakers)),
+            (e for s in sorted(strategies) if isinstance(e := get_executor(s), SharesStores)),
             None,
         )
         if self._store_owner is not None and breaker_store is not None:
@@ -96,6 +97,11 @@ class CompiledGraph:
             owner = self._store_owner
             self._breakers = owner.shared_breakers() if owner else MemoryBreakerStore()
         return self._breakers
+
+    def _limits(self) -> LimitStore:
+        """Permits of graphs with celery branches live in Redis; else in this process."""
+        owner = self._store_owner
+        return owner.shared_limits() if owner else PROCESS_LIMITS
 
     @property
     def name(self) -> str:
@@ -141,6 +147,7 @@ class CompiledGraph:
             shared_breakers=self.breakers,
             run_id=run_id or uuid.uuid4().hex,
             cancel_token=CancelToken(parent=cancel_token),  # the run's own, cancelled at its end
+            limits=self._limits,
         )
         run = FlowContext(branch="", graph_name=self.spec.name, run_id=runtime.run_id)
         runtime.emit("on_invoke_start", run)

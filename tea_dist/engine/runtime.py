@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +30,7 @@ from tea_dist.observe import metrics as _metrics  # noqa: F401 - installs the me
 from tea_dist.observe import tracing as _tracing  # noqa: F401 - installs the tracing listener
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStore
+from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
 
 
 @dataclass
@@ -41,9 +42,14 @@ class Runtime:
     shared_breakers: BreakerStore = field(default_factory=MemoryBreakerStore)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancel_token: CancelToken = field(default_factory=CancelToken)
+    limits: Callable[[], LimitStore] = field(default=lambda: PROCESS_LIMITS)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
     _run_circuits: set[str] = field(default_factory=set)
     _closed: bool = False
+
+    def limit_store(self) -> LimitStore:
+        """Where the permits of ``ResourceLimit``s are kept (made on first use)."""
+        return self.limits()
 
     # -- events --
 
@@ -58,7 +64,7 @@ class Runtime:
             graph_name=self.graph_name,
             run_id=self.run_id,
             attempt=attempt,
-            circuit=self.circuit_name(task.branch, config),
+            circuit=self.circuit_name(task.start, config),  # a whole map shares one
         )
 
     def emit(self, event: str, *args: Any) -> None:
@@ -150,37 +156,57 @@ class Runtime:
         self.emit("on_fanout_start", ctx, fan)
         results: list[ParallelFlowResult] = []
         error: BaseException | None = None
+        tasks, configs = self.branches(spec, fan, state, run_config)
         try:
-            results = self._run_fanout(spec, fan, state, run_config)
+            results = self._run_fanout(tasks, configs)
         except BaseException as exc:
             error = exc
             raise
         finally:
             self.emit("on_fanout_end", ctx, fan, results, error)
-        _raise_for_fail_fast(results, fan.configs)
+        _raise_for_fail_fast(results, configs)
         return results
 
-    def _run_fanout(
-        self,
-        spec: GraphSpec,
-        fan: FanOut,
-        state: dict[str, Any],
-        run_config: Mapping[str, Any],
-    ) -> list[ParallelFlowResult]:
+    def branches(
+        self, spec: GraphSpec, fan: FanOut, state: dict[str, Any], run_config: Mapping[str, Any]
+    ) -> tuple[list[BranchTask], list[ParallelConfig]]:
+        """A fan-out's branches and their configs: its parallel edges, or a map's items."""
+        if fan.map is None:
+            pairs = list(zip(fan.branches, fan.configs, strict=True))
+            states: list[dict[str, Any]] = [state] * len(pairs)
+            nodes = [""] * len(pairs)
+        else:
+            target, config = fan.branches[0], fan.configs[0]
+            items = fan.map.of(state, fan.source)
+            pairs = [(f"{target}[{i}]", config) for i in range(len(items))]
+            states = [fan.map.branch_state(state, i, item) for i, item in enumerate(items)]
+            nodes = [target] * len(items)
         tasks = [
             BranchTask(
                 spec=spec,
                 branch=branch,
                 fan_in=fan.fan_in,
-                state=state,
+                state=branch_state,
                 run_config=run_config,
                 include_traceback=config.include_traceback,
                 index=i,
+                node=node,
             )
-            for i, (branch, config) in enumerate(zip(fan.branches, fan.configs, strict=True))
+            for i, ((branch, config), branch_state, node) in enumerate(
+                zip(pairs, states, nodes, strict=True)
+            )
         ]
+        return tasks, [config for _, config in pairs]
+
+    def _run_fanout(
+        self,
+        tasks: list[BranchTask],
+        configs: list[ParallelConfig],
+    ) -> list[ParallelFlowResult]:
+        if not tasks:  # a map over no items
+            return []
         groups: dict[str, list[int]] = {}
-        for i, config in enumerate(fan.configs):
+        for i, config in enumerate(configs):
             groups.setdefault(config.strategy, []).append(i)
         results: list[ParallelFlowResult | None] = [None] * len(tasks)
 
@@ -190,11 +216,11 @@ class Runtime:
 
         def run_group(strategy: str, indices: Sequence[int]) -> None:
             done = get_executor(strategy).execute(
-                [tasks[i] for i in indices], [fan.configs[i] for i in indices], runtime
+                [tasks[i] for i in indices], [configs[i] for i in indices], runtime
             )
             for i, result in zip(indices, done, strict=True):
                 results[i] = result
-                if stops_siblings(fan.configs[i], result):
+                if stops_siblings(configs[i], result):
                     fan_token.cancel(f"cancelled: fail_fast after branch '{result.branch}' failed")
 
         if len(groups) == 1:

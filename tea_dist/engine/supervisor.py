@@ -41,6 +41,7 @@ class Backend(Protocol):
 
 
 CANCEL_POLL_SECONDS = 0.25  # how soon a cancelled run stops its running branches
+RENEW_SECONDS = 1.0  # how often the permits of running attempts are renewed
 
 
 def supervise(
@@ -70,6 +71,8 @@ class _Supervisor:
         self.ready: deque[BranchRun] = deque(self.life.runs)
         self.timers: list[tuple[float, int, BranchRun]] = []
         self.running: dict[Future[AttemptOutcome], BranchRun] = {}
+        self.limited = any(c.limits for c in configs)
+        self.next_renewal = time.monotonic() + RENEW_SECONDS
 
     def run(self) -> list[ParallelFlowResult]:
         try:
@@ -95,6 +98,9 @@ class _Supervisor:
                 if run is not None:  # else a deadline or fail-fast stopped it just before
                     self._retry_later(run, life.end(run, future.result()))
             self._expire(time.monotonic())
+            if self.limited and time.monotonic() >= self.next_renewal:
+                self.next_renewal = time.monotonic() + RENEW_SECONDS
+                life.renew_permits()
             if life.pending and cancel.is_cancelled():
                 life.cancel_all(cancel.why("cancelled: the run was cancelled"))
         return life.results()
@@ -117,6 +123,8 @@ class _Supervisor:
         while self.ready and len(self.running) < self.slots:
             run = self.ready.popleft()
             if run.done or not self.life.admit(run):
+                if not run.done and run.wait is not None:  # waits for a permit, holding no slot
+                    self._retry_later(run, run.wait)
                 continue
             token = CancelToken()
             future = self.backend.start(run.task, token, self.runtime)

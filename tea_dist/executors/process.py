@@ -115,7 +115,7 @@ def dump_task(task: BranchTask) -> bytes:
 
     This is the pre-check: ``execute`` dumps every task before any branch starts.
     """
-    task = replace(task, spec=task.spec.branch_part(task.branch, task.fan_in))
+    task = replace(task, spec=task.spec.branch_part(task.start, task.fan_in))
     try:
         return pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

@@ -300,3 +300,7 @@ class MemoryLimitStore:
     def _state(self, name: str) -> LimitState:
         known = self._limits.get(name)
         return EMPTY if known is None else known[1]
+
+
+PROCESS_LIMITS = MemoryLimitStore()
+"""The limits of in-process strategies when no Redis store is configured: one per process."""

@@ -26,6 +26,7 @@ from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import YAMLError
 from tea_dist.core.graph import StateGraph as _StateGraph
 from tea_dist.core.yaml_loader import load_yaml
+from tea_dist.distributed.trust import agents_dir
 from tea_dist.interfaces.tea.graph import StateGraph
 
 _lock = threading.Lock()
@@ -37,7 +38,8 @@ def agent_file(text: str, name: str) -> Path:
     global _directory
     with _lock:
         if _directory is None:
-            _directory = Path(tempfile.mkdtemp(prefix="tea-dist-agents-"))
+            # inside the agents directory: celery workers find agents by their path there
+            _directory = Path(tempfile.mkdtemp(prefix=".tea-dist-agents-", dir=agents_dir()))
             atexit.register(shutil.rmtree, _directory, True)
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:40] or "agent"
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
