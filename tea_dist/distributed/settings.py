@@ -33,7 +33,8 @@ class Settings(BaseSettings):
 
     Environment: ``TEA_DIST_BROKER_URL``, ``TEA_DIST_RESULT_BACKEND``, ``TEA_DIST_REDIS_URL``,
     ``TEA_DIST_FLOWS_QUEUE``, ``TEA_DIST_MAX_STATE_BYTES``, ... (the field name, upper-cased).
-    An unset result backend or Redis URL follows the broker URL.
+    An unset result backend or Redis URL follows the broker URL. ``TEA_DIST_TASK_EVENTS=1`` keeps
+    Celery task events on in workers and callers (otherwise only an attached Flower turns them on).
     """
 
     model_config = SettingsConfigDict(env_prefix="TEA_DIST_", frozen=True, extra="ignore")
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
     key_prefix: str = "tea"
     flows_queue: str = "tea.flows"
     runs_queue: str = "tea.runs"
+    task_events: bool = False
     max_state_bytes: int = Field(1_000_000, gt=0)
     result_expires: float = Field(3600.0, gt=0)
     run_expires: float = Field(86400.0, gt=0)
