@@ -5,11 +5,15 @@ Four sections, each alternating its sides within one run (A, B, A, B, ...; media
 1. overhead: a tea_dist fan-out of N no-op celery branches (``invoke()`` of start -> N
    branches -> fan-in; compiled beforehand) against a raw ``chord([noop.s(i) ...])(collect.s())``
    of N no-op tasks waited on with ``get(timeout=..., disable_sync_subtasks=False,
-   follow_parents=False)`` (the fast way to wait, design §6). Both run on a prefork worker with
-   ``-c 2`` and the same Celery configuration (``bench/rawtasks.py`` builds its app from
-   ``tea_dist.distributed.celery_app.celery_config``). Target: tea_dist at most 30 % over raw,
-   N = 200 and N = 1000. The raw side's result keys are deleted after its timer stops
-   (tea_dist deletes its own inside ``invoke()``: a small advantage to raw).
+   follow_parents=False)`` (the fast way to wait, design §6), N = 200 and 1000, each side on its
+   own prefork worker with ``-c 2``. The raw app is what a user would write
+   (``bench/rawtasks.py``: its own plain configuration, JSON, late ack, prefetch 1). Two pairs,
+   four sides rotated within each repetition (at least 5): task events off on both sides
+   (tea_dist's default against the plain raw app), and task events on on both sides
+   (``TEA_DIST_TASK_EVENTS=1`` against the raw app with ``-E`` and ``task_send_sent_event``,
+   what a Flower user runs). Both ratios are printed; target: at most 1.05x at N = 200. The raw
+   side's result keys are deleted after its timer stops (tea_dist deletes its own inside
+   ``invoke()``: a small advantage to raw).
 2. cpu: 4 branches of ~0.5 s of pure-Python work: sequential in this process, one worker
    ``-c 1``, one worker ``-c 2``, and two workers ``-c 1`` each (horizontal scale-out).
 3. timeout: one worker slot (``-c 1``). Branch 1 runs into ``timeout_seconds=0.5``, branch 2 is
@@ -40,7 +44,8 @@ processes this script started are stopped (by process group).
    its ``-A`` app: an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` dropping the spans,
    metrics in Prometheus multiprocess mode) and the caller tracing and counting too.
 
-Run: ``python bench/celery_vs_raw.py [--quick] [--reps R] [--only SECTIONS] [--observe]``.
+Run: ``python bench/celery_vs_raw.py [--quick] [--reps R] [--sizes N,N] [--only SECTIONS]
+[--observe]``.
 ``--quick`` (a smoke run, ~30 s): N = 50 and 200, 2 repetitions; 0.1 s CPU branches on
 ``-c 1`` and ``-c 2`` only; one repetition of tea_dist's two timeout paths and of one
 fail-fast pair.
@@ -60,7 +65,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +129,19 @@ class Cluster:
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    def start(self, specs: list[tuple[str, str, int]]) -> None:
-        """Start workers ``(kind, queue name, concurrency)`` at once; wait until all answer."""
+    def start(
+        self, specs: list[tuple[str, str, int]], events: Collection[str] = frozenset()
+    ) -> None:
+        """Start workers ``(kind, queue name, concurrency)`` at once; wait until all answer.
+
+        Workers on the queues named in ``events`` send task events (``TEA_DIST_TASK_EVENTS``,
+        which gives ``--task-events`` and the raw app's events configuration too).
+        """
         pending = []
         for n, (kind, queue, concurrency) in enumerate(specs):
-            settings = self.settings.with_overrides(flows_queue=self.queue(queue))
+            settings = self.settings.with_overrides(
+                flows_queue=self.queue(queue), task_events=queue in events
+            )
             name = f"{kind}-{queue}-{n}-{self.tag}@%h"
             argv = worker_argv(settings, "flows", concurrency=concurrency, name=name)
             argv[argv.index("tea_dist.distributed.celery_app")] = WORKER_APPS[kind]
@@ -218,88 +233,156 @@ def forget(app: Any, ids: list[str]) -> None:
 # -- 1. overhead --
 
 
+OVERHEAD_TARGET = 1.05  # tea_dist / raw at N = 200, events off and events on alike
+VARIANTS = (  # (label, raw queue, tea queue, task events on both sides)
+    ("off", "raw", "tea", False),
+    ("on", "raw-ev", "tea-ev", True),
+)
+
+
+@dataclass
+class Side:
+    """One side of the overhead comparison: its worker's queue, its set-up, its timed run."""
+
+    name: str
+    queue: str
+    prepare: Callable[[], object]  # untimed: point the caller's app at the side's settings
+    run: Callable[[], list[str]]  # timed: returns the raw task ids to forget afterwards
+
+
 def overhead_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
-    from celery import chord
-
     from bench import rawtasks
+    from tea_dist.distributed.celery_app import configure
 
-    raw_queue = cluster.queue("raw")
     rows = []
     warm = min(sizes)
     for n in sizes:
-        config = ParallelConfig(strategy="celery", queue=cluster.queue("tea"))
-        app = fan_graph(n, bn.noop, config, name=f"noop{n}").compile()
-
-        def tea(app: Any = app, n: int = n) -> None:
-            final = final_state(list(app.invoke({})))
-            if final["ok"] != n:
-                raise RuntimeError(f"tea_dist: {final['ok']} of {n} branches succeeded")
-
-        def raw(n: int = n) -> None:
-            header = [rawtasks.noop.s(i).set(queue=raw_queue) for i in range(n)]
-            result = chord(header)(rawtasks.collect.s().set(queue=raw_queue))
-            values = result.get(timeout=300, disable_sync_subtasks=False, follow_parents=False)
-            if len(values) != n:
-                raise RuntimeError(f"raw: {len(values)} of {n} results")
-            raw.ids = [r.id for r in result.parent.results] + [result.id]  # type: ignore[attr-defined]
-
-        if n == warm:  # warm both sides once (connections, imports on the workers)
-            tea()
-            raw()
-            forget(rawtasks.app, raw.ids)  # type: ignore[attr-defined]
-        times: dict[str, list[float]] = {"raw": [], "tea": []}
-        caller: dict[str, list[float]] = {"raw": [], "tea": []}
-        workers: dict[str, list[float]] = {"raw": [], "tea": []}
-        pgid = {"raw": cluster.pid_of("raw"), "tea": cluster.pid_of("tea")}
-        for rep in range(reps):
-            for side, fn in (("raw", raw), ("tea", tea)):
-                worker_cpu, cpu = group_cpu(pgid[side]), time.process_time()
-                started = time.perf_counter()
-                fn()
-                times[side].append(time.perf_counter() - started)
-                caller[side].append(time.process_time() - cpu)
-                workers[side].append(group_cpu(pgid[side]) - worker_cpu)
-                if side == "raw":
-                    forget(rawtasks.app, raw.ids)  # type: ignore[attr-defined]
-            progress(f"overhead N={n}: repetition {rep + 1}/{reps} done")
-        t_raw, t_tea = median(times["raw"]), median(times["tea"])
-        over = t_tea / t_raw - 1
-        rows.append(
-            [
-                f"N={n}",
-                f"{t_raw:.3f}",
-                f"{t_tea:.3f}",
-                f"{n / t_raw:.0f}",
-                f"{n / t_tea:.0f}",
-                f"{median(caller['raw']) / n * 1e3:.2f}",
-                f"{median(caller['tea']) / n * 1e3:.2f}",
-                f"{median(workers['raw']) / n * 1e3:.2f}",
-                f"{median(workers['tea']) / n * 1e3:.2f}",
-                f"{over * 100:+.0f}%",
-                "ok" if over <= 0.30 else "MISSED",
-            ]
-        )
+        sides = []
+        for label, raw_q, tea_q, events in VARIANTS:
+            raw_settings = cluster.settings.with_overrides(flows_queue=cluster.queue(raw_q))
+            sides.append(
+                Side(
+                    f"raw/{label}",
+                    raw_q,
+                    partial(rawtasks.configure, raw_settings, events=events),
+                    _raw_chord(n, cluster.queue(raw_q)),
+                )
+            )
+            graph = fan_graph(
+                n,
+                bn.noop,
+                ParallelConfig(strategy="celery", queue=cluster.queue(tea_q)),
+                name=f"noop{n}-{label}",
+            )
+            tea_settings = cluster.settings.with_overrides(task_events=events)
+            sides.append(
+                Side(
+                    f"tea/{label}",
+                    tea_q,
+                    partial(configure, tea_settings),
+                    _tea_fanout(graph.compile(), n),
+                )
+            )
+        try:
+            if n == warm:  # warm every side once (connections, imports on the workers)
+                for side in sides:
+                    side.prepare()
+                    forget(rawtasks.app, side.run())
+            times: dict[str, list[float]] = {side.name: [] for side in sides}
+            caller: dict[str, list[float]] = {side.name: [] for side in sides}
+            workers: dict[str, list[float]] = {side.name: [] for side in sides}
+            for rep in range(reps):
+                shift = rep % len(sides)  # rotate the order: no side always runs first or last
+                for side in sides[shift:] + sides[:shift]:
+                    side.prepare()
+                    pgid = cluster.pid_of(side.queue)
+                    worker_cpu, cpu = group_cpu(pgid), time.process_time()
+                    started = time.perf_counter()
+                    raw_ids = side.run()
+                    times[side.name].append(time.perf_counter() - started)
+                    caller[side.name].append(time.process_time() - cpu)
+                    workers[side.name].append(group_cpu(pgid) - worker_cpu)
+                    forget(rawtasks.app, raw_ids)
+                progress(f"overhead N={n}: repetition {rep + 1}/{reps} done")
+        finally:
+            configure(cluster.settings)
+            rawtasks.configure(cluster.settings.with_overrides(flows_queue=cluster.queue("raw")))
+        for label, *_ in VARIANTS:
+            raw, tea = f"raw/{label}", f"tea/{label}"
+            t_raw, t_tea = median(times[raw]), median(times[tea])
+            verdict = "-"
+            if n == 200:
+                verdict = "ok" if t_tea / t_raw <= OVERHEAD_TARGET else "MISSED"
+            rows.append(
+                [
+                    f"N={n}",
+                    label,
+                    f"{t_raw:.3f}",
+                    f"{t_tea:.3f}",
+                    ratio(t_tea, t_raw),
+                    f"{n / t_raw:.0f}",
+                    f"{n / t_tea:.0f}",
+                    f"{median(caller[raw]) / n * 1e3:.2f}",
+                    f"{median(caller[tea]) / n * 1e3:.2f}",
+                    f"{median(workers[raw]) / n * 1e3:.2f}",
+                    f"{median(workers[tea]) / n * 1e3:.2f}",
+                    verdict,
+                ]
+            )
     return table(
-        f"Overhead: N no-op branches vs a raw chord of N no-op tasks, prefork -c 2 each, "
-        f"{reps} alternating repetitions",
+        "Overhead: N no-op branches vs a raw chord of N no-op tasks, one prefork -c 2 worker "
+        f"each, {reps} rotating repetitions of all four sides; medians",
         [
             "fan-out",
+            "task events",
             "raw med s",
             "tea med s",
+            "tea/raw",
             "raw /s",
             "tea /s",
             "caller CPU ms/task raw",
             "tea",
             "worker CPU ms/task raw",
             "tea",
-            "tea over raw",
-            "target <=30%",
+            f"N=200 target <={OVERHEAD_TARGET:g}x",
         ],
         rows,
     ) + (
-        "\n(CPU columns: median CPU seconds per branch of this process and of the worker's "
-        "process group, from /proc; both sides share 2 cores with Redis)"
+        "\ntask events off: tea_dist's defaults against a raw app with a plain configuration "
+        "(JSON, late ack,\nprefetch 1, no events); on: both with worker task events and "
+        "task-sent events (TEA_DIST_TASK_EVENTS=1;\nraw: -E and task_send_sent_event), what "
+        "a Flower user runs. CPU columns: median CPU seconds per\nbranch of this process and "
+        "of the worker's process group, from /proc; all share 2 cores with Redis."
     )
+
+
+def _raw_chord(n: int, raw_queue: str) -> Callable[[], list[str]]:
+    """A raw ``chord`` of ``n`` no-op tasks, waited on the fast way; returns its task ids."""
+    from celery import chord
+
+    from bench import rawtasks
+
+    def run() -> list[str]:
+        header = [rawtasks.noop.s(i).set(queue=raw_queue) for i in range(n)]
+        result = chord(header)(rawtasks.collect.s().set(queue=raw_queue))
+        values = result.get(timeout=300, disable_sync_subtasks=False, follow_parents=False)
+        if len(values) != n:
+            raise RuntimeError(f"raw: {len(values)} of {n} results")
+        return [r.id for r in result.parent.results] + [result.id]
+
+    return run
+
+
+def _tea_fanout(app: Any, n: int) -> Callable[[], list[str]]:
+    """``invoke()`` of a compiled fan-out of ``n`` no-op branches."""
+
+    def run() -> list[str]:
+        final = final_state(list(app.invoke({})))
+        if final["ok"] != n:
+            raise RuntimeError(f"tea_dist: {final['ok']} of {n} branches succeeded")
+        return []
+
+    return run
 
 
 # -- 2. cpu --
@@ -737,6 +820,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a < 30 s run (smaller, fewer reps)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per section")
     parser.add_argument(
+        "--sizes", default=None, help="fan-out sizes of the overhead section (default 200,1000)"
+    )
+    parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
     )
     parser.add_argument(
@@ -748,7 +834,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     reps = args.reps or (2 if args.quick else 3)
+    overhead_reps = args.reps or (2 if args.quick else 5)
     sizes = [50, 200] if args.quick else [200, 1000]
+    if args.sizes:
+        sizes = [int(n) for n in args.sizes.split(",")]
     started = time.perf_counter()
 
     from bench import rawtasks
@@ -763,6 +852,8 @@ def main() -> None:
         specs.append(("tea", "tea", 2))
     if {"overhead", "failfast"} & set(only):
         specs.append(("raw", "raw", 2))
+    if "overhead" in only:  # the same pair with task events on
+        specs += [("tea", "tea-ev", 2), ("raw", "raw-ev", 2)]
     if {"cpu", "timeout"} & set(only):
         specs.append(("tea", "c1", 1))
     if "cpu" in only and not args.quick:
@@ -776,10 +867,10 @@ def main() -> None:
     load_before = os.getloadavg()
     try:
         progress(f"starting {len(specs)} workers (tag {cluster.tag})")
-        cluster.start(specs)
+        cluster.start(specs, events={"tea-ev", "raw-ev"})
         progress(f"workers ready after {time.perf_counter() - started:.1f} s")
         if "overhead" in only:
-            outputs.append(overhead_section(cluster, sizes, reps))
+            outputs.append(overhead_section(cluster, sizes, overhead_reps))
         if "cpu" in only:
             cpu_reps = 1 if args.quick else reps
             outputs.append(cpu_section(cluster, 0.1 if args.quick else 0.5, cpu_reps, args.quick))

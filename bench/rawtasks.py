@@ -1,10 +1,12 @@
-"""Raw Celery: the baseline of ``bench/celery_vs_raw.py``.
+"""Raw Celery: the baseline of ``bench/celery_vs_raw.py``, configured as a user would.
 
-Its own ``Celery`` app, configured exactly like tea_dist's (``celery_config(settings)``: same
-broker and backend, JSON, late ack, reject on worker lost, prefetch 1, task events), with
-trivial tasks. A worker runs it with ``celery -A bench.rawtasks worker`` and the same options as
-a tea_dist flow worker (prefork pool, same concurrency); its settings come from the same
-``TEA_DIST_*`` environment. The benchmark process calls ``configure(settings)``.
+Its own ``Celery`` app with its own plain configuration (not tea_dist's ``celery_config``):
+JSON, late acknowledgement paired with reject-on-worker-lost, prefetch 1, and no task events
+(Celery's default) unless ``events`` is asked for: then ``worker_send_task_events`` and
+``task_send_sent_event``, what a user who watches in Flower switches on. A worker runs it with
+``celery -A bench.rawtasks worker`` and the same command line as a tea_dist flow worker (prefork
+pool, same concurrency). Only where Redis and the queue are, and whether events are on, come
+from the ``TEA_DIST_*`` environment; the benchmark process calls ``configure(settings)``.
 """
 
 from __future__ import annotations
@@ -16,17 +18,38 @@ from typing import Any
 
 from celery import Celery
 
-from tea_dist.distributed.celery_app import celery_config
 from tea_dist.distributed.settings import Settings
 
-app = Celery("bench_raw", set_as_current=False)
-app.conf.update(celery_config(Settings()))
+
+def plain_config(broker: str, backend: str, queue: str, *, events: bool) -> dict[str, object]:
+    """The configuration a user writes for reliable JSON tasks on Redis."""
+    return {
+        "broker_url": broker,
+        "result_backend": backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": queue,
+        "worker_send_task_events": events,
+        "task_send_sent_event": events,
+        "broker_connection_retry_on_startup": True,
+    }
 
 
-def configure(settings: Settings) -> Celery:
-    """Point the raw app at ``settings`` (its flows queue is where raw tasks go by default)."""
-    app.conf.update(celery_config(settings))
+def configure(settings: Settings, *, events: bool | None = None) -> Celery:
+    """Point the raw app at ``settings`` (its flows queue is where raw tasks go by default);
+    task events as ``settings.task_events`` unless ``events`` says otherwise."""
+    on = settings.task_events if events is None else events
+    config = plain_config(settings.broker, settings.backend, settings.flows_queue, events=on)
+    app.conf.update(config)
     return app
+
+
+app = Celery("bench_raw", set_as_current=False)
+configure(Settings())
 
 
 def _mark(marker_dir: str, name: str, what: str) -> None:

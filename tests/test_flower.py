@@ -1,4 +1,7 @@
-"""Flower against the test Redis: it lists tea_dist tasks of a run, and /metrics answers."""
+"""Flower against the test Redis: it lists tea_dist tasks of a run, and /metrics answers.
+
+Workers send no task events until Flower attaches and turns them on (issue 16 item 1).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +19,10 @@ import pytest
 
 from tea_dist import ParallelConfig
 from tea_dist.distributed.local_cluster import _stop, free_port
-from tea_dist.distributed.worker import spawn_flower
+from tea_dist.distributed.worker import spawn_flower, worker_argv
 from tests import celery_nodes as cn
 from tests.nodes import fan_graph, final_state
+from tests.test_task_events import EventCapture, own_worker
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 AUTH = "ops:s3cret"
@@ -35,8 +41,9 @@ def get(url: str, auth: str | None = AUTH) -> tuple[int, str]:
         return 0, ""  # not listening yet
 
 
-@pytest.fixture
-def flower(cluster: Any, tmp_path: Path) -> Any:
+@contextmanager
+def running_flower(cluster: Any, tmp_path: Path) -> Iterator[str]:
+    """Flower for the test cluster, started as ``tea-dist cluster`` starts it; yields its URL."""
     port = free_port()
     proc = spawn_flower(cluster.settings(), port, auth=AUTH, log_path=tmp_path / "flower.log")
     url = f"http://127.0.0.1:{port}"
@@ -52,26 +59,52 @@ def flower(cluster: Any, tmp_path: Path) -> Any:
         _stop(proc)
 
 
-def test_flower_lists_tea_dist_tasks_of_a_run(cluster: Any, flower: str) -> None:
-    app = fan_graph(
-        {"alpha": cn.whoami, "beta": cn.whoami},
-        config=ParallelConfig(strategy="celery"),
-        fan_in=cn.collect,
-        name="flowergraph",
-    ).compile()
-    final_state(list(app.invoke({"value": 1})))
-    assert get(f"{flower}/api/tasks", auth=None)[0] == 401  # the API is not open
-    deadline = time.monotonic() + 15
-    while True:
-        status, body = get(f"{flower}/api/tasks?taskname=tea_dist.run_flow")
-        tasks = json.loads(body) if status == 200 else {}
-        args = [t.get("args", "") for t in tasks.values()]
-        if any("branch=alpha" in a for a in args) and any("branch=beta" in a for a in args):
-            break
-        assert time.monotonic() < deadline, f"Flower saw {args}"
-        time.sleep(0.3)
-    assert all("graph=flowergraph" in a and "run=" in a for a in args if "flowergraph" in a)
+@pytest.fixture
+def flower(cluster: Any, tmp_path: Path) -> Iterator[str]:
+    with running_flower(cluster, tmp_path) as url:
+        yield url
+
+
+def flower_tasks(url: str, host: str) -> list[dict[str, Any]]:
+    """The ``tea_dist.run_flow`` tasks Flower lists from the worker whose name starts ``host``."""
+    status, body = get(f"{url}/api/tasks?taskname=tea_dist.run_flow")
+    tasks = json.loads(body) if status == 200 else {}
     assert all(t["name"] == "tea_dist.run_flow" for t in tasks.values())
+    return [t for t in tasks.values() if str(t.get("worker") or "").startswith(host)]
+
+
+def has_branch(args: list[str], branch: str) -> bool:
+    return any(f"branch={branch}" in a for a in args)
+
+
+def test_flower_lists_tea_dist_tasks_of_a_run(cluster: Any, tmp_path: Path) -> None:
+    """A worker started without task events shows its tasks in Flower once Flower attaches:
+    Flower broadcasts ``enable_events`` (every 5 s) and the worker honours it."""
+    from tea_dist.distributed.celery_app import app as celery_app
+
+    settings = cluster.settings()
+    assert not settings.task_events and "--task-events" not in worker_argv(settings, "flows")
+    with own_worker(cluster, "flowerquiet") as (queue, host):
+        app = fan_graph(
+            {"alpha": cn.whoami, "beta": cn.whoami},
+            config=ParallelConfig(strategy="celery", queue=queue),
+            fan_in=cn.collect,
+            name="flowergraph",
+        ).compile()
+        with EventCapture(celery_app, host) as before:  # nobody watches: no task events
+            final_state(list(app.invoke({"value": 1})))
+        assert before.task_events() == []
+
+        with running_flower(cluster, tmp_path) as flower:
+            assert get(f"{flower}/api/tasks", auth=None)[0] == 401  # the API is not open
+            deadline = time.monotonic() + 30
+            args: list[str] = []
+            while not (has_branch(args, "alpha") and has_branch(args, "beta")):
+                assert time.monotonic() < deadline, f"Flower saw {args}"
+                final_state(list(app.invoke({"value": 1})))  # the first enable_events goes
+                time.sleep(1.0)  # out 5 s after Flower starts; runs before it stay unseen
+                args = [t.get("args") or "" for t in flower_tasks(flower, host)]
+    assert all("graph=flowergraph" in a and "run=" in a for a in args)
 
 
 def test_flower_metrics_endpoint_answers(cluster: Any, flower: str) -> None:

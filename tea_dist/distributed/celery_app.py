@@ -4,7 +4,10 @@
 finds it); ``configure(settings)`` points it elsewhere from code. Creating or configuring it
 makes no connection. Worker-side policy: late acknowledgement and reject-on-worker-lost (a branch
 whose worker dies is delivered again), prefetch 1 (a long branch never holds short ones
-back), task events on (Flower), no pickle anywhere.
+back), no pickle anywhere. Celery task events cost a message per task state, so they are off
+unless ``TEA_DIST_TASK_EVENTS`` is set: Flower turns them on in every worker when it attaches
+(it broadcasts ``enable_events``), and the driver learns when an attempt starts from the branch
+task's own lifecycle events, so ``task_track_started`` is not needed either.
 """
 
 from __future__ import annotations
@@ -61,9 +64,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_track_started": True,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
+        "task_send_sent_event": settings.task_events,
+        "worker_send_task_events": settings.task_events,
         "result_expires": int(settings.result_expires),
         "result_extended": False,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},

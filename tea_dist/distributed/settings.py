@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     ``TEA_DIST_AGENTS_DIR`` (where YAML agents are found, default: the working directory) and
     ``TEA_DIST_REDIS_PASSWORD`` (URL-encoded into every URL that names no password, so a
     password with ``@ / : #`` needs no escaping by hand).
+    ``TEA_DIST_TASK_EVENTS=1`` keeps Celery task events on in workers and callers (otherwise only
+    an attached Flower turns them on).
     """
 
     model_config = SettingsConfigDict(env_prefix="TEA_DIST_", frozen=True, extra="ignore")
@@ -79,6 +81,7 @@ class Settings(BaseSettings):
     key_prefix: str = "tea"
     flows_queue: str = "tea.flows"
     runs_queue: str = "tea.runs"
+    task_events: bool = False
     max_state_bytes: int = Field(1_000_000, gt=0)
     result_expires: float = Field(3600.0, gt=0)
     run_expires: float = Field(86400.0, gt=0)

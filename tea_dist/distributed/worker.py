@@ -56,7 +56,10 @@ def worker_argv(
         queue,
         "--hostname",
         name or f"{role}@%h",
-        "--task-events",
+        # Task events only when asked for; Flower's ``enable_events`` switches them on later.
+        # That needs the worker's event dispatcher, which its heartbeats keep enabled: never
+        # add ``--without-heartbeat`` here.
+        *(["--task-events"] if settings.task_events else []),
         "--without-mingle",
         "--without-gossip",
         "--loglevel",
