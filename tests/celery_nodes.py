@@ -103,3 +103,25 @@ def collect_items(state: dict[str, Any], parallel_results: list[Any]) -> dict[st
 
 def items_of(state: dict[str, Any]) -> list[int]:
     return list(range(int(state["count"])))
+
+
+def die_once(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str, Any]:
+    """Its first run kills its own process (a crashed worker child); later runs succeed."""
+    marker = Path(config["marker_dir"], f"{node}.died")
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        time.sleep(float(config.get("before_death", 0.2)))
+        os.kill(os.getpid(), 9)
+    return {"survived": True}
+
+
+def echo_secret(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Fails while ``config['fail_times']`` says so (counted in a file), then succeeds."""
+    path = Path(config["marker_dir"], "echo.count")
+    count = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(count + 1))
+    if count < int(config.get("fail_times", 0)):
+        raise ConnectionError("the service refused")
+    if config.get("always_fail"):
+        raise ValueError("it failed")
+    return {"echo": len(state.get("secret_token", ""))}

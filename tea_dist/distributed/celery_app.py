@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 
 from tea_dist.distributed.presence import Presence
+from tea_dist.distributed.refusals import Refusals
 from tea_dist.distributed.settings import Settings, get_settings
 
 REFILL_DELAYS = (0.15, 0.3, 0.6)  # billiard sends TERM, waits 0.1 s, then KILL
@@ -88,6 +89,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     celery.conf.update(celery_config(settings))
     celery.steps["worker"].add(PromptRefill)
     celery.steps["consumer"].add(Presence)
+    celery.steps["consumer"].add(Refusals)
     celery.tea_settings = settings  # type: ignore[attr-defined]
     return celery
 

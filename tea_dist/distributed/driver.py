@@ -228,7 +228,7 @@ class _Driver:
 
         remote: _Remote = run.handle
         remote.task_id = uuid.uuid4().hex
-        message = remote.message
+        message = remote.message = remote.message.signed(self.settings.secret)
         run_flow.apply_async((message,), task_id=remote.task_id, **message_options(message))
 
     # -- watching --
@@ -319,7 +319,7 @@ class _Driver:
         remote.redispatched += 1
         self.runtime.emit("on_branch_redispatched", run.context())
         self.app.control.revoke(remote.task_id, terminate=True, signal="SIGKILL")
-        remote.message = remote.message.retried(run.state)
+        remote.message = remote.message.retried(run.state, None)  # signed when sent
         self._send(run)
 
     # -- stopping --

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import BranchTimeoutError, RemoteError
 from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.distributed.signing import Secret, sign, verify
 from tea_dist.engine.attempt import ErrorInfo
 from tea_dist.engine.lifecycle import AttemptState
 from tea_dist.observe.events import FlowContext
@@ -76,11 +77,26 @@ class BranchMessage(BaseModel):
     circuit: str | None = None
     probe: bool = False  # this attempt holds a half-open probe slot of its circuit
     attempt: AttemptState
+    signature: str = ""  # HMAC of the rest under TEA_DIST_SECRET, when one is set
     trace: dict[str, str] = {}  # W3C trace context of the branch's span (observe.tracing)
 
-    def retried(self, attempt: AttemptState) -> BranchMessage:
+    def retried(self, attempt: AttemptState, secret: Secret | None) -> BranchMessage:
         """The message of the next attempt (it asks its circuit again: no probe yet)."""
-        return self.model_copy(update={"attempt": attempt, "probe": False})
+        return self.model_copy(update={"attempt": attempt, "probe": False}).signed(secret)
+
+    def signed(self, secret: Secret | None) -> BranchMessage:
+        """This message signed with ``secret`` (as it is, without one)."""
+        if secret is None:
+            return self
+        return self.model_copy(update={"signature": sign(self._body(), secret)})
+
+    def check_signature(self, secret: Secret | None) -> None:
+        """``SignatureError`` unless signed with ``secret`` (nothing to check without one)."""
+        if secret is not None:
+            verify(self._body(), self.signature or None, secret)
+
+    def _body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"signature"})
 
     def describe(self) -> str:
         """What Flower and logs show of this message: names, never state."""

@@ -19,6 +19,7 @@ soft-time-limit exception so the slot is freed at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -42,14 +43,23 @@ from tea_dist.distributed.connections import redis_for, ride_out
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.limits_redis import RedisLimitStore
 from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
+from tea_dist.distributed.signing import SignatureError
 from tea_dist.distributed.wire import decode_branch
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
-from tea_dist.engine.lifecycle import SYSTEM_CLOCK, BranchRun, Lifecycle, total_deadline
+from tea_dist.engine.lifecycle import (
+    SYSTEM_CLOCK,
+    BranchRun,
+    Lifecycle,
+    build_result,
+    total_deadline,
+)
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
 from tea_dist.observe import tracing
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission
+
+logger = logging.getLogger("tea_dist.worker")
 
 PERMIT_RECHECK_SECONDS = 0.5  # a branch waiting for a permit is re-published at most this often
 
@@ -155,6 +165,15 @@ class WorkerBranch:
         publisher = StreamPublisher(message, run, task_id)
         dispatcher.listeners.append(publisher)
         return cls(message, Lifecycle([run], runtime), run, publisher, keys, client)
+
+    def child_died(self) -> bool:
+        """Whether the process that ran this branch's attempt stopped beating more than two
+        beats before now: a killed or crashed child, not one stuck at its time limit."""
+        settings = current_settings()
+        heartbeat = self.keys.heartbeat(self.message.fanout, self.message.index)
+        left = self.client.pttl(heartbeat)  # -2: gone (the beats stopped a TTL ago)
+        lapse = (settings.heartbeat_ttl - 2 * settings.heartbeat_seconds) * 1000
+        return bool(left < 0 or left < lapse)
 
     def send(self, *before: tuple[str, tuple[Any, ...]], end: bool = True) -> list[Any]:
         """Publish the collected events in one pipeline, riding out a Redis outage shorter than
@@ -266,6 +285,8 @@ class FlowTask(Task):  # type: ignore[misc]
             return  # a lost child's message is delivered again (reject_on_worker_lost)
         branch = WorkerBranch.of(args[0], task_id)
         config = branch.message.config
+        if isinstance(exc, TimeLimitExceeded) and branch.child_died():
+            return  # not a timeout: its driver sees the heartbeat lapse and sends it again
         if isinstance(exc, TimeLimitExceeded):
             limit = config.timeout_seconds or 0.0
             message = f"attempt timed out after {limit:g}s; its process was killed"
@@ -279,7 +300,7 @@ class FlowTask(Task):  # type: ignore[misc]
         delay = branch.life.end(branch.run, outcome)
         branch.send()
         if delay is not None:  # retried like any other attempt, from this process
-            retry = branch.message.retried(branch.run.state)
+            retry = branch.message.retried(branch.run.state, current_settings().secret)
             self.apply_async((retry,), task_id=task_id, countdown=delay, **message_options(retry))
 
 
@@ -292,6 +313,13 @@ def message_options(message: BranchMessage) -> dict[str, Any]:
         "argsrepr": message.describe(),
         "kwargsrepr": "{}",
         "ignore_result": True,
+        # where a worker that cannot even decode the body reports it (see ``Refusals``)
+        "headers": {
+            "tea_run": message.run,
+            "tea_fanout": message.fanout,
+            "tea_index": message.index,
+            "tea_branch": message.branch,
+        },
     }
     if config.timeout_seconds is not None:
         options["soft_time_limit"] = config.timeout_seconds
@@ -314,6 +342,13 @@ def run_flow(self: Any, message: BranchMessage) -> None:
     """Run one attempt of one branch; its events and result go to the run's stream."""
     branch = WorkerBranch.of(message, self.request.id)
     life, run = branch.life, branch.run
+    try:
+        message.check_signature(current_settings().secret)
+    except SignatureError as exc:  # refused, and its caller is told
+        logger.warning("refused branch message %s: %s", message.describe(), exc)
+        life.resolve(run, build_result(run.state, run.config, error=ErrorInfo.from_exception(exc)))
+        branch.send()
+        return
     first = not message.attempt.attempts  # the driver asked the first attempt's circuit
     if not life.admit(run, circuit=not first):
         if run.done:  # past its deadline, or its circuit is open
@@ -348,7 +383,7 @@ def run_flow(self: Any, message: BranchMessage) -> None:
     branch.send()
     if delay is None:
         return
-    retry = message.retried(run.state)
+    retry = message.retried(run.state, current_settings().secret)
     raise self.retry(args=(retry,), countdown=delay, argsrepr=retry.describe())
 
 

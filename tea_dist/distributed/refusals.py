@@ -1,0 +1,81 @@
+"""A message a worker cannot even decode is refused, and its caller is told at once.
+
+Workers accept JSON only; a pickle message (or any other content type) is dropped by Celery
+with a log line while its caller would wait for a result that never comes. ``Refusals``, a
+bootstep of the worker's consumer, hooks Celery's handlers of undecodable and invalid task
+messages: from the routing
+headers every branch message carries (``tea_run``, ``tea_fanout``, ``tea_index``,
+``tea_branch``; readable without decoding the body) it publishes the branch's failed result on
+the run's stream, then lets Celery drop the message as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from celery import bootsteps
+
+from tea_dist.core.results import ParallelFlowResult
+from tea_dist.distributed.connections import redis_for
+from tea_dist.distributed.keys import Keys
+from tea_dist.distributed.messages import BranchEvent
+from tea_dist.engine.attempt import worker_id
+from tea_dist.engine.lifecycle import AttemptState
+
+logger = logging.getLogger("tea_dist.worker")
+
+
+class Refusals(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Tell the caller of a branch message this worker refused to decode."""
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        undecodable, invalid = c.on_decode_error, c.on_invalid_task
+
+        def tell(message: Any, exc: Exception) -> None:
+            with contextlib.suppress(Exception):  # telling is best effort; dropping is not
+                tell_caller(c.app.tea_settings, dict(message.headers or {}), exc)
+
+        def on_decode_error(message: Any, exc: Exception) -> None:
+            tell(message, exc)
+            undecodable(message, exc)
+
+        def on_invalid_task(body: Any, message: Any, exc: Exception) -> None:
+            tell(message, exc)  # e.g. ContentDisallowed: a pickle body
+            invalid(body, message, exc)
+
+        c.on_decode_error, c.on_invalid_task = on_decode_error, on_invalid_task
+
+
+def tell_caller(settings: Any, headers: dict[str, Any], exc: Exception) -> None:
+    """Publish a failed result for the branch the ``headers`` name (nothing if they name none)."""
+    run, fanout = headers.get("tea_run"), headers.get("tea_fanout")
+    if not run or not fanout:
+        return
+    branch = str(headers.get("tea_branch") or "")
+    now = time.time()
+    result = ParallelFlowResult(
+        branch=branch,
+        success=False,
+        error_type=type(exc).__name__,
+        error=f"the worker refused the branch message: {exc}",
+        start_time=now,
+        end_time=now,
+        worker=worker_id(),
+    )
+    event = BranchEvent(
+        event="on_flow_complete",
+        fanout=str(fanout),
+        index=int(headers.get("tea_index") or 0),
+        branch=branch,
+        task_id=str(headers.get("id") or ""),
+        worker=worker_id(),
+        attempt=AttemptState(branch=branch, dispatched_at=now),
+        result=result,
+    )
+    stream = Keys(settings.key_prefix).events(str(run))
+    redis_for(settings.redis).xadd(stream, {"e": event.model_dump_json()})
+    logger.warning("refused a branch message of run %s: %s", run, exc)
