@@ -103,9 +103,12 @@ def test_celery_soft_timeout_reports_timeout(cluster: Any, tmp_path: Path) -> No
 
 
 def test_celery_retry_waits_without_blocking_a_sibling(cluster: Any, tmp_path: Path) -> None:
-    """The retry is re-published with a countdown: the sibling completes meanwhile."""
+    """The retry is re-published with a countdown: on a worker with one slot, the sibling
+    takes that slot and completes meanwhile."""
+    queue = f"tea.one-slot.{cluster.tag}"
+    cluster.start_worker("one-slot", concurrency=1, flows_queue=queue)
     policy = RetryPolicy(max_retries=2, base_delay=1.0)
-    config = ParallelConfig(strategy="celery", retry_policy=policy, max_workers=1)
+    config = ParallelConfig(strategy="celery", retry_policy=policy, queue=queue)
     app = celery_graph({"flaky": cn.flaky_file, "sib": cn.mark_start_then_sleep}, config).compile()
     run_config = {"marker_dir": str(tmp_path), "fail_times": 1, "sleep": {"sib": 0.2}}
     state = final_state(list(app.invoke({}, config=run_config)))
