@@ -13,6 +13,8 @@
     │   └── RemoteError          an error from another process, as type name and message
     ├── MergeError               a fan-in merge helper cannot merge the results
     ├── NodeError                a node raised outside any parallel branch
+    ├── GraphRecursionError      a run took more node steps than its recursion_limit
+    ├── BrokerError              the broker or Redis cannot be reached or refuses
     ├── RunCancelledError        a submitted workflow run was cancelled
     └── RunFailedError           a submitted workflow run failed
 
@@ -80,6 +82,23 @@ class MergeError(TeaDistError):
 
 class NodeError(TeaDistError):
     """Raised when a node fails outside any parallel branch (with ``raise_exceptions``)."""
+
+
+class GraphRecursionError(TeaDistError):
+    """Raised when a walk (the main path, or one branch) would take more node steps than
+    ``config["recursion_limit"]`` (default 1000): a cycle without an exit never hangs.
+
+    ``node`` names the node that would have run next and ``limit`` the limit.
+    """
+
+    def __init__(self, message: str, *, node: str = "", limit: int = 0) -> None:
+        super().__init__(message)
+        self.node, self.limit = node, limit
+
+
+class BrokerError(TeaDistError):
+    """Raised when the broker or Redis cannot be reached or refuses a command; the message
+    names the server by its URL, password redacted."""
 
 
 class RunCancelledError(TeaDistError):
