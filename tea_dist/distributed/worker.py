@@ -4,15 +4,23 @@ Two roles: ``flows`` runs branch tasks (queue ``tea.flows``, prefork pool: a tim
 cancel really kills the work) and ``runs`` runs whole submitted workflows (queue ``tea.runs``,
 thread pool: the driver mostly waits on chords, and must never take a branch slot).
 ``tea-dist worker``, the local cluster and the test fixtures all start workers from here.
+
+Every child started here is the leader of its own process group (so a stop reaches a worker's
+pool processes too) and, on Linux, gets SIGKILL when the thread that started it ends
+(``prctl(PR_SET_PDEATHSIG)``): it never outlives its parent, whatever signal ended that.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +32,47 @@ ROLES: dict[str, tuple[str, int]] = {
     "flows": ("prefork", os.cpu_count() or 2),
     "runs": ("threads", 8),
 }
+
+
+PR_SET_PDEATHSIG = 1
+
+
+@cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` making the child receive SIGKILL when its parent (precisely: the
+    thread that forked it) ends, on Linux; elsewhere it does nothing."""
+    prctl, parent = _prctl(), os.getpid()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
+def log_tail(path: Path | None, lines: int = 5) -> str:
+    """The last ``lines`` non-empty lines of a log file, joined by `` | `` ('' when none)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 8192))
+            text = log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
 
 
 def worker_argv(
@@ -92,8 +141,9 @@ def spawn_worker(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
-    wait_ready(settings, name, proc, ready_timeout)
+    wait_ready(settings, name, proc, ready_timeout, log_path)
     return proc
 
 
@@ -111,11 +161,16 @@ def spawn_flower(
         stdout=open(log_path, "ab") if log_path else subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
 
 
 def wait_ready(
-    settings: Settings, name: str, proc: subprocess.Popen[bytes], timeout: float
+    settings: Settings,
+    name: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    log_path: Path | None = None,
 ) -> None:
     """Block until the worker ``name`` answers a ping (``TeaDistError`` if it dies or is slow)."""
     from tea_dist.distributed.celery_app import make_app
@@ -126,8 +181,10 @@ def wait_ready(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                tail = log_tail(log_path)
                 raise TeaDistError(
                     f"worker '{name}' exited with code {proc.returncode} while starting"
+                    + (f"; its log ends: {tail}" if tail else "")
                 )
             replies = probe.control.ping(timeout=0.3)
             if any(host in worker for reply in replies for worker in reply):
