@@ -106,7 +106,8 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = STOP_GRACE) -
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
     for proc in procs:
-        proc.wait(10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = STOP_GRACE) -> None:
@@ -165,7 +166,7 @@ def on_lasting_thread(job: Callable[[], T]) -> T:
     keeper thread): the parent-death signal of a child fires when the thread that forked it
     ends, and a caller's thread may end long before the process."""
     global _keeper
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() in (threading.main_thread(), _keeper):
         return job()
     with _lock:
         if _keeper is None:
@@ -195,11 +196,19 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers (``TeaDistError`` if it does not)."""
-        import redis
-
         if self.reaper is None:
             self.reaper, self._own_reaper = Reaper(), True
             self.reaper.tell(path=str(self.workdir))
+        try:
+            return on_lasting_thread(self._start)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> EmbeddedRedis:
+        import redis
+
+        assert self.reaper is not None
         self.process = proc = subprocess.Popen(
             [
                 redis_server_binary(),
@@ -223,10 +232,10 @@ class EmbeddedRedis:
                 )
             with contextlib.suppress(redis.ConnectionError):
                 if client.ping():
+                    client.close()
                     return self
             time.sleep(0.05)
-        self.stop()
-        raise TeaDistError("the embedded Redis server did not answer within 10 s")
+        raise TeaDistError(f"the embedded Redis server (port {self.port}) did not answer in 10 s")
 
     def stop(self) -> None:
         if self.process is not None:
