@@ -5,16 +5,13 @@
 optionally Flower, each as a child process in its own process group.
 
 It dies with its parent, whatever ends the parent: ``stop()`` (also at exit) stops it in
-order; every child gets SIGKILL from the kernel when its parent goes (a parent-death signal);
-and a reaper process (``reaper.py``), which notices the parent's end through a pipe, kills
-the children's process groups (a worker's pool processes too) and removes the cluster's
-folder and advertisement even after a SIGKILL of the parent.
+order; every child gets SIGKILL from the kernel when its parent goes (``children``); and a
+reaper process (``reaper``), which notices the parent's end through a pipe, kills the
+children's process groups (a worker's pool processes too) and removes the cluster's folder
+and advertisement even after a SIGKILL of the parent.
 
-Finding a cluster: ``tea-dist cluster`` advertises its broker URL in ``cluster.json`` under
-the user's runtime directory (``TEA_DIST_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/tea-dist``,
-else ``<tmp>/tea-dist-<uid>``), as ``ray start --head`` does; the file goes when the cluster
-stops, and one whose cluster is dead is ignored and removed. With no broker configured (no
-``TEA_DIST_BROKER_URL``, nothing set in code):
+Finding a cluster: ``tea-dist cluster`` advertises its broker URL (``advert``). With no broker
+configured (no ``TEA_DIST_BROKER_URL``, nothing set in code):
 
 - ``client_settings()`` (submit, status, result, cancel, circuits, worker) uses the advertised
   cluster, else fails saying how to start one: nothing starts a throwaway cluster;
@@ -27,30 +24,32 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
-import queue
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.distributed.advert import advertise, advertised, withdraw
 from tea_dist.distributed.celery_app import configure, current_settings, explicitly_configured
+from tea_dist.distributed.children import (
+    die_with_parent,
+    log_tail,
+    on_lasting_thread,
+    stop_group,
+    stop_groups,
+)
+from tea_dist.distributed.reaper import Reaper
 from tea_dist.distributed.settings import Settings, get_settings
-from tea_dist.distributed.worker import die_with_parent, log_tail, spawn_flower, spawn_worker
+from tea_dist.distributed.worker import spawn_flower, spawn_worker
 
-T = TypeVar("T")
-STOP_GRACE = 3.0  # seconds a child gets after SIGTERM before SIGKILL
+_stop = stop_group  # one child and its group, as the Flower tests stop theirs
 NO_CLUSTER = (
     "no broker configured (TEA_DIST_BROKER_URL is not set) and no local cluster is running: "
     "start one with `tea-dist cluster` (it stays up until Ctrl-C), or set TEA_DIST_BROKER_URL"
@@ -89,95 +88,7 @@ def port_taken(port: int) -> bool:
     return False
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = STOP_GRACE) -> None:
-    """SIGTERM each child's process group, SIGKILL what is left after ``grace`` seconds.
-
-    Groups are signalled even when their leader already exited: a worker's pool processes
-    may still be running in it.
-    """
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = STOP_GRACE) -> None:
-    """Stop one child and its process group (SIGTERM, then SIGKILL after ``timeout``)."""
-    _stop_all([proc], timeout)
-
-
 # -- the reaper and the keeper thread -------------------------------------------------------
-
-
-class Reaper:
-    """The parent's side of ``reaper.py``: tells it what to clean if this process dies."""
-
-    def __init__(self) -> None:
-        read, write = os.pipe()
-        script = Path(__file__).with_name("reaper.py")
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", str(script), str(os.getpid())],
-            stdin=read,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C on the terminal must not reach it
-        )
-        os.close(read)
-        self._pipe = os.fdopen(write, "w", buffering=1)
-        self._lock = threading.Lock()
-
-    def tell(self, **message: Any) -> None:
-        with self._lock, contextlib.suppress(OSError, ValueError):
-            self._pipe.write(json.dumps(message) + "\n")
-
-    def release(self) -> None:
-        """Everything is cleaned: let the reaper exit without acting."""
-        self.tell(release=True)
-        with contextlib.suppress(OSError):
-            self._pipe.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
-
-
-_jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-_keeper: threading.Thread | None = None
-
-
-def _keep() -> None:
-    while True:
-        job, future = _jobs.get()
-        try:
-            future.set_result(job())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-
-def on_lasting_thread(job: Callable[[], T]) -> T:
-    """Run ``job`` on a thread that lives as long as the process (the main thread, or a
-    keeper thread): the parent-death signal of a child fires when the thread that forked it
-    ends, and a caller's thread may end long before the process."""
-    global _keeper
-    if threading.current_thread() in (threading.main_thread(), _keeper):
-        return job()
-    with _lock:
-        if _keeper is None:
-            _keeper = threading.Thread(target=_keep, name="tea-dist-cluster-keeper", daemon=True)
-            _keeper.start()
-    future: Future[T] = Future()
-    _jobs.put((job, future))
-    return future.result()
-
-
-# -- the processes ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -239,7 +150,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            stop_group(self.process)
             if self.reaper is not None:
                 self.reaper.tell(forget=self.process.pid)
             self.process = None
@@ -342,7 +253,7 @@ class LocalCluster:
             if self.flower_port:
                 self._start_flower()
             if self.advertise:
-                path = advertise(self)
+                path = advertise(self.redis_url, self.flower_url, self.workdir)
                 self.reaper.tell(advert=str(path), url=self.redis_url)
         except BaseException:
             self.stop()
@@ -396,8 +307,7 @@ class LocalCluster:
         """Withdraw the advertisement, stop every process (Redis last), remove the folder."""
         if self.advertise:
             withdraw(self.redis_url)
-        procs = list(self.processes.values())
-        _stop_all(procs)
+        stop_groups(list(self.processes.values()))
         self.processes.clear()
         if self.redis is not None:
             self.redis.stop()
@@ -419,94 +329,6 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-# -- advertising and finding a cluster --------------------------------------------------------
-
-
-def runtime_dir() -> Path:
-    """Where a running ``tea-dist cluster`` is advertised (created private to the user)."""
-    if configured := os.environ.get("TEA_DIST_RUNTIME_DIR"):
-        return Path(configured)
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "tea-dist"
-    return Path(tempfile.gettempdir()) / f"tea-dist-{os.getuid()}"
-
-
-def advert_path() -> Path:
-    return runtime_dir() / "cluster.json"
-
-
-def advertise(cluster: LocalCluster) -> Path:
-    """Write the cluster's address (atomically, readable by this user only)."""
-    folder = runtime_dir()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if folder.stat().st_uid != os.getuid():
-        raise ConfigError(f"{folder} belongs to another user: set TEA_DIST_RUNTIME_DIR")
-    record = {
-        "broker_url": cluster.redis_url,
-        "pid": os.getpid(),
-        "flower_url": cluster.flower_url,
-        "logs": str(cluster.workdir),
-        "started": time.time(),
-    }
-    path = advert_path()
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(json.dumps(record), encoding="utf-8")
-    temp.chmod(0o600)
-    os.replace(temp, path)
-    return path
-
-
-def withdraw(url: str) -> None:
-    """Remove the advertisement if it still names ``url`` (another cluster may own it now)."""
-    record = _read_advert()
-    if record is not None and record.get("broker_url") == url:
-        advert_path().unlink(missing_ok=True)
-
-
-def _read_advert() -> dict[str, Any] | None:
-    try:
-        record = json.loads(advert_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie is dead too
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def advertised() -> dict[str, Any] | None:
-    """The advertised cluster's record (``broker_url``, ``pid``, ``flower_url``, ``logs``) when
-    it answers; a file whose owner process is gone is removed."""
-    import redis
-
-    record = _read_advert()
-    if record is None:
-        if advert_path().exists():
-            advert_path().unlink(missing_ok=True)  # unreadable: nobody can use it
-        return None
-    pid = record.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
-        withdraw(str(record.get("broker_url")))
-        return None
-    try:
-        client = redis.Redis.from_url(str(record["broker_url"]), socket_connect_timeout=1)
-        client.ping()
-        client.close()
-    except (redis.RedisError, KeyError, ValueError):
-        return None  # its owner lives: starting or stopping, left alone
-    return record
-
-
 def _settings_for(url: str) -> Settings:
     """This environment's settings with ``url`` as broker (the result backend and Redis URL
     follow it unless the environment sets them)."""
@@ -519,7 +341,6 @@ def _settings_for(url: str) -> Settings:
 
 
 _cluster: LocalCluster | None = None
-_lock = threading.Lock()
 _finding = threading.Lock()
 
 

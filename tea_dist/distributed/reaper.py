@@ -12,7 +12,8 @@ milliseconds and imports nothing of tea_dist). Its parent writes JSON lines to i
 
 The parent is gone when its end of the pipe closes (any death, SIGKILL included: the kernel
 closes the descriptor) or when this process is re-parented. Then every registered group gets
-SIGKILL and every registered path and advertisement is removed.
+SIGKILL and every registered path and advertisement is removed. ``Reaper`` is the parent's
+side of the pipe.
 """
 
 from __future__ import annotations
@@ -23,8 +24,42 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Any
+
+
+class Reaper:
+    """The parent's side of ``reaper.py``: tells it what to clean if this process dies."""
+
+    def __init__(self) -> None:
+        read, write = os.pipe()
+        script = Path(__file__).resolve()
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", str(script), str(os.getpid())],
+            stdin=read,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C on the terminal must not reach it
+        )
+        os.close(read)
+        self._pipe = os.fdopen(write, "w", buffering=1)
+        self._lock = threading.Lock()
+
+    def tell(self, **message: Any) -> None:
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._pipe.write(json.dumps(message) + "\n")
+
+    def release(self) -> None:
+        """Everything is cleaned: let the reaper exit without acting."""
+        self.tell(release=True)
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
 
 
 def _reap(groups: set[int], paths: list[str], adverts: dict[str, str]) -> None:

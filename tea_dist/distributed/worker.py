@@ -5,26 +5,21 @@ cancel really kills the work) and ``runs`` runs whole submitted workflows (queue
 thread pool: the driver mostly waits on chords, and must never take a branch slot).
 ``tea-dist worker``, the local cluster and the test fixtures all start workers from here.
 
-Every child started here is the leader of its own process group (so a stop reaches a worker's
-pool processes too) and, on Linux, gets SIGKILL when the thread that started it ends
-(``prctl(PR_SET_PDEATHSIG)``): it never outlives its parent, whatever signal ended that.
+Every child started here leads its own process group and dies with its parent (``children``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
-from functools import cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.distributed.children import die_with_parent, log_tail
 from tea_dist.distributed.settings import Settings
 
 Role = Literal["flows", "runs"]
@@ -32,47 +27,6 @@ ROLES: dict[str, tuple[str, int]] = {
     "flows": ("prefork", os.cpu_count() or 2),
     "runs": ("threads", 8),
 }
-
-
-PR_SET_PDEATHSIG = 1
-
-
-@cache
-def _prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` making the child receive SIGKILL when its parent (precisely: the
-    thread that forked it) ends, on Linux; elsewhere it does nothing."""
-    prctl, parent = _prctl(), os.getpid()
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return preexec
-
-
-def log_tail(path: Path | None, lines: int = 5) -> str:
-    """The last ``lines`` non-empty lines of a log file, joined by `` | `` ('' when none)."""
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 8192))
-            text = log.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
 
 
 def worker_argv(

@@ -206,7 +206,8 @@ def cluster(
 
     The other commands (and apps' ``submit()``) on this machine find it by themselves; any
     signal stops it, and even a SIGKILL leaves no process or folder behind."""
-    from tea_dist.distributed.local_cluster import LocalCluster, advert_path
+    from tea_dist.distributed.advert import advert_path
+    from tea_dist.distributed.local_cluster import LocalCluster
 
     if workers < 0:
         fail(f"--workers must be 0 or more, got {workers}")
