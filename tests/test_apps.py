@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from tea_dist import WorkflowRun, submit
-from tea_dist.core.errors import GraphError, RunCancelledError, RunFailedError, SerializationError
+from tea_dist.core.errors import (
+    GraphError,
+    RunCancelledError,
+    RunFailedError,
+    SerializationError,
+    TeaDistError,
+)
 from tea_dist.distributed.apps import RunStatus
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
@@ -140,3 +146,57 @@ def test_run_worker_killed_mid_run_is_reported_failed(cluster: Any, tmp_path: Pa
     cluster.kill(victim)
     with pytest.raises(RunFailedError, match="run worker stopped"):
         run.result(timeout=30)
+
+
+# -- item 9: status changes are atomic; Redis errors are BrokerError -------------------------
+
+
+def test_item9_a_cancel_landing_after_the_work_never_marks_a_succeeded_run_cancelled(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """Deterministic interleaving: the run's only node finishes its work, then waits until the
+    run worker has seen the cancel; the run then ends with its final event. It succeeded."""
+    run = submit("tests.ops_nodes:cancelled_at_the_end", {}, {"marker_dir": str(tmp_path)})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "work.done").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert run.cancel() is True  # the run is still running: the cancel is requested
+    assert run.result(timeout=30) == {"saw_cancel": True}  # the node saw the cancel land
+    assert run.status() == "succeeded"
+    assert not run.client.exists(run.keys.run_cancelled(run.run_id))  # the flag went too
+
+
+def test_item9_cancel_of_a_finished_run_writes_nothing(cluster: Any) -> None:
+    run = submit("tests.apps_graphs:quick", {"value": 1})
+    run.result(timeout=30)
+    assert run.cancel() is False
+    assert run.status() == "succeeded"
+    assert not run.client.exists(run.keys.run_cancelled(run.run_id))
+    unknown = WorkflowRun("no-such-run")
+    with pytest.raises(TeaDistError, match="no run 'no-such-run'"):
+        unknown.cancel()
+    assert not unknown.client.exists(unknown.keys.run_cancelled("no-such-run"))
+
+
+def test_item9_redis_errors_are_broker_errors_naming_the_redacted_url(cluster: Any) -> None:
+    from tea_dist.core.errors import BrokerError
+    from tea_dist.distributed.celery_app import configure, current_settings
+    from tea_dist.distributed.local_cluster import free_port
+
+    settings = current_settings()
+    dead = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    configure(settings.with_overrides(broker_url=dead, result_backend=dead, redis_url=dead))
+    try:
+        for call in (
+            lambda: WorkflowRun("some-run").status(),
+            lambda: WorkflowRun("some-run").cancel(),
+            lambda: list(WorkflowRun("some-run").events()),
+            lambda: submit("tests.apps_graphs:quick", {"value": 1}),
+        ):
+            with pytest.raises(BrokerError) as caught:
+                call()
+            assert dead.replace("s3cret", "***") in str(caught.value)
+            assert "s3cret" not in str(caught.value)
+    finally:
+        configure(settings)

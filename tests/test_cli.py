@@ -193,7 +193,92 @@ def test_cli_debug_shows_the_traceback(runner: CliRunner) -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("error: --input is not valid JSON")
 
 
+NODE_FAILS = """\
+name: node_fails
+nodes:
+  - {name: ok, run: 'return {"ok": True}'}
+  - {name: broken, uses: "tests.nodes:fail"}
+edges:
+  - {from: __start__, to: ok}
+  - {from: ok, to: broken}
+  - {from: broken, to: __end__}
+"""
+
+BRANCH_FAILS = """\
+name: branch_fails
+nodes:
+  - {name: prepare}
+  - {name: good, run: 'return {"x": 1}'}
+  - {name: bad, uses: "tests.nodes:fail"}
+  - {name: merge, fan_in: true, run: 'return {"n": len(parallel_results)}'}
+edges:
+  - {from: __start__, to: prepare}
+  - {from: prepare, to: [good, bad], parallel: true, fan_in: merge}
+  - {from: good, to: merge}
+  - {from: bad, to: merge}
+  - {from: merge, to: __end__}
+"""
+
+
+def test_item10_debug_shows_a_failing_nodes_traceback(runner: CliRunner, tmp_path: Path) -> None:
+    agent = write(tmp_path, NODE_FAILS)
+    plain = runner.invoke(cli.app, ["run", agent])
+    assert_one_line_error(plain, 1, "node 'broken' failed", "ValueError: boom")
+    debug = runner.invoke(cli.app, ["run", agent, "--debug"])
+    assert debug.exit_code == 1
+    assert "Traceback" in debug.stderr
+    assert 'raise ValueError("boom")' in debug.stderr  # the node's own line, from tests/nodes.py
+    last = debug.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: node 'broken' failed") and "ValueError: boom" in last
+
+
+def test_item10_debug_shows_a_failed_branchs_traceback(runner: CliRunner, tmp_path: Path) -> None:
+    agent = write(tmp_path, BRANCH_FAILS)
+    plain = runner.invoke(cli.app, ["run", agent])
+    assert plain.exit_code == 0 and "Traceback" not in plain.stderr
+    debug = runner.invoke(cli.app, ["run", agent, "--debug"])
+    assert debug.exit_code == 0, debug.stderr
+    assert "branch 'bad' failed:" in debug.stderr and "Traceback" in debug.stderr
+    assert 'raise ValueError("boom")' in debug.stderr
+    assert json.loads(debug.stdout)["n"] == 2  # best effort: the run still succeeds
+
+
 # -- validate ----------------------------------------------------------------------------
+
+CYCLE = """\
+name: cycle
+nodes:
+  - {name: prepare}
+  - {name: a}
+  - {name: b}
+  - {name: merge, fan_in: true}
+edges:
+  - {from: __start__, to: prepare}
+  - {from: prepare, to: [a, b], parallel: true, fan_in: merge}
+  - {from: a, to: merge}
+  - {from: b, to: merge}
+  - {from: merge, to: prepare}
+"""
+
+
+def test_item4_validate_warns_about_a_cycle_without_exit(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["validate", write(tmp_path, CYCLE)])
+    assert result.exit_code == 0 and result.stdout.startswith("OK "), result.stderr
+    warning = result.stderr.strip()
+    assert warning.startswith("warning: the cycle prepare -> merge -> prepare")
+    assert "no conditional exit" in warning and "recursion_limit" in warning
+
+
+def test_item4_validate_accepts_a_cycle_with_a_conditional_exit(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    text = CYCLE.replace(
+        "  - {from: merge, to: prepare}\n",
+        "  - {from: merge, to: prepare, when: 'state.get(\"again\")'}\n"
+        "  - {from: merge, to: __end__}\n",
+    )
+    result = runner.invoke(cli.app, ["validate", write(tmp_path, text)])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
 
 
 def test_cli_validate_ok(runner: CliRunner) -> None:

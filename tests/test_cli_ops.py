@@ -55,3 +55,27 @@ def test_cli_worker_ping_finds_a_named_worker(cluster: Any) -> None:
     cmd = [sys.executable, "-m", "tea_dist", "worker-ping", "--role", "nobody", "--timeout", "1"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "did not answer" in out.stderr
+
+
+def test_item10_submit_bad_config_blames_config(cluster: Any) -> None:
+    out = runner.invoke(app, ["submit", "tests.apps_graphs:quick", "--config", "notjson"])
+    assert out.exit_code == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --config is not valid JSON"), lines
+    assert out.stdout == ""  # nothing was submitted
+
+
+def test_item6_cancel_unknown_or_finished_run_exits_non_zero(cluster: Any) -> None:
+    import redis
+
+    out = runner.invoke(app, ["submit", "tests.apps_graphs:quick", "--wait"])
+    run_id = out.stdout.split("\n", 1)[0]
+    finished = runner.invoke(app, ["cancel", run_id])
+    assert finished.exit_code == 1 and "already ended (succeeded)" in finished.stderr
+    unknown = runner.invoke(app, ["cancel", "nosuch"])
+    assert unknown.exit_code == 2 and "no run 'nosuch'" in unknown.stderr
+    client = redis.Redis.from_url(cluster.settings().redis)
+    prefix = cluster.env["TEA_DIST_KEY_PREFIX"]
+    assert not client.exists(f"{prefix}:run:{run_id}:cancel", f"{prefix}:run:nosuch:cancel")
+    reset = runner.invoke(app, ["circuits", "--reset", "nosuch"])
+    assert reset.exit_code == 2 and "no circuit 'nosuch'" in reset.stderr

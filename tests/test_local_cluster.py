@@ -1,9 +1,15 @@
-"""The zero set-up path: a distributed run with no broker configured anywhere."""
+"""The zero set-up path: a distributed run with no broker configured anywhere.
+
+Each test gets its own ``TEA_DIST_RUNTIME_DIR``, so a ``tea-dist cluster`` running elsewhere
+on the machine is neither found nor disturbed.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -17,21 +23,30 @@ SCRIPT = """
 import json
 from tea_dist import ParallelConfig
 from tea_dist.distributed.celery_app import current_settings
+from tea_dist.distributed.local_cluster import ensure_cluster
 from tests import celery_nodes as cn
 from tests.nodes import fan_graph
 
 app = fan_graph({"a": cn.whoami, "b": cn.whoami}, config=ParallelConfig(strategy="celery"),
                 fan_in=cn.collect).compile()
 events = list(app.invoke({"value": 1}))
-print(json.dumps({"state": events[-1]["state"], "broker": current_settings().broker}))
+folder = str(ensure_cluster().workdir)  # the cluster this run started
+print(json.dumps({"state": events[-1]["state"], "broker": current_settings().broker,
+                  "folder": folder}))
 """
 
 
-@pytest.mark.celery
-def test_celery_run_without_broker_starts_and_stops_a_local_cluster() -> None:
-    prefix = f"tea-zero-{uuid.uuid4().hex[:8]}"
+def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEA_DIST_")}
-    env.update(PYTHONPATH=str(ROOT), TEA_DIST_KEY_PREFIX=prefix)
+    env.update(PYTHONPATH=str(ROOT), TEA_DIST_RUNTIME_DIR=str(tmp_path / "runtime"))
+    return env
+
+
+@pytest.mark.celery
+def test_celery_run_without_broker_starts_and_stops_a_local_cluster(tmp_path: Path) -> None:
+    prefix = f"tea-zero-{uuid.uuid4().hex[:8]}"
+    env = clean_env(tmp_path)
+    env.update(TEA_DIST_KEY_PREFIX=prefix)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,
@@ -49,6 +64,7 @@ def test_celery_run_without_broker_starts_and_stops_a_local_cluster() -> None:
     assert port != 6379  # an embedded server on its own port, not the machine's Redis
     _assert_machine_redis_untouched(prefix)
     _assert_port_closed(port)  # the cluster was stopped with the process
+    assert not Path(report["folder"]).exists()  # and its folder removed
 
 
 def _assert_machine_redis_untouched(prefix: str) -> None:
@@ -72,27 +88,32 @@ def _assert_port_closed(port: int) -> None:
 
 
 @pytest.mark.celery
-def test_cli_cluster_prints_its_addresses_and_stops_on_ctrl_c() -> None:
-    import re
-    import signal
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEA_DIST_")}
+def test_cli_cluster_prints_its_addresses_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tea_dist", "cluster", "--flower-port", "0"],
         cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env=clean_env(tmp_path),
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        match = re.match(r"broker:\s+redis://127\.0\.0\.1:(\d+)/0", line)
-        assert match, line
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(4)]
+        match = re.match(r"broker:\s+redis://127\.0\.0\.1:(\d+)/0", lines[0])
+        assert match, lines
         port = int(match.group(1))
+        logs = Path(lines[1].split()[1])
+        assert lines[1].startswith("logs:") and (logs / "flows1.log").exists(), lines
+        assert str(runtime / "cluster.json") in lines[2]
+        advert = json.loads((runtime / "cluster.json").read_text())
+        assert advert["broker_url"] == f"redis://127.0.0.1:{port}/0" and advert["pid"] == proc.pid
         import redis
 
         assert redis.Redis(port=port).ping()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+    assert proc.returncode == 130
     _assert_port_closed(port)
+    assert not logs.exists() and not (runtime / "cluster.json").exists()

@@ -13,6 +13,7 @@
     │   └── RemoteError          an error from another process, as type name and message
     ├── MergeError               a fan-in merge helper cannot merge the results
     ├── NodeError                (also a RuntimeError) a node raised outside any branch
+    ├── GraphRecursionError      a run took more node steps than its recursion_limit
     ├── BrokerError              the broker or Redis cannot be reached, refused, or stayed away
     ├── NoWorkerError            branches were sent to a queue no live worker consumes
     ├── RunCancelledError        a submitted workflow run was cancelled
@@ -111,6 +112,18 @@ class BrokerError(TeaDistError):
 
 class NoWorkerError(TeaDistError):
     """Raised when a branch waits on a queue that no live worker consumes (the queue named)."""
+
+
+class GraphRecursionError(TeaDistError):
+    """Raised when a walk (the main path, or one branch) would take more node steps than
+    ``config["recursion_limit"]`` (default 1000): a cycle without an exit never hangs.
+
+    ``node`` names the node that would have run next and ``limit`` the limit.
+    """
+
+    def __init__(self, message: str, *, node: str = "", limit: int = 0) -> None:
+        super().__init__(message)
+        self.node, self.limit = node, limit
 
 
 class RunCancelledError(TeaDistError):

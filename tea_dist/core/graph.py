@@ -131,6 +131,32 @@ class GraphSpec:
         targets = self.edges.get(node, ())
         return targets[0] if targets else END
 
+    def cycles_without_exit(self) -> list[tuple[str, ...]]:
+        """Cycles a run can never leave: every node on them has one fixed successor (a normal
+        edge, or a fan-out's fan-in), none a conditional edge. Each cycle once, from its node
+        declared first (``("prepare", "merge")`` for ``prepare => merge -> prepare``)."""
+        fixed: dict[str, str] = {}
+        for name in self.nodes:
+            if name in self.fanouts:
+                fixed[name] = self.fanouts[name].fan_in
+            elif name not in self.conditionals and self.edges.get(name):
+                fixed[name] = self.edges[name][0]
+        order = {name: i for i, name in enumerate(self.nodes)}
+        cycles: list[tuple[str, ...]] = []
+        done: set[str] = set()
+        for start in self.nodes:
+            path: list[str] = []
+            node: str | None = start
+            while node is not None and node not in done and node not in path:
+                path.append(node)
+                node = fixed.get(node)
+            if node is not None and node in path:
+                cycle = path[path.index(node) :]
+                first = min(range(len(cycle)), key=lambda i: order[cycle[i]])
+                cycles.append(tuple(cycle[first:] + cycle[:first]))
+            done.update(path)
+        return cycles
+
     def branch_nodes(self, branch: str, fan_in: str) -> tuple[list[str], bool]:
         """Nodes a branch may run before ``fan_in`` (nested fan-outs included), in visit
         order, and whether ``fan_in`` is reachable at all."""

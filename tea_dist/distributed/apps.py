@@ -10,6 +10,12 @@ Delivery: a run is executed at most once (its message is acknowledged when a run
 it); a run worker that dies mid-run leaves a ``running`` run without a heartbeat, which
 ``status()`` reports as ``failed`` with that reason. Branches inside the run are delivered at
 least once (see the celery strategy).
+
+Every change of a run's status is one Lua script (claim, finish, cancel, the orphan check), so
+a cancel racing the end of a run never marks a succeeded run cancelled, and a cancel of an
+unknown or finished run writes nothing. Redis and broker errors leave this module as
+``BrokerError`` naming the server's redacted URL. With no broker configured, the advertised
+``tea-dist cluster`` is used (``client_settings``); nothing here starts a cluster.
 """
 
 from __future__ import annotations
@@ -19,27 +25,68 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from tea_dist.core.errors import GraphError, RunCancelledError, RunFailedError, TeaDistError
+import redis
+from kombu.exceptions import OperationalError
+
+from tea_dist.core.errors import (
+    BrokerError,
+    GraphError,
+    RunCancelledError,
+    RunFailedError,
+    TeaDistError,
+)
 from tea_dist.core.graph import StateGraph
-from tea_dist.distributed.celery_app import app, current_settings
+from tea_dist.distributed.celery_app import app
 from tea_dist.distributed.connections import redis_for
 from tea_dist.distributed.keys import Keys
-from tea_dist.distributed.local_cluster import driver_settings
+from tea_dist.distributed.local_cluster import client_settings
+from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.trust import Allowlist, agent_path, agent_ref, worker_allowlist
 from tea_dist.distributed.wire import check_json_state, import_callable, yaml_uses_modules
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.observe import tracing
 
-FAIL_IF_ORPHANED = """
-if redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
+# KEYS[1] run hash, KEYS[2] run heartbeat; ARGV: error, now. Returns the status (nil: unknown).
+STATUS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'ended', ARGV[2])
-  return 1
+  return 'failed'
 end
-return 0
+return status
+"""
+
+# KEYS[1] run hash, KEYS[2] run heartbeat; ARGV: now, heartbeat ttl (ms). 1 if claimed.
+CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] run hash, KEYS[2] cancel flag, KEYS[3] event stream; ARGV: stream ttl, field, value...
+FINISH = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('DEL', KEYS[2])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS[1] run hash, KEYS[2] cancel flag; ARGV: flag ttl, now. Returns the status found.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'pending' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended', ARGV[2])
+elseif status == 'running' then
+  redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
+end
+return status
 """
 
 
@@ -88,11 +135,25 @@ def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGr
     return obj
 
 
+@contextmanager
+def translated(settings: Settings) -> Iterator[None]:
+    """Raise Redis and broker errors as ``BrokerError`` naming the redacted URL."""
+    try:
+        yield
+    except (redis.RedisError, OperationalError) as exc:
+        url = redact(settings.redis)
+        raise BrokerError(f"Redis at {url} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def submit(
     graph_ref: str, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
 ) -> WorkflowRun:
-    """Enqueue a whole workflow run; returns its handle at once."""
-    settings = driver_settings()
+    """Enqueue a whole workflow run; returns its handle at once.
+
+    With no broker configured, uses the advertised ``tea-dist cluster`` (``ConfigError`` when
+    none runs); ``BrokerError`` when Redis cannot be reached.
+    """
+    settings = client_settings()
     resolve_graph(graph_ref).compile()  # a bad graph fails here, before anything is sent
     check_json_state(state, "the run input", settings.max_state_bytes)
     check_json_state(dict(config or {}), "the run config", settings.max_state_bytes)
@@ -100,51 +161,66 @@ def submit(
         graph_ref = agent_ref(graph_ref)  # run workers find it under their agents directory
     run = WorkflowRun(uuid.uuid4().hex)
     now = time.time()
-    pipe = run.client.pipeline()
-    pipe.hset(run.key, mapping={"status": RunStatus.PENDING, "graph": graph_ref, "created": now})
-    pipe.expire(run.key, int(settings.run_expires))
-    pipe.execute()
-    run_workflow.apply_async(
-        (run.run_id, graph_ref, dict(state), dict(config or {})),
-        {"trace": tracing.carrier()},  # the run joins the submitter's trace
-        task_id=run.run_id,
-        queue=settings.runs_queue,
-        argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
-        kwargsrepr="{}",
-    )
+    with translated(settings):
+        pipe = run.client.pipeline()
+        pipe.hset(
+            run.key, mapping={"status": RunStatus.PENDING, "graph": graph_ref, "created": now}
+        )
+        pipe.expire(run.key, int(settings.run_expires))
+        pipe.execute()
+        run_workflow.apply_async(
+            (run.run_id, graph_ref, dict(state), dict(config or {})),
+            {"trace": tracing.carrier()},  # the run joins the submitter's trace
+            task_id=run.run_id,
+            queue=settings.runs_queue,
+            argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
+            kwargsrepr="{}",
+        )
     return run
 
 
 class WorkflowRun:
-    """A submitted run, re-attachable by id from any process."""
+    """A submitted run, re-attachable by id from any process.
+
+    Every method raises ``BrokerError`` (naming the redacted URL) when Redis fails, and
+    ``TeaDistError`` for a run id that is unknown or expired.
+    """
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        settings = current_settings()
-        self.keys = Keys(settings.key_prefix)
-        self.client = redis_for(settings.redis)
+        self.settings = client_settings()
+        self.keys = Keys(self.settings.key_prefix)
+        self.client = redis_for(self.settings.redis)
         self.key = self.keys.run(run_id)
 
     def __repr__(self) -> str:
         return f"WorkflowRun({self.run_id!r})"
 
+    def _unknown(self) -> TeaDistError:
+        return TeaDistError(f"no run '{self.run_id}' (unknown, or expired)")
+
     def _record(self) -> dict[str, str]:
-        data = self.client.hgetall(self.key)
+        with translated(self.settings):
+            data = self.client.hgetall(self.key)
         if not data:
-            raise TeaDistError(f"no run '{self.run_id}' (unknown, or expired)")
+            raise self._unknown()
         return {_text(k): _text(v) for k, v in data.items()}
 
     def status(self) -> RunStatus:
         """pending, running, succeeded, failed or cancelled."""
-        self.client.eval(
-            FAIL_IF_ORPHANED,
-            2,
-            self.key,
-            self.keys.run_heartbeat(self.run_id),
-            "the run worker stopped (its heartbeat lapsed) during the run; the run was not retried",
-            time.time(),
-        )
-        return RunStatus(self._record()["status"])
+        with translated(self.settings):
+            status = self.client.eval(
+                STATUS,
+                2,
+                self.key,
+                self.keys.run_heartbeat(self.run_id),
+                "the run worker stopped (its heartbeat lapsed) during the run; "
+                "the run was not retried",
+                time.time(),
+            )
+        if status is None:
+            raise self._unknown()
+        return RunStatus(_text(status))
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The final state; waits up to ``timeout`` seconds (forever when None).
@@ -170,7 +246,8 @@ class WorkflowRun:
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Every event of the run so far, from the start: graph events and branch events."""
-        entries: Any = self.client.xrange(self.keys.events(self.run_id))
+        with translated(self.settings):
+            entries: Any = self.client.xrange(self.keys.events(self.run_id))
         for _id, fields in entries:
             data = {_text(k): _text(v) for k, v in fields.items()}
             if "e" in data:  # a BranchEvent published by a flow worker
@@ -178,18 +255,59 @@ class WorkflowRun:
             else:
                 yield json.loads(data.get("data") or "{}")
 
-    def cancel(self) -> None:
-        """Stop the run: queued, it never starts; running, its branches are stopped."""
-        settings = current_settings()
-        pipe = self.client.pipeline()
-        pipe.set(self.keys.run_cancelled(self.run_id), 1, ex=int(settings.run_expires))
-        pipe.hget(self.key, "status")
-        _, status = pipe.execute()
-        if status is not None and _text(status) == RunStatus.PENDING:
-            self.client.hset(
-                self.key, mapping={"status": RunStatus.CANCELLED, "ended": time.time()}
+    def cancel(self) -> bool:
+        """Stop the run: queued, it never starts; running, its branches are stopped.
+
+        Returns False, writing nothing, when the run had already ended; raises
+        ``TeaDistError`` for an unknown run.
+        """
+        with translated(self.settings):
+            status = self.client.eval(
+                CANCEL,
+                2,
+                self.key,
+                self.keys.run_cancelled(self.run_id),
+                int(self.settings.run_expires),
+                time.time(),
             )
-            app.control.revoke(self.run_id)
+            if status is None:
+                raise self._unknown()
+            if _text(status) == RunStatus.PENDING:
+                app.control.revoke(self.run_id)
+        return _text(status) in (RunStatus.PENDING, RunStatus.RUNNING)
+
+    # -- the run worker's side --
+
+    def claim(self) -> bool:
+        """Move a pending run to running (its heartbeat set); False if it is not pending."""
+        with translated(self.settings):
+            return bool(
+                self.client.eval(
+                    CLAIM,
+                    2,
+                    self.key,
+                    self.keys.run_heartbeat(self.run_id),
+                    time.time(),
+                    int(self.settings.heartbeat_ttl * 1000),
+                )
+            )
+
+    def finish(self, outcome: Mapping[str, Any]) -> bool:
+        """Record a running run's outcome (and let its event stream expire); False if the
+        run is no longer running (declared orphaned meanwhile)."""
+        fields = [str(v) for kv in {**outcome, "ended": time.time()}.items() for v in kv]
+        with translated(self.settings):
+            return bool(
+                self.client.eval(
+                    FINISH,
+                    3,
+                    self.key,
+                    self.keys.run_cancelled(self.run_id),
+                    self.keys.events(self.run_id),
+                    int(self.settings.run_expires),
+                    *fields,
+                )
+            )
 
 
 class _RunWatch:
@@ -197,8 +315,7 @@ class _RunWatch:
 
     def __init__(self, run: WorkflowRun) -> None:
         self.run, self.token = run, CancelToken()
-        settings = current_settings()
-        self.every, self.ttl = settings.heartbeat_seconds, settings.heartbeat_ttl
+        self.every, self.ttl = run.settings.heartbeat_seconds, run.settings.heartbeat_ttl
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tea-dist-run-watch", daemon=True)
 
@@ -239,10 +356,8 @@ def run_workflow(
 ) -> str:
     """Drive one submitted run on a run worker; the outcome goes to the run's record."""
     run = WorkflowRun(run_id)
-    settings = current_settings()
-    if run._record()["status"] != RunStatus.PENDING:
+    if not run.claim():  # cancelled while queued (or delivered twice)
         return "skipped"
-    run.client.hset(run.key, mapping={"status": RunStatus.RUNNING, "started": time.time()})
     stream = run.keys.events(run_id)
     outcome: dict[str, Any] = {
         "status": RunStatus.FAILED,
@@ -267,14 +382,10 @@ def run_workflow(
                     }
         except Exception as exc:
             outcome = {"status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
-        if token.is_cancelled():
+        # a cancel that lands after the final event changes nothing: the run succeeded
+        if token.is_cancelled() and outcome["status"] != RunStatus.SUCCEEDED:
             outcome = {"status": RunStatus.CANCELLED}
-        # recorded while the heartbeat still beats, so status() never sees a gap
-        pipe = run.client.pipeline()
-        record: dict[Any, Any] = {**outcome, "ended": time.time()}
-        pipe.hset(run.key, mapping=record)
-        pipe.expire(stream, int(settings.run_expires))
-        pipe.execute()
+        run.finish(outcome)  # while the heartbeat still beats, so status() never sees a gap
     return str(outcome["status"])
 
 

@@ -4,6 +4,8 @@ Two roles: ``flows`` runs branch tasks (queue ``tea.flows``, prefork pool: a tim
 cancel really kills the work) and ``runs`` runs whole submitted workflows (queue ``tea.runs``,
 thread pool: the driver mostly waits on chords, and must never take a branch slot).
 ``tea-dist worker``, the local cluster and the test fixtures all start workers from here.
+
+Every child started here leads its own process group and dies with its parent (``children``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tea_dist.core.errors import ConfigError, TeaDistError
+from tea_dist.distributed.children import die_with_parent, log_tail
 from tea_dist.distributed.settings import Settings
 from tea_dist.observe.metrics import MULTIPROC_ENV, PORT_ENV, QUEUE_DEPTH, serve_directory
 
@@ -101,8 +104,9 @@ def spawn_worker(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
-    wait_ready(settings, name, proc, ready_timeout)
+    wait_ready(settings, name, proc, ready_timeout, log_path)
     return proc
 
 
@@ -174,11 +178,16 @@ def spawn_flower(
         stdout=open(log_path, "ab") if log_path else subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
 
 
 def wait_ready(
-    settings: Settings, name: str, proc: subprocess.Popen[bytes], timeout: float
+    settings: Settings,
+    name: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    log_path: Path | None = None,
 ) -> None:
     """Block until the worker ``name`` answers a ping (``TeaDistError`` if it dies or is slow)."""
     from tea_dist.distributed.celery_app import make_app
@@ -189,8 +198,10 @@ def wait_ready(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                tail = log_tail(log_path)
                 raise TeaDistError(
                     f"worker '{name}' exited with code {proc.returncode} while starting"
+                    + (f"; its log ends: {tail}" if tail else "")
                 )
             replies = probe.control.ping(timeout=0.3)
             if any(host in worker for reply in replies for worker in reply):

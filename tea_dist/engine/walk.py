@@ -4,6 +4,10 @@ The main run and every branch attempt are walks; a fan-out met on the way is han
 ``FanOutRunner`` (the driver's, or a default one in a worker process), whose results feed the
 fan-in node. ``walk`` is a generator of ``Step``s returning the final state; ``awalk`` is the
 same walk for the asyncio strategy, awaiting ``async def`` nodes on the running loop.
+
+Every walk counts its node steps: past ``config["recursion_limit"]`` (default 1000, as in
+LangGraph) it raises ``GraphRecursionError`` naming the node and the limit, so a cycle without
+an exit ends the run instead of hanging it. The main path and each branch count on their own.
 """
 
 from __future__ import annotations
@@ -13,9 +17,32 @@ from collections.abc import AsyncIterator, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tea_dist.core.errors import ConfigError, GraphRecursionError
 from tea_dist.core.graph import END, FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.engine.nodes import CancelToken, acall_node, call_node
+
+DEFAULT_RECURSION_LIMIT = 1000
+
+
+def recursion_limit(config: Mapping[str, Any]) -> int:
+    """``config["recursion_limit"]``, checked (``ConfigError`` naming it), or the default."""
+    limit = config.get("recursion_limit", DEFAULT_RECURSION_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"config['recursion_limit'] must be an integer >= 1, got {limit!r}")
+    return limit
+
+
+def _count_step(steps: int, limit: int, node: str) -> int:
+    """``steps + 1``, or ``GraphRecursionError`` when running ``node`` would pass ``limit``."""
+    if steps >= limit:
+        raise GraphRecursionError(
+            f"recursion limit of {limit} node steps reached before node '{node}' "
+            "(a cycle without an exit?); raise it with config={'recursion_limit': N}",
+            node=node,
+            limit=limit,
+        )
+    return steps + 1
 
 
 class FanOutRunner(Protocol):
@@ -64,11 +91,13 @@ def walk(
     """Run nodes from ``start`` up to (not including) ``stop_at``; return the final state."""
     cursor = cursor or Cursor()
     config = dict(run_config or {})
+    limit, steps = recursion_limit(config), 0
     node, results = start, None
     while node not in (stop_at, END):
         if cancel_token is not None and cancel_token.is_cancelled():
             raise Cancelled(f"cancelled before node '{node}'")
         cursor.node = node
+        steps = _count_step(steps, limit, node)
         update = call_node(
             spec.nodes[node].run,
             state=state,
@@ -100,11 +129,13 @@ async def awalk(
     """``walk`` for a running event loop; the final state is the last step's state."""
     cursor = cursor or Cursor()
     config = dict(run_config or {})
+    limit, steps = recursion_limit(config), 0
     node, results = start, None
     while node not in (stop_at, END):
         if cancel_token is not None and cancel_token.is_cancelled():
             raise Cancelled(f"cancelled before node '{node}'")
         cursor.node = node
+        steps = _count_step(steps, limit, node)
         update = await acall_node(
             spec.nodes[node].run,
             state=state,

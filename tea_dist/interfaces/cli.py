@@ -6,9 +6,10 @@
 
 stdout carries only JSON (the final state, or one event per line with ``--stream``); messages
 and the live branch table go to stderr. Every failure is one line ``error: ...`` on stderr
-(a traceback too with ``--debug``) and a non-zero exit: 2 for bad input (file, YAML, JSON,
-options), 1 for a run that failed. Each command is one ``@app.command()`` function built
-from the shared helpers below.
+(a traceback too with ``--debug``: a failing node's, and every failed branch's) and a non-zero
+exit: 2 for bad input (file, YAML, JSON, options), 1 for a run that failed, 128 + N when
+signal N (Ctrl-C, SIGTERM, SIGHUP) stopped it, after the same clean-up as on Ctrl-C. Each
+command is one ``@app.command()`` function built from the shared helpers below.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from rich.console import Console
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.graph import GraphSpec
 from tea_dist.core.strategies import check_strategy
+from tea_dist.engine.walk import DEFAULT_RECURSION_LIMIT
 from tea_dist.interfaces import cli_ops  # noqa: F401 - registers the distributed commands
 from tea_dist.interfaces.common import (
     EXIT_RUN_FAILED,
     EXIT_USAGE,
     AgentArg,
     BranchProgress,
+    BranchTracebacks,
     DebugOpt,
     app,
     fail,
+    interruptible,
     load_agent,
     parse_input,
     reporting,
@@ -61,13 +65,25 @@ def run(
     with reporting(debug, EXIT_USAGE):
         state = parse_input(input_)
         graph = load_agent(agent)
-        config = ParallelConfig(strategy=check_strategy(strategy)) if strategy else None
+        fields: dict[str, Any] = {"strategy": check_strategy(strategy)} if strategy else {}
+        if debug:  # a failing node raises (its traceback shown), branches keep theirs
+            graph.raise_exceptions = True
+            fields["include_traceback"] = True
+        config = ParallelConfig(**fields) if fields else None
         progress = None
         if not stream and stderr_is_terminal():
             progress = BranchProgress(Console(file=sys.stderr))
         callbacks: list[Any] = [progress] if progress else []
+        if debug:
+            callbacks.append(
+                BranchTracebacks(progress.console if progress else Console(stderr=True))
+            )
         compiled = graph.compile(parallel_config=config, parallel_callbacks=callbacks)
-    with reporting(debug, EXIT_RUN_FAILED), progress.live() if progress else nullcontext():
+    with (
+        interruptible(),
+        reporting(debug, EXIT_RUN_FAILED),
+        progress.live() if progress else nullcontext(),
+    ):
         events = compiled.stream(state) if stream else compiled.invoke(state)
         last = _drain(events, stream)
     if last is None:
@@ -103,6 +119,13 @@ def validate(agent: AgentArg, debug: DebugOpt = False) -> None:
     with reporting(debug, EXIT_USAGE):
         graph = load_agent(agent)
         spec = graph.to_spec()
+    for cycle in spec.cycles_without_exit():
+        path = " -> ".join((*cycle, cycle[0]))
+        typer.echo(
+            f"warning: the cycle {path} has no conditional exit: a run goes round it until "
+            f"its recursion_limit ({DEFAULT_RECURSION_LIMIT} node steps by default) and fails",
+            err=True,
+        )
     typer.echo(f"OK {agent}: {summary(spec)}")
 
 

@@ -9,8 +9,9 @@
     tea-dist cluster [--workers N] [--concurrency N] [--allow M,...] [--flower-port P]
                      [--flower-auth @FILE]
 
-These commands talk to the broker of ``TEA_DIST_BROKER_URL`` (``submit`` with no broker set
-starts nothing: point it at a cluster, e.g. the one ``tea-dist cluster`` prints).
+These commands talk to the broker of ``TEA_DIST_BROKER_URL``; with none set, to the cluster a
+running ``tea-dist cluster`` advertises; with neither they fail saying how to start one (they
+never start a cluster that would die with the command).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tea_dist.interfaces.common import (
     DebugOpt,
     app,
     fail,
+    interruptible,
     parse_input,
     reporting,
     to_json,
@@ -94,14 +96,18 @@ def worker(
     The worker imports only callables from the modules and packages that --allow and
     TEA_DIST_ALLOWED name (plus tea_dist's own helpers), whatever a message asks for.
     """
-    from tea_dist.distributed.celery_app import current_settings
-    from tea_dist.distributed.worker import serve_metrics, worker_argv
+    from tea_dist.distributed.local_cluster import client_settings
+    from tea_dist.distributed.worker import (
+        die_with_parent,
+        serve_metrics,
+        settings_env,
+        worker_argv,
+    )
 
-    allowed = allow_env(allow)
-    settings = current_settings()
     roles = ["flows", "runs"] if role == "all" else [role]
     single_name = name if len(roles) == 1 else None
     with reporting(False):
+        settings = client_settings()
         argvs = [
             [
                 sys.executable,
@@ -118,6 +124,8 @@ def worker(
             ]
             for r in roles
         ]
+    os.environ.update(settings_env(settings))  # the advertised cluster's broker, if used
+    allowed = allow_env(allow)  # after: --allow adds to what the settings allow
     typer.echo(
         f"tea-dist worker {role} on {redact(settings.broker)}, allowing "
         f"{allowed or 'only tea_dist helpers'}",
@@ -129,14 +137,14 @@ def worker(
             env.update(serve_metrics(settings, role, metrics_port, queues))
     elif len(argvs) == 1:
         os.execv(sys.executable, argvs[0])  # the worker becomes this process (signals, PID 1)
-    children = [subprocess.Popen(argv, env=env) for argv in argvs]
+    children = [subprocess.Popen(argv, env=env, preexec_fn=die_with_parent()) for argv in argvs]
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:
             child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     codes = [child.wait() for child in children]
     raise typer.Exit(max(codes))
 
@@ -145,7 +153,10 @@ def worker(
 def worker_ping(role: RoleOpt = "flows", timeout: float = 5.0) -> None:
     """Exit 0 when this host's worker of ROLE answers a ping (a container health check)."""
     from tea_dist.distributed.celery_app import app as celery
+    from tea_dist.distributed.local_cluster import client_settings
 
+    with reporting(False):
+        client_settings()
     target = f"{role}@{socket.gethostname()}"
     replies = celery.control.ping(destination=[target], timeout=timeout)
     if not replies:
@@ -165,10 +176,10 @@ def submit(
     from tea_dist.distributed.apps import submit as submit_run
 
     with reporting(debug):
-        run = submit_run(ref, parse_input(input_), parse_input(config))
+        run = submit_run(ref, parse_input(input_), parse_input(config, "--config"))
     typer.echo(run.run_id)
     if wait:
-        with reporting(debug, EXIT_RUN_FAILED):
+        with interruptible(), reporting(debug, EXIT_RUN_FAILED):
             typer.echo(to_json(run.result(), indent=2))
 
 
@@ -191,20 +202,28 @@ def result(
     """Print a run's final state as JSON (exit 1 if it failed, was cancelled, or is not done)."""
     from tea_dist.distributed.apps import TERMINAL, WorkflowRun
 
-    with reporting(debug, EXIT_RUN_FAILED):
+    with reporting(debug):
         run = WorkflowRun(run_id)
-        if not wait and (current := run.status()) not in TERMINAL:
+        current = run.status()
+    with interruptible(), reporting(debug, EXIT_RUN_FAILED):
+        if not wait and current not in TERMINAL:
             fail(f"run {run_id} is {current}; use --wait to wait for it", EXIT_RUN_FAILED)
         typer.echo(to_json(run.result(timeout=timeout), indent=2))
 
 
 @app.command()
 def cancel(run_id: RunArg, debug: DebugOpt = False) -> None:
-    """Cancel a run: a queued run never starts, a running one has its branches stopped."""
+    """Cancel a run: a queued run never starts, a running one has its branches stopped.
+
+    Exits 2 for an unknown run, 1 for a run that already ended (nothing is written then)."""
     from tea_dist.distributed.apps import WorkflowRun
 
     with reporting(debug):
-        WorkflowRun(run_id).cancel()
+        run = WorkflowRun(run_id)
+        run.status()  # an unknown run fails here
+    with reporting(debug, EXIT_RUN_FAILED):
+        if not run.cancel():
+            fail(f"run {run_id} already ended ({run.status()}): nothing to cancel", EXIT_RUN_FAILED)
     typer.echo(f"cancel requested for {run_id}")
 
 
@@ -216,12 +235,15 @@ def circuits(
 ) -> None:
     """List the shared circuits in Redis with their state, or reset them."""
     from tea_dist.distributed.breaker_redis import RedisBreakerStore
-    from tea_dist.distributed.celery_app import current_settings
     from tea_dist.distributed.keys import Keys
+    from tea_dist.distributed.local_cluster import client_settings
 
     with reporting(debug):
-        settings = current_settings()
+        settings = client_settings()
         store = RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
+        if reset and reset not in (known := store.states()):
+            names = ", ".join(sorted(known)) or "none"
+            fail(f"no circuit '{reset}' (known circuits: {names})", EXIT_USAGE)
         if reset or reset_all:
             for name, old, new in store.reset(None if reset_all else reset):
                 typer.echo(f"{name}: {old} -> {new}")
@@ -275,29 +297,43 @@ def cluster(
         ),
     ] = None,
     allow: AllowOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
-    """Start a local cluster (embedded Redis, workers, Flower) and keep it up until Ctrl-C."""
+    """Start a local cluster (embedded Redis, workers, Flower) and keep it up until Ctrl-C.
+
+    The other commands (and apps' ``submit()``) on this machine find it by themselves; any
+    signal stops it, and even a SIGKILL leaves no process or folder behind."""
+    from tea_dist.distributed.advert import advert_path
     from tea_dist.distributed.local_cluster import LocalCluster
 
+    if workers < 0:
+        fail(f"--workers must be 0 or more, got {workers}")
+    if concurrency < 1:
+        fail(f"--concurrency must be 1 or more, got {concurrency}")
+    if not 0 <= flower_port <= 65535:
+        fail(f"--flower-port must be between 0 (no Flower) and 65535, got {flower_port}")
     auth = read_secret(flower_auth, "--flower-auth") if flower_auth else None
     allow_env(allow)
-    with reporting(False, EXIT_USAGE):
-        local = LocalCluster(
-            flow_workers=workers,
-            concurrency=concurrency,
-            flower_port=flower_port or None,
-            flower_auth=auth,
-        ).start()
-    try:
-        typer.echo(f"broker:  {local.redis_url}")
-        if local.flower_url:
-            typer.echo(f"flower:  {local.flower_url}")
-        typer.echo(f"use it:  export TEA_DIST_BROKER_URL={local.redis_url}")
-        typer.echo("Ctrl-C stops the cluster.", err=True)
-        while all(p.poll() is None for p in local.processes.values()):
-            time.sleep(0.5)
-        fail("a cluster process exited; stopping the cluster", EXIT_RUN_FAILED)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        local.stop()
+    with interruptible():
+        with reporting(debug, EXIT_USAGE):
+            local = LocalCluster(
+                flow_workers=workers,
+                concurrency=concurrency,
+                flower_port=flower_port or None,
+                flower_auth=auth,
+                advertise=True,
+            ).start()
+        try:
+            typer.echo(f"broker:  {local.redis_url}")
+            if local.flower_url:
+                typer.echo(f"flower:  {local.flower_url}")
+            typer.echo(f"logs:    {local.workdir}")
+            typer.echo(f"found:   by tea-dist commands and submit() here ({advert_path()})")
+            typer.echo(f"use it:  export TEA_DIST_BROKER_URL={local.redis_url}")
+            typer.echo("ready; Ctrl-C (or any signal) stops the cluster.", err=True)
+            while (why := local.exited()) is None:
+                time.sleep(0.5)
+            typer.echo(f"error: a cluster process exited: {why}; stopping the cluster", err=True)
+            raise typer.Exit(EXIT_RUN_FAILED)
+        finally:
+            local.stop()

@@ -1,10 +1,11 @@
 """What every ``tea-dist`` command shares: the Typer app, input parsing, one-line errors
-and exit codes, JSON output, the live branch table."""
+and exit codes, signals, JSON output, the live branch table."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +42,15 @@ class InputError(Exception):
     """Raised when a command-line input (``--input`` JSON, a file) cannot be used."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread as a Ctrl-C is, so that a command cleans
+    up the same way whatever stopped it (its run cancelled, its cluster stopped)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 # -- shared helpers -----------------------------------------------------------------------
 
 
@@ -65,12 +75,41 @@ def reporting(debug: bool, code: int = EXIT_USAGE) -> Iterator[None]:
         fail(str(exc) if known else f"{type(exc).__name__}: {exc}", code)
 
 
-def parse_input(text: str) -> dict[str, Any]:
-    """The initial state from ``--input``: JSON, ``@file`` with JSON, or ``@-`` for stdin."""
-    where = "--input"
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP end the block by an exception (``KeyboardInterrupt``, or
+    ``Terminated``), so its clean-up runs; the command then exits 128 + the signal number.
+    A second signal during the clean-up exits at once (the local cluster's reaper still
+    removes what is left)."""
+    caught: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if caught:
+            os._exit(128 + signum)
+        caught.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+    previous = {
+        s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        yield
+    except KeyboardInterrupt:
+        code = 128 + (caught[0] if caught else signal.SIGINT)
+        typer.echo(f"interrupted ({signal.Signals(code - 128).name})", err=True)
+        raise typer.Exit(code) from None
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def parse_input(text: str, option: str = "--input") -> dict[str, Any]:
+    """A JSON object from an option (``--input``, ``--config``): JSON, ``@file`` with JSON,
+    or ``@-`` for stdin; ``InputError`` naming the option."""
+    where = option
     if text.startswith("@"):
         name = text[1:]
-        where = f"--input file '{name}'"
+        where = f"{option} file '{name}'"
         try:
             text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
         except OSError as exc:
@@ -108,6 +147,21 @@ def _jsonable(value: Any) -> Any:
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+class BranchTracebacks:
+    """With ``--debug``: the traceback of every failed branch, on stderr (a callback)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def on_flow_complete(self, context: Any, result: Any) -> None:
+        if not result.success and result.traceback:
+            self.console.print(
+                f"branch '{result.branch}' failed:\n{result.traceback}",
+                markup=False,
+                highlight=False,
+            )
 
 
 # -- live progress ------------------------------------------------------------------------
