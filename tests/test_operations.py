@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tea_dist import ParallelConfig, StateGraph
+from tea_dist import ParallelConfig, RetryPolicy, StateGraph
 from tests import ops_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -593,10 +593,15 @@ def branch_loop_graph(strategy: str) -> StateGraph:
 
 
 def test_item4_recursion_limit_applies_in_each_branch(local_strategy: str) -> None:
-    app = branch_loop_graph(local_strategy).compile()
+    """Branch 'loop' never reaches its fan-in: at the limit the run ends (not retried, not
+    merged as a partial result) with the error naming the branch, the node and the limit."""
+    policy = RetryPolicy(max_retries=3, base_delay=0.01)
+    app = branch_loop_graph(local_strategy).compile(
+        parallel_config=ParallelConfig(strategy=local_strategy, retry_policy=policy)
+    )
     events = list(app.invoke({}, config={"recursion_limit": 5}))
-    assert events[-1]["type"] == "final", events[-1]
-    outcome = events[-1]["state"]["outcome"]
-    assert outcome["fine"] == "ok"  # the main path (2 steps) and branch 'fine' stay in bounds
-    assert outcome["loop"].startswith("GraphRecursionError: recursion limit of 5 node steps")
-    assert "before node 'loop'" in outcome["loop"]
+    assert events[-1]["type"] == "error", events[-1]
+    assert events[-1]["error_type"] == "GraphRecursionError"
+    assert "branch 'loop'" in events[-1]["error"]
+    assert "recursion limit of 5 node steps" in events[-1]["error"]
+    assert "before node 'loop'" in events[-1]["error"]

@@ -80,6 +80,12 @@ class AttemptState(BaseModel):
         del self.errors[: max(len(self.errors) - keep, 0)]
 
 
+# Failures that another attempt would only repeat: the code or the message is what is wrong.
+NEVER_RETRIED = frozenset(
+    {"GraphRecursionError", "NotAllowedError", "CodeMismatchError", "SignatureError"}
+)
+
+
 def retry_delay(
     policy: RetryPolicy, state: AttemptState, error: ErrorInfo, deadline: float | None, now: float
 ) -> float | None:
@@ -89,6 +95,8 @@ def retry_delay(
     branch's ``deadline`` (monotonic, ``now`` too) is not made.
     """
     retry = state.attempts - 1
+    if error.type_name in NEVER_RETRIED:
+        return None
     if not policy.should_retry(error.names, retry, timeout=error.timeout):
         return None
     delay = policy.delay_for(retry)

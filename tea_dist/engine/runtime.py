@@ -18,7 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tea_dist.core.config import ParallelConfig
-from tea_dist.core.errors import BranchError, BranchTimeoutError, CircuitOpenError
+from tea_dist.core.errors import (
+    BranchError,
+    BranchTimeoutError,
+    CircuitOpenError,
+    GraphRecursionError,
+)
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import get_executor
@@ -240,7 +245,11 @@ class Runtime:
 def _raise_for_fail_fast(
     results: Sequence[ParallelFlowResult], configs: Sequence[ParallelConfig]
 ) -> None:
-    """Under ``fail_fast``, the first failed branch ends the run."""
+    """Under ``fail_fast``, the first failed branch ends the run; a branch that hit its
+    ``recursion_limit`` always does (a cycle without an exit is a bug, not a partial result)."""
+    for result in results:
+        if result.error_type == GraphRecursionError.__name__:
+            raise GraphRecursionError(f"branch '{result.branch}': {result.error}")
     for result, config in zip(results, configs, strict=True):
         if stops_siblings(config, result):
             cls = {"TimeoutError": BranchTimeoutError, "CircuitOpenError": CircuitOpenError}.get(
