@@ -143,6 +143,7 @@ class _Driver:
         self.lease = self.keys.run_lease(runtime.run_id)
         self.unsent = deque(self.life.runs)  # branches not sent yet, in declaration order
         self.in_flight: set[BranchRun] = set()  # sent and not resolved yet (with a window)
+        self.bounded = [r for r in self.life.runs if r.deadline is not None]  # timeout_total
         self.window = min((c.max_workers for c in configs if c.max_workers), default=None)
         self.unconsumed: dict[str, float] = {}  # queue -> monotonic time it was seen unconsumed
 
@@ -195,41 +196,49 @@ class _Driver:
         it): the rest wait here, not in the broker."""
         if self.window is not None:
             self.in_flight = {r for r in self.in_flight if not r.done}
-        while self.unsent and (self.window is None or len(self.in_flight) < self.window):
-            run = self.unsent.popleft()
-            # an open circuit resolves it, nothing is sent; the worker takes the permits
-            if run.done or not self.life.admit(run, permits=False):
-                continue
-            task, admission = run.task, run.admission
-            message = BranchMessage(
-                run=self.runtime.run_id,
-                graph_name=self.runtime.graph_name,
-                fanout=self.fanout_id,
-                index=run.index,
-                branch=task.branch,
-                node=task.node,
-                fan_in=task.fan_in,
-                graph=self.graphs[f"{task.start}->{task.fan_in}"],
-                state=task.state,
-                run_config=dict(task.run_config),
-                config=run.config,
-                circuit=run.ctx.circuit,
-                probe=bool(admission and admission.probe),
-                attempt=run.state,
-                trace=tracing.carrier(task.branch),
-            )
-            run.handle = _Remote(message, run.config.queue or self.settings.flows_queue)
-            if self.window is not None:
-                self.in_flight.add(run)
-            self._send(run)
+            if len(self.in_flight) >= self.window:
+                return
+        with self.app.producer_or_acquire() as producer:  # one channel for the whole batch
+            while self.unsent and (self.window is None or len(self.in_flight) < self.window):
+                self._send_next(producer)
 
-    def _send(self, run: BranchRun) -> None:
+    def _send_next(self, producer: Any) -> None:
+        """Admit the next unsent branch and send it (an open circuit resolves it instead)."""
+        run = self.unsent.popleft()
+        # an open circuit resolves it, nothing is sent; the worker takes the permits
+        if run.done or not self.life.admit(run, permits=False):
+            return
+        task, admission = run.task, run.admission
+        message = BranchMessage(
+            run=self.runtime.run_id,
+            graph_name=self.runtime.graph_name,
+            fanout=self.fanout_id,
+            index=run.index,
+            branch=task.branch,
+            node=task.node,
+            fan_in=task.fan_in,
+            graph=self.graphs[f"{task.start}->{task.fan_in}"],
+            state=task.state,
+            run_config=dict(task.run_config),
+            config=run.config,
+            circuit=run.ctx.circuit,
+            probe=bool(admission and admission.probe),
+            attempt=run.state,
+            trace=tracing.carrier(task.branch),
+        )
+        run.handle = _Remote(message, run.config.queue or self.settings.flows_queue)
+        if self.window is not None:
+            self.in_flight.add(run)
+        self._send(run, producer)
+
+    def _send(self, run: BranchRun, producer: Any = None) -> None:
         from tea_dist.distributed.tasks import message_options, run_flow
 
         remote: _Remote = run.handle
         remote.task_id = uuid.uuid4().hex
         message = remote.message = remote.message.signed(self.settings.secret)
-        run_flow.apply_async((message,), task_id=remote.task_id, **message_options(message))
+        options = message_options(message)
+        run_flow.apply_async((message,), task_id=remote.task_id, producer=producer, **options)
 
     # -- watching --
 
@@ -281,7 +290,7 @@ class _Driver:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for run in self.life.runs:
+        for run in self.bounded:
             if not run.done and run.deadline is not None and now >= run.deadline:
                 self.life.time_out(run)
 
