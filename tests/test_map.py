@@ -4,6 +4,7 @@ from the times the nodes recorded."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -243,3 +244,36 @@ def test_i12_permit_of_a_killed_holder_comes_back_within_the_lease(
     store.release(limit, "probe")
     print(f"permit back {back_after:.2f}s after its holder was SIGKILLed")
     assert back_after <= DEFAULT_LEASE_SECONDS + 1
+
+
+def test_i12_cli_branch_table_of_a_1000_item_map_is_one_summary_line() -> None:
+    from rich.console import Console
+
+    from tea_dist.interfaces.common import BranchProgress
+
+    progress = BranchProgress(Console(width=100, record=True, file=open(os.devnull, "w")))
+    graph = map_graph(ParallelConfig(max_workers=8))
+    final(list(graph.compile(parallel_callbacks=[progress]).invoke({"docs": list(range(1000))})))
+    console = Console(width=100, record=True, file=open(os.devnull, "w"))
+    console.print(progress.table())
+    text = console.export_text()
+    assert "1000 branches" in text and "1000 ok" in text
+    assert len(text.splitlines()) < 10
+
+
+def test_i10_branches_are_queued_before_they_start(local_strategy: str) -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Recorder:
+        def on_flow_queued(self, ctx: Any) -> None:
+            seen.append(("queued", ctx.branch))
+
+        def on_flow_start(self, ctx: Any) -> None:
+            seen.append(("start", ctx.branch))
+
+    graph = map_graph(ParallelConfig(strategy=local_strategy, max_workers=1))
+    final(list(graph.compile(parallel_callbacks=[Recorder()]).invoke({"docs": [1, 2, 3]})))
+    for i in range(3):
+        branch = f"work[{i}]"
+        assert seen.index(("queued", branch)) < seen.index(("start", branch))
+    assert [e for e in seen if e[0] == "queued"] == [("queued", f"work[{i}]") for i in range(3)]

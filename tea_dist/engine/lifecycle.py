@@ -233,6 +233,8 @@ class Lifecycle:
             )
             for i, (task, config) in enumerate(zip(tasks, configs, strict=True))
         ]
+        for run in runs:  # every branch waits for a slot, a worker or a permit at first
+            runtime.emit("on_flow_queued", run.ctx)
         return cls(runs, runtime, stop=stop, clock=clock)
 
     def results(self) -> list[ParallelFlowResult]:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +168,9 @@ class BranchTracebacks:
 # -- live progress ------------------------------------------------------------------------
 
 
+SUMMARY_ABOVE = 30  # more branches than this: the table shows counts per status
+
+
 class BranchProgress:
     """A live table of fan-out branches (branch, status, ms), drawn on stderr.
 
@@ -185,6 +189,9 @@ class BranchProgress:
             if row is None:
                 row = self._rows[key] = {"started": self.clock(), "ms": None, "detail": ""}
             row.update(fields)
+
+    def on_flow_queued(self, context: Any) -> None:
+        self._update(context, status="queued")
 
     def on_flow_start(self, context: Any) -> None:
         self._update(context, status="running", started=self.clock())
@@ -210,6 +217,11 @@ class BranchProgress:
         now = self.clock()
         with self._lock:
             rows = [(key, dict(row)) for key, row in self._rows.items()]
+        if len(rows) > SUMMARY_ABOVE:  # a large map: one line of counts, not a row per item
+            counts = Counter(str(row.get("status", "")) for _, row in rows)
+            line = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            table.add_row(f"{len(rows)} branches", line, "", "")
+            return table
         for (_, branch), row in rows:
             status = row.get("status", "")
             ms = row["ms"] if row["ms"] is not None else (now - row["started"]) * 1000
