@@ -79,8 +79,11 @@ class MapItems:
         return list(found)
 
     def branch_state(self, state: Mapping[str, Any], index: int, item: Any) -> dict[str, Any]:
-        """The state branch ``index`` starts from: its own copy, with its item."""
-        return {**state, self.item_key: item, self.index_key: index}
+        """The state branch ``index`` starts from: its own copy, with its item, without the list
+        of items it was taken from (N branches each carrying all N items would make a map's
+        messages and results grow as N squared)."""
+        own = {k: v for k, v in state.items() if k != self.items}
+        return {**own, self.item_key: item, self.index_key: index}
 
 
 @dataclass(frozen=True)
