@@ -277,3 +277,23 @@ def test_i10_branches_are_queued_before_they_start(local_strategy: str) -> None:
         branch = f"work[{i}]"
         assert seen.index(("queued", branch)) < seen.index(("start", branch))
     assert [e for e in seen if e[0] == "queued"] == [("queued", f"work[{i}]") for i in range(3)]
+
+
+def test_i12_a_map_branch_gets_its_item_not_the_whole_list() -> None:
+    def peek(state: dict[str, Any]) -> dict[str, Any]:
+        return {"keys": sorted(state)}
+
+    g = StateGraph({"docs": list}, name="peek")
+    g.add_node("prepare", run=None)
+    g.add_node("work", run=peek)
+    g.add_fanin_node(
+        "merge",
+        run=lambda state, parallel_results: {"keys": [r.get("keys") for r in parallel_results]},
+    )
+    g.add_edge(START, "prepare")
+    g.add_parallel_map("prepare", "work", "merge", "docs", item_key="doc")
+    g.add_edge("work", "merge")
+    g.add_edge("merge", END)
+    state = final(list(g.compile().invoke({"docs": ["a", "b"], "topic": "x"})))
+    assert state["keys"] == [["doc", "index", "topic"]] * 2
+    assert state["docs"] == ["a", "b"]  # the caller's state keeps it
