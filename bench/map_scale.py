@@ -76,15 +76,23 @@ def main() -> None:
         rss = [s[1] for s in samples]
         used = [s[2] for s in samples]
         mb = 1024 * 1024
-        print(f"command: python bench/map_scale.py --items {args.items} "
-              f"--max-workers {args.max_workers} --concurrency {args.concurrency}")
+        print(
+            f"command: python bench/map_scale.py --items {args.items} "
+            f"--max-workers {args.max_workers} --concurrency {args.concurrency}"
+        )
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
-        print(f"items {args.items}: wall {wall:.1f} s ({args.items / wall:.0f} branches/s), "
-              f"caller CPU {cpu:.1f} s = {cpu / args.items * 1e3:.2f} ms per item")
-        print(f"caller RSS: start {rss[0] / mb:.1f} MiB, peak {max(rss) / mb:.1f} MiB, "
-              f"end {rss[-1] / mb:.1f} MiB")
-        print(f"Redis used_memory: start {used[0] / mb:.1f} MiB, peak {max(used) / mb:.1f} MiB, "
-              f"end {used[-1] / mb:.1f} MiB ({len(samples)} samples)")
+        print(
+            f"items {args.items}: wall {wall:.1f} s ({args.items / wall:.0f} branches/s), "
+            f"caller CPU {cpu:.1f} s = {cpu / args.items * 1e3:.2f} ms per item"
+        )
+        print(
+            f"caller RSS: start {rss[0] / mb:.1f} MiB, peak {max(rss) / mb:.1f} MiB, "
+            f"end {rss[-1] / mb:.1f} MiB"
+        )
+        print(
+            f"Redis used_memory: start {used[0] / mb:.1f} MiB, peak {max(used) / mb:.1f} MiB, "
+            f"end {used[-1] / mb:.1f} MiB ({len(samples)} samples)"
+        )
     finally:
         cluster.stop_all()
         server.stop()

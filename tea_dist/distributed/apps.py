@@ -367,9 +367,10 @@ def run_workflow(
         try:
             graph = resolve_graph(graph_ref, worker_allowlist()).compile()
             for event in graph.stream(state, config, run_id=run_id, cancel_token=token):
-                run.client.xadd(
-                    stream, {"event": "graph", "data": json.dumps(event, default=_jsonable)}
-                )
+                pipe = run.client.pipeline(transaction=False)
+                pipe.xadd(stream, {"event": "graph", "data": json.dumps(event, default=_jsonable)})
+                pipe.expire(stream, int(run.settings.run_expires))  # even if this worker dies
+                pipe.execute()
                 if event["type"] == "final":
                     outcome = {
                         "status": RunStatus.SUCCEEDED,

@@ -77,5 +77,8 @@ def tell_caller(settings: Any, headers: dict[str, Any], exc: Exception) -> None:
         result=result,
     )
     stream = Keys(settings.key_prefix).events(str(run))
-    redis_for(settings.redis).xadd(stream, {"e": event.model_dump_json()})
+    pipe = redis_for(settings.redis).pipeline(transaction=False)
+    pipe.xadd(stream, {"e": event.model_dump_json()})
+    pipe.expire(stream, int(settings.run_expires))
+    pipe.execute()
     logger.warning("refused a branch message of run %s: %s", run, exc)
