@@ -3,16 +3,7 @@
 -- This file is a prelude shared by every script, followed by sections that start with a
 -- line "--@ name". The rules mirror tea_dist/breaker.py (on_acquire, on_record); the shared
 -- contract tests run both. A circuit is one hash: state, failures, opened_at, probes.
--- ARGV "now" is epoch seconds, or "" to use the Redis server's clock, so that workers on
--- machines with skewed clocks agree.
-
-local function now_from(arg)
-  if arg == nil or arg == '' then
-    local t = redis.call('TIME')
-    return tonumber(t[1]) + tonumber(t[2]) / 1000000
-  end
-  return tonumber(arg)
-end
+-- now_from(ARGV) comes from clock.lua: injected epoch seconds, or the Redis server's clock.
 
 local function load(key)
   local v = redis.call('HMGET', key, 'state', 'failures', 'opened_at', 'probes')

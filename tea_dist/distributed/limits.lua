@@ -14,14 +14,6 @@
 
 local SLACK = 1.0
 
-local function now_from(arg)
-  if arg == nil or arg == '' then
-    local t = redis.call('TIME')
-    return tonumber(t[1]) + tonumber(t[2]) / 1000000
-  end
-  return tonumber(arg)
-end
-
 local function fmt(x)
   return string.format('%.17g', x)
 end

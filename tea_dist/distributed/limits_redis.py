@@ -16,60 +16,32 @@ so it can be sent to another process, which connects on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.commands.core import Script
 
 from tea_dist.core.config import ResourceLimit
-from tea_dist.core.errors import ConfigError, TeaDistError
-from tea_dist.distributed.breaker_redis import _text, _url_of
 from tea_dist.distributed.keys import Keys
-from tea_dist.distributed.settings import redact
+from tea_dist.distributed.scripted import ScriptedStore, text
 from tea_dist.policies.limits import DEFAULT_POLL_SECONDS, Clock, LimitSnapshot
 
-_SECTION = "--@ "
 INDEX_TTL_SECONDS = 86400
-
-
-@cache
-def lua_sources() -> dict[str, str]:
-    """The scripts of ``limits.lua`` by section name, each prefixed by the shared prelude."""
-    text = resources.files("tea_dist.distributed").joinpath("limits.lua").read_text("utf-8")
-    prelude, *sections = text.split(f"\n{_SECTION}")
-    scripts = {}
-    for section in sections:
-        name, _, body = section.partition("\n")
-        scripts[name.strip()] = f"{prelude}\n{body}"
-    return scripts
-
-
-def _where(client: redis.Redis | RedisCluster) -> str:
-    """A password-free description of where ``client`` connects (for messages only)."""
-    if isinstance(client, RedisCluster):
-        node = client.get_default_node()
-        return f"redis cluster {node.host}:{node.port}" if node else "redis cluster"
-    return _url_of(client)
 
 
 def _opt(value: object | None) -> str:
     return "" if value is None else str(value)
 
 
-class RedisLimitStore:
-    """Resource limits in Redis; one Lua script per operation.
+class RedisLimitStore(ScriptedStore):
+    """Resource limits in Redis; one Lua script (``limits.lua``) per operation.
 
-    ``client_or_url`` is a ``redis.Redis``, a ``redis.cluster.RedisCluster`` or a URL;
-    ``keys`` gives the namespace (default prefix ``"tea"``); ``clock`` returns epoch seconds,
-    ``None`` meaning the Redis server's clock; ``poll_seconds`` is the wait answered while
-    ``max_concurrent`` is full. Raises ``ConfigError`` when the URL is malformed; no
-    connection is made until the first call.
+    Besides a ``redis.Redis`` or a URL it takes a ``RedisCluster``; ``poll_seconds`` is the
+    wait answered while ``max_concurrent`` is full.
     """
+
+    SCRIPTS = "limits.lua"
+    WHAT = "limit store"
 
     def __init__(
         self,
@@ -78,39 +50,11 @@ class RedisLimitStore:
         clock: Clock | None = None,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
     ) -> None:
-        self._client: redis.Redis | RedisCluster
-        if isinstance(client_or_url, str):
-            self._url: str | None = client_or_url
-            self._where = redact(client_or_url).split("?", 1)[0]  # a query may hold a password
-            try:
-                self._client = redis.Redis.from_url(client_or_url)
-            except ValueError as exc:
-                raise ConfigError(f"invalid Redis URL {self._where!r}: {exc}") from exc
-        else:
-            self._url = None
-            self._client = client_or_url
-            self._where = _where(client_or_url)
-        self._keys = keys or Keys()
-        self._clock = clock
+        super().__init__(client_or_url, keys, clock)
         self._poll = poll_seconds
-        self._scripts: dict[str, Script] = {
-            name: self._client.register_script(source) for name, source in lua_sources().items()
-        }
 
-    def __repr__(self) -> str:
-        return f"RedisLimitStore({self._where!r}, prefix={self._keys.prefix!r})"
-
-    def __reduce__(self) -> tuple[Callable[..., RedisLimitStore], tuple[Any, ...]]:
-        if self._url is None:
-            raise TypeError(
-                "a RedisLimitStore built from a client cannot be pickled; build it from a URL"
-            )
-        return (type(self), (self._url, self._keys, self._clock, self._poll))
-
-    @property
-    def keys(self) -> Keys:
-        """The key namespace of this store."""
-        return self._keys
+    def _init_args(self) -> tuple[Any, ...]:
+        return (self._keys, self._clock, self._poll)
 
     # -- the LimitStore interface --
 
@@ -127,7 +71,7 @@ class RedisLimitStore:
             repr(float(self._poll)),
             _opt(limit.rate),
         ]
-        reply = _text(self._run_indexed("acquire", limit.name, args))
+        reply = text(self._run_indexed("acquire", limit.name, args))
         return float(reply) if reply else None
 
     def renew(self, limit: ResourceLimit, holder: str, lease_seconds: float) -> bool:
@@ -157,7 +101,7 @@ class RedisLimitStore:
         """Every limit with a permit held, a holder waiting, or a start in its window."""
         index = self._keys.limits_index()
         with self._translated():
-            names = sorted(_text(n) for n in self._client.smembers(index))
+            names = sorted(text(n) for n in self._client.smembers(index))
         out: dict[str, LimitSnapshot] = {}
         gone: list[str] = []
         for name in names:
@@ -171,8 +115,8 @@ class RedisLimitStore:
                     name=name,
                     held=int(held),
                     waiting=int(waiting),
-                    max_concurrent=int(_text(max_c)) if _text(max_c) else None,
-                    rate=_text(rate) or None,
+                    max_concurrent=int(text(max_c)) if text(max_c) else None,
+                    rate=text(rate) or None,
                     started=int(started),
                 )
         if gone:
@@ -188,14 +132,6 @@ class RedisLimitStore:
         return bool(deleted)
 
     # -- helpers --
-
-    def _now(self) -> str:
-        """The time to pass to a script: injected epoch seconds, or "" for the server's clock."""
-        return "" if self._clock is None else repr(float(self._clock()))
-
-    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        with self._translated():
-            return self._scripts[script](keys=keys, args=args)
 
     def _run_indexed(self, script: str, name: str, args: list[Any]) -> Any:
         """Run ``script`` on limit ``name`` and list the name in the index: one round trip."""
@@ -215,13 +151,3 @@ class RedisLimitStore:
                 return pipe.execute()[0]
             except redis.exceptions.NoScriptError:  # the server lost its script cache
                 return runner(keys=keys, args=args)
-
-    @contextmanager
-    def _translated(self) -> Iterator[None]:
-        """Raise ``TeaDistError`` (from the Redis error) naming the server, password redacted."""
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise TeaDistError(
-                f"limit store at {self._where} failed: {type(exc).__name__}: {exc}"
-            ) from exc
