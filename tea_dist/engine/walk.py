@@ -77,6 +77,67 @@ def _merge(state: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return {**state, **update} if update else state
 
 
+class _Walk:
+    """One walk's bookkeeping, shared by ``walk`` and ``awalk``: which node is next, the
+    state, the step count, and what a node is called with."""
+
+    def __init__(
+        self,
+        spec: GraphSpec,
+        start: str,
+        stop_at: str,
+        state: dict[str, Any],
+        fanout: FanOutRunner,
+        run_config: Mapping[str, Any] | None,
+        cancel_token: CancelToken | None,
+        cursor: Cursor | None,
+    ) -> None:
+        self.spec, self.stop_at, self.state, self.fanout = spec, stop_at, state, fanout
+        self.config = dict(run_config or {})
+        self.limit, self.steps = recursion_limit(self.config), 0
+        self.cancel_token, self.cursor = cancel_token, cursor or Cursor()
+        self.node: str = start
+        self.results: list[ParallelFlowResult] | None = None
+
+    def enter(self) -> bool:
+        """Whether there is a node to run next (``self.node``); counts it as a step."""
+        node = self.node
+        if node in (self.stop_at, END):
+            return False
+        if self.cancel_token is not None and self.cancel_token.is_cancelled():
+            raise Cancelled(f"cancelled before node '{node}'")
+        self.cursor.node = node
+        self.steps = _count_step(self.steps, self.limit, node)
+        return True
+
+    def call(self) -> dict[str, Any]:
+        """The arguments of the node about to run."""
+        return {
+            "fn": self.spec.nodes[self.node].run,
+            "state": self.state,
+            "config": self.config,
+            "node": self.node,
+            "graph": self.spec,
+            "parallel_results": self.results,
+            "cancel_token": self.cancel_token,
+        }
+
+    def ran(self, update: dict[str, Any]) -> Step:
+        """The node returned ``update``: the step it made."""
+        self.state, self.results = _merge(self.state, update), None
+        return Step(self.node, self.state)
+
+    def move(self) -> Step | None:
+        """Go to the next node; for a fan-out, run it: the step carrying its results."""
+        fan = self.spec.fanouts.get(self.node)
+        if fan is None:
+            self.node = self.spec.successor(self.node, self.state)
+            return None
+        self.results = self.fanout(self.spec, fan, self.state, self.config)
+        self.node = fan.fan_in
+        return Step(self.node, self.state, tuple(self.results))
+
+
 def walk(
     spec: GraphSpec,
     start: str,
@@ -89,30 +150,13 @@ def walk(
     cursor: Cursor | None = None,
 ) -> Generator[Step, None, dict[str, Any]]:
     """Run nodes from ``start`` up to (not including) ``stop_at``; return the final state."""
-    cursor = cursor or Cursor()
-    config = dict(run_config or {})
-    limit, steps = recursion_limit(config), 0
-    node, results = start, None
-    while node not in (stop_at, END):
-        if cancel_token is not None and cancel_token.is_cancelled():
-            raise Cancelled(f"cancelled before node '{node}'")
-        cursor.node = node
-        steps = _count_step(steps, limit, node)
-        update = call_node(
-            spec.nodes[node].run,
-            state=state,
-            config=config,
-            node=node,
-            graph=spec,
-            parallel_results=results,
-            cancel_token=cancel_token,
-        )
-        state, results = _merge(state, update), None
-        yield Step(node, state)
-        node, results = _next(spec, node, state, fanout, config)
-        if results is not None:
-            yield Step(node, state, tuple(results))
-    return state
+    run = _Walk(spec, start, stop_at, state, fanout, run_config, cancel_token, cursor)
+    while run.enter():
+        args = run.call()
+        yield run.ran(call_node(args.pop("fn"), **args))
+        if (fanned := run.move()) is not None:
+            yield fanned
+    return run.state
 
 
 async def awalk(
@@ -126,44 +170,13 @@ async def awalk(
     cancel_token: CancelToken | None = None,
     cursor: Cursor | None = None,
 ) -> AsyncIterator[Step]:
-    """``walk`` for a running event loop; the final state is the last step's state."""
-    cursor = cursor or Cursor()
-    config = dict(run_config or {})
-    limit, steps = recursion_limit(config), 0
-    node, results = start, None
-    while node not in (stop_at, END):
-        if cancel_token is not None and cancel_token.is_cancelled():
-            raise Cancelled(f"cancelled before node '{node}'")
-        cursor.node = node
-        steps = _count_step(steps, limit, node)
-        update = await acall_node(
-            spec.nodes[node].run,
-            state=state,
-            config=config,
-            node=node,
-            graph=spec,
-            parallel_results=results,
-            cancel_token=cancel_token,
-        )
-        state, results = _merge(state, update), None
-        yield Step(node, state)
-        if node in spec.fanouts:
-            node, results = await asyncio.to_thread(_next, spec, node, state, fanout, config)
-        else:
-            node, results = _next(spec, node, state, fanout, config)
-        if results is not None:
-            yield Step(node, state, tuple(results))
-
-
-def _next(
-    spec: GraphSpec,
-    node: str,
-    state: dict[str, Any],
-    fanout: FanOutRunner,
-    config: Mapping[str, Any],
-) -> tuple[str, list[ParallelFlowResult] | None]:
-    """The next node, and for a fan-out the branch results its fan-in will receive."""
-    fan = spec.fanouts.get(node)
-    if fan is None:
-        return spec.successor(node, state), None
-    return fan.fan_in, fanout(spec, fan, state, config)
+    """``walk`` for a running event loop; the final state is the last step's state. A fan-out
+    met on the way runs in a thread, so the loop keeps serving its other branches."""
+    run = _Walk(spec, start, stop_at, state, fanout, run_config, cancel_token, cursor)
+    while run.enter():
+        args = run.call()
+        yield run.ran(await acall_node(args.pop("fn"), **args))
+        fans_out = run.node in spec.fanouts
+        fanned = await asyncio.to_thread(run.move) if fans_out else run.move()
+        if fanned is not None:
+            yield fanned
