@@ -8,7 +8,6 @@ reaper, after a SIGKILL); a file whose process is gone is ignored and removed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tea_dist.core.errors import ConfigError
+from tea_dist.core.processes import pid_alive
 
 
 def runtime_dir() -> Path:
@@ -68,19 +68,6 @@ def _read_advert() -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie is dead too
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def advertised() -> dict[str, Any] | None:
     """The advertised cluster's record (``broker_url``, ``pid``, ``flower_url``, ``logs``) when
     it answers; a file whose owner process is gone is removed."""
@@ -92,7 +79,7 @@ def advertised() -> dict[str, Any] | None:
             advert_path().unlink(missing_ok=True)  # unreadable: nobody can use it
         return None
     pid = record.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         withdraw(str(record.get("broker_url")))
         return None
     try:

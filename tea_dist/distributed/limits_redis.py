@@ -22,9 +22,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from tea_dist.core.config import ResourceLimit
-from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.scripted import ScriptedStore, text
-from tea_dist.policies.limits import DEFAULT_POLL_SECONDS, Clock, LimitSnapshot
+from tea_dist.policies.limits import DEFAULT_POLL_SECONDS, LimitSnapshot
 
 INDEX_TTL_SECONDS = 86400
 
@@ -43,18 +42,12 @@ class RedisLimitStore(ScriptedStore):
     SCRIPTS = "limits.lua"
     WHAT = "limit store"
 
-    def __init__(
-        self,
-        client_or_url: redis.Redis | RedisCluster | str,
-        keys: Keys | None = None,
-        clock: Clock | None = None,
-        poll_seconds: float = DEFAULT_POLL_SECONDS,
-    ) -> None:
-        super().__init__(client_or_url, keys, clock)
+    def __init__(self, *args: Any, poll_seconds: float = DEFAULT_POLL_SECONDS, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self._poll = poll_seconds
 
-    def _init_args(self) -> tuple[Any, ...]:
-        return (self._keys, self._clock, self._poll)
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {**super()._init_kwargs(), "poll_seconds": self._poll}
 
     # -- the LimitStore interface --
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from typing import Any
 
@@ -100,9 +100,9 @@ class ScriptedStore:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._where!r}, prefix={self._keys.prefix!r})"
 
-    def _init_args(self) -> tuple[Any, ...]:
+    def _init_kwargs(self) -> dict[str, Any]:
         """What ``__init__`` needs besides the URL, to rebuild this store after pickling."""
-        return (self._keys, self._clock)
+        return {"keys": self._keys, "clock": self._clock}
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if self._url is None:
@@ -110,7 +110,7 @@ class ScriptedStore:
                 f"a {type(self).__name__} built from a client cannot be pickled; "
                 "build it from a URL"
             )
-        return (type(self), (self._url, *self._init_args()))
+        return (partial(type(self), **self._init_kwargs()), (self._url,))
 
     @property
     def keys(self) -> Keys:

@@ -21,7 +21,7 @@ from tea_dist.core.config import exception_names
 from tea_dist.core.errors import BranchTimeoutError, CircuitOpenError
 from tea_dist.core.graph import GraphSpec
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.engine.walk import Cursor, FanOutRunner, awalk, walk
+from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, awalk, walk
 
 
 @dataclass(frozen=True)
@@ -137,12 +137,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
-def run_attempt(
-    task: BranchTask, fanout: FanOutRunner, cancel_token: CancelToken | None = None
-) -> AttemptOutcome:
-    """Run one attempt of a branch synchronously, catching its failure as data."""
-    started, cursor = time.time(), Cursor()
-    steps = walk(
+def _walk_of(
+    task: BranchTask, fanout: FanOutRunner, cancel_token: CancelToken | None, cursor: Cursor
+) -> Walk:
+    """The walk of one attempt: from the branch's first node to its fan-in, on its own copy."""
+    return Walk(
         task.spec,
         task.start,
         task.fan_in,
@@ -152,6 +151,14 @@ def run_attempt(
         cancel_token=cancel_token,
         cursor=cursor,
     )
+
+
+def run_attempt(
+    task: BranchTask, fanout: FanOutRunner, cancel_token: CancelToken | None = None
+) -> AttemptOutcome:
+    """Run one attempt of a branch synchronously, catching its failure as data."""
+    started, cursor = time.time(), Cursor()
+    steps = walk(_walk_of(task, fanout, cancel_token, cursor))
     try:
         while True:
             next(steps)
@@ -166,22 +173,13 @@ async def arun_attempt(
 ) -> AttemptOutcome:
     """``run_attempt`` on a running event loop (the asyncio strategy)."""
     started, cursor = time.time(), Cursor()
-    state = copy.deepcopy(task.state)
+    run = _walk_of(task, fanout, cancel_token, cursor)
     try:
-        async for step in awalk(
-            task.spec,
-            task.start,
-            task.fan_in,
-            state,
-            fanout=fanout,
-            run_config=task.run_config,
-            cancel_token=cancel_token,
-            cursor=cursor,
-        ):
-            state = step.state
+        async for _step in awalk(run):
+            pass
     except Exception as exc:
         return _failed(task, exc, cursor, started)
-    return AttemptOutcome(True, state, started, time.time(), worker=worker_id())
+    return AttemptOutcome(True, run.state, started, time.time(), worker=worker_id())
 
 
 def _failed(task: BranchTask, exc: Exception, cursor: Cursor, started: float) -> AttemptOutcome:

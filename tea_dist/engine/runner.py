@@ -31,7 +31,7 @@ from tea_dist.core.strategies import SharesStores, check_strategy, get_executor
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
-from tea_dist.engine.walk import Cursor, FanOutRunner, walk
+from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, walk
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
 from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
@@ -120,26 +120,22 @@ class CompiledGraph:
         ``run_id`` names the run (events of celery branches go to its stream);
         ``cancel_token`` stops the run between nodes and cancels running branches.
         """
-        return self._run(state, config, False, run_id, cancel_token)
+        return self._run(state, config, False, run_id=run_id, cancel_token=cancel_token)
 
     def stream(
-        self,
-        state: Mapping[str, Any],
-        config: Mapping[str, Any] | None = None,
-        *,
-        run_id: str | None = None,
-        cancel_token: CancelToken | None = None,
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
     ) -> Iterator[Event]:
-        """Run the graph, yielding an event after every node and every branch."""
-        return self._run(state, config, True, run_id, cancel_token)
+        """Run the graph, yielding an event after every node and every branch (``options``:
+        ``run_id`` and ``cancel_token``, as for ``invoke``)."""
+        return self._run(state, config, True, **options)
 
     def _run(
         self,
         state: Mapping[str, Any],
         config: Mapping[str, Any] | None,
         detailed: bool,
-        run_id: str | None,
-        cancel_token: CancelToken | None,
+        run_id: str | None = None,
+        cancel_token: CancelToken | None = None,
     ) -> Iterator[Event]:
         runtime = Runtime(
             graph_name=self.spec.name,
@@ -155,14 +151,16 @@ class CompiledGraph:
         final = dict(state)
         failed: list[ParallelFlowResult] = []  # "tea" rule in stream(): left out of the fan-in
         steps = walk(
-            self.spec,
-            self.spec.entry,
-            END,
-            final,
-            fanout=self._fanout(runtime.fanout, detailed, failed),
-            run_config=config,
-            cancel_token=runtime.cancel_token,
-            cursor=cursor,
+            Walk(
+                self.spec,
+                self.spec.entry,
+                END,
+                final,
+                fanout=self._fanout(runtime.fanout, detailed, failed),
+                run_config=config,
+                cancel_token=runtime.cancel_token,
+                cursor=cursor,
+            )
         )
         interrupts = ExitStack()
         interrupts.enter_context(terminating_runs())

@@ -77,9 +77,9 @@ def _merge(state: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return {**state, **update} if update else state
 
 
-class _Walk:
-    """One walk's bookkeeping, shared by ``walk`` and ``awalk``: which node is next, the
-    state, the step count, and what a node is called with."""
+class Walk:
+    """A walk from ``start`` up to (not including) ``stop_at``: which node is next, the
+    state, the step count, and what a node is called with. ``walk`` and ``awalk`` run it."""
 
     def __init__(
         self,
@@ -87,14 +87,16 @@ class _Walk:
         start: str,
         stop_at: str,
         state: dict[str, Any],
+        *,
         fanout: FanOutRunner,
-        run_config: Mapping[str, Any] | None,
-        cancel_token: CancelToken | None,
-        cursor: Cursor | None,
+        run_config: Mapping[str, Any] | None = None,
+        cancel_token: CancelToken | None = None,
+        cursor: Cursor | None = None,
     ) -> None:
         self.spec, self.stop_at, self.state, self.fanout = spec, stop_at, state, fanout
         self.config = dict(run_config or {})
-        self.limit, self.steps = recursion_limit(self.config), 0
+        self.limit: int | None = None  # checked when the walk starts, like every node error
+        self.steps = 0
         self.cancel_token, self.cursor = cancel_token, cursor or Cursor()
         self.node: str = start
         self.results: list[ParallelFlowResult] | None = None
@@ -107,6 +109,8 @@ class _Walk:
         if self.cancel_token is not None and self.cancel_token.is_cancelled():
             raise Cancelled(f"cancelled before node '{node}'")
         self.cursor.node = node
+        if self.limit is None:
+            self.limit = recursion_limit(self.config)
         self.steps = _count_step(self.steps, self.limit, node)
         return True
 
@@ -138,19 +142,8 @@ class _Walk:
         return Step(self.node, self.state, tuple(self.results))
 
 
-def walk(
-    spec: GraphSpec,
-    start: str,
-    stop_at: str,
-    state: dict[str, Any],
-    *,
-    fanout: FanOutRunner,
-    run_config: Mapping[str, Any] | None = None,
-    cancel_token: CancelToken | None = None,
-    cursor: Cursor | None = None,
-) -> Generator[Step, None, dict[str, Any]]:
-    """Run nodes from ``start`` up to (not including) ``stop_at``; return the final state."""
-    run = _Walk(spec, start, stop_at, state, fanout, run_config, cancel_token, cursor)
+def walk(run: Walk) -> Generator[Step, None, dict[str, Any]]:
+    """Run the walk's nodes, yielding a step after each; return the final state."""
     while run.enter():
         args = run.call()
         yield run.ran(call_node(args.pop("fn"), **args))
@@ -159,24 +152,13 @@ def walk(
     return run.state
 
 
-async def awalk(
-    spec: GraphSpec,
-    start: str,
-    stop_at: str,
-    state: dict[str, Any],
-    *,
-    fanout: FanOutRunner,
-    run_config: Mapping[str, Any] | None = None,
-    cancel_token: CancelToken | None = None,
-    cursor: Cursor | None = None,
-) -> AsyncIterator[Step]:
+async def awalk(run: Walk) -> AsyncIterator[Step]:
     """``walk`` for a running event loop; the final state is the last step's state. A fan-out
     met on the way runs in a thread, so the loop keeps serving its other branches."""
-    run = _Walk(spec, start, stop_at, state, fanout, run_config, cancel_token, cursor)
     while run.enter():
         args = run.call()
         yield run.ran(await acall_node(args.pop("fn"), **args))
-        fans_out = run.node in spec.fanouts
+        fans_out = run.node in run.spec.fanouts
         fanned = await asyncio.to_thread(run.move) if fans_out else run.move()
         if fanned is not None:
             yield fanned

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tea_dist.core.errors import BranchTimeoutError
+from tea_dist.core.processes import pid_alive
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.observe.events import FlowContext, add_listener
 
@@ -213,7 +214,7 @@ def serve_directory(port: int, directory: str, collectors: Iterable[Any] = ()) -
         def collect(self) -> Any:
             for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
                 pid = int(path.rsplit("_", 1)[1].removesuffix(".db"))
-                if not _alive(pid):
+                if not pid_alive(pid):
                     mark_process_dead(pid, directory)
             return super().collect()
 
@@ -223,16 +224,6 @@ def serve_directory(port: int, directory: str, collectors: Iterable[Any] = ()) -
         registry.register(collector)
     server, _thread = start_http_server(port, registry=registry)
     return server
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- limits (ResourceLimit): what its permit holder calls --
