@@ -366,7 +366,9 @@ class Lifecycle:
         if run.running:
             started = self.clock.time() - (now - (run.started or now))
             return self.end(run, AttemptOutcome(False, None, started, self.clock.time(), error))
-        run.state.note(error, config.retry().max_stored_errors)
+        errors = run.state.errors
+        if not errors or errors[-1]["attempt"] != run.state.attempts:  # not noted by its end
+            run.state.note(error, config.retry().max_stored_errors)
         self.runtime.emit("on_flow_timeout", run.context(), seconds)
         self._release(run)
         self._return_permits(run)
