@@ -24,13 +24,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any, Literal
 
-from tea_dist.core.errors import BranchError, ConfigError, NodeError, TeaDistError
+from tea_dist.core.errors import BranchError, ConfigError, GraphError, NodeError, TeaDistError
 from tea_dist.core.graph import END, FanOut, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import SharesStores, check_strategy, get_executor
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.engine.runtime import Runtime
+from tea_dist.engine.runtime import Detached, Durable, Runtime
 from tea_dist.engine.walk import Cursor, FanOutRunner, walk
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
@@ -129,9 +129,14 @@ class CompiledGraph:
         *,
         run_id: str | None = None,
         cancel_token: CancelToken | None = None,
+        durable: Durable | None = None,
     ) -> Iterator[Event]:
-        """Run the graph, yielding an event after every node and every branch."""
-        return self._run(state, config, True, run_id, cancel_token)
+        """Run the graph, yielding an event after every node and every branch.
+
+        ``durable``: a submitted run, driven by its owner, maybe resumed after a node with
+        ``state`` the state after it (``tea_dist.distributed.durable``).
+        """
+        return self._run(state, config, True, run_id, cancel_token, durable)
 
     def _run(
         self,
@@ -140,7 +145,13 @@ class CompiledGraph:
         detailed: bool,
         run_id: str | None,
         cancel_token: CancelToken | None,
+        durable: Durable | None = None,
     ) -> Iterator[Event]:
+        after = durable.after if durable is not None else ""
+        if after and after not in self.spec.nodes:
+            raise GraphError(
+                f"cannot resume graph '{self.spec.name}' after node '{after}': no such node"
+            )
         runtime = Runtime(
             graph_name=self.spec.name,
             dispatcher=Dispatcher(self.callbacks, self.callback_timeout),
@@ -149,6 +160,9 @@ class CompiledGraph:
             cancel_token=CancelToken(parent=cancel_token),  # the run's own, cancelled at its end
             limits=self._limits,
         )
+        if durable is not None:
+            runtime.owner, runtime.steps = durable.owner, durable.steps
+            runtime.resumed_steps = durable.steps if after else None
         run = FlowContext(branch="", graph_name=self.spec.name, run_id=runtime.run_id)
         runtime.emit("on_invoke_start", run)
         cursor = _NodeCursor(runtime, run)
@@ -156,13 +170,14 @@ class CompiledGraph:
         failed: list[ParallelFlowResult] = []  # "tea" rule in stream(): left out of the fan-in
         steps = walk(
             self.spec,
-            self.spec.entry,
+            after or self.spec.entry,
             END,
             final,
             fanout=self._fanout(runtime.fanout, detailed, failed),
             run_config=config,
             cancel_token=runtime.cancel_token,
             cursor=cursor,
+            after=bool(after),
         )
         interrupts = ExitStack()
         interrupts.enter_context(terminating_runs())
@@ -175,8 +190,12 @@ class CompiledGraph:
                     failed.clear()
                 else:
                     final = step.state
+                    runtime.steps += 1
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
+        except Detached:  # another process drives the run on: nothing ends here
+            runtime.detach()
+            raise
         except Exception as exc:
             cursor.ended(exc)
             runtime.emit("on_invoke_end", run, exc)

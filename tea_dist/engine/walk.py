@@ -60,11 +60,19 @@ def walk(
     run_config: Mapping[str, Any] | None = None,
     cancel_token: CancelToken | None = None,
     cursor: Cursor | None = None,
+    after: bool = False,
 ) -> Generator[Step, None, dict[str, Any]]:
-    """Run nodes from ``start`` up to (not including) ``stop_at``; return the final state."""
+    """Run nodes from ``start`` up to (not including) ``stop_at``; return the final state.
+
+    ``after``: ``start`` already ran (a resumed run), the walk goes on with what follows it.
+    """
     cursor = cursor or Cursor()
     config = dict(run_config or {})
     node, results = start, None
+    if after:
+        node, results = _next(spec, start, state, fanout, config)
+        if results is not None:
+            yield Step(node, state, tuple(results))
     while node not in (stop_at, END):
         if cancel_token is not None and cancel_token.is_cancelled():
             raise Cancelled(f"cancelled before node '{node}'")
