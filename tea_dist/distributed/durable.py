@@ -82,14 +82,16 @@ return {token, previous}
 RENEW = (
     _NOW_MS
     + f"""
--- KEYS: run hash, owner lease, running index, cancel flag; ARGV: token, lease ms, run id
--- returns {{still owned, cancel asked}}
+-- KEYS: run hash, owner lease, running index, cancel flag, event stream
+-- ARGV: token, lease ms, run id, retention s; returns {{still owned, cancel asked}}
 local cancelled = redis.call('EXISTS', KEYS[4])
 if not ({_OWNED}) or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return {{0, cancelled}}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])  -- a run alive keeps its record and checkpoints
+redis.call('EXPIRE', KEYS[5], ARGV[4])
 return {{1, cancelled}}
 """
 )
@@ -278,9 +280,10 @@ class RunLease:
             self.keys.run_owner(self.run_id),
             self.keys.runs_running(self.queue),
             self.keys.run_cancelled(self.run_id),
+            self.keys.events(self.run_id),
         ]
         owned, cancelled = _script(self.client, RENEW)(
-            keys=keys, args=[self.token, self.lease_ms, self.run_id]
+            keys=keys, args=[self.token, self.lease_ms, self.run_id, self.retention]
         )
         if cancelled:
             self.cancel.cancel()
