@@ -98,7 +98,7 @@ def submit(
         graph_ref = agent_ref(graph_ref)  # run workers find it under their agents directory
     run = WorkflowRun(uuid.uuid4().hex)
     trace = tracing.carrier()  # the run joins the submitter's trace
-    record = {
+    record: dict[Any, Any] = {
         "status": RunStatus.PENDING,
         "graph": graph_ref,
         "created": time.time(),
@@ -282,7 +282,7 @@ def _drive(
             graph = resolve_graph(graph_ref, worker_allowlist()).compile()
             if resumed is not None:
                 metrics.run_resumed(graph.name)
-            events = graph.stream(
+            events: Any = graph.stream(  # a generator: closed if a write is refused
                 state, config, run_id=run.run_id, cancel_token=lease.cancel, durable=how
             )
             with contextlib.closing(events):

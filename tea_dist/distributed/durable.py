@@ -366,7 +366,7 @@ class Adopter:
 
     def look(self) -> list[RunLease]:
         """Claim and resume the runs whose lease lapsed; returns their leases."""
-        taken = []
+        taken: list[RunLease] = []
         for queue in self.queues:
             lapsed = _script(self.client, LAPSED)(
                 keys=[self.keys.runs_running(queue)], args=[SCAN_BATCH]
