@@ -297,6 +297,37 @@ def test_i13_a_stale_driver_is_fenced_out(cluster: Any) -> None:
     assert durable.claim(run.run_id, queue, "resume") is None  # over: nobody takes it
 
 
+def test_i13_a_run_worker_that_wakes_up_after_the_hand_over_stops(cluster: Any) -> None:
+    """A run worker frozen (SIGSTOP) long enough to lose its lease, then thawed: the run worker
+    that took the run over drives it to its end, the thawed one stops at once (its writes are
+    refused), so no branch and no node after the fan-out runs twice."""
+    queue = f"tea.runs.frozen.{cluster.tag}"
+    counts = Counts(cluster)
+    frozen = run_worker(cluster, "dur-frozen", queue, caller_lease="30")
+    with submitting_to(queue):
+        run = submit(GRAPH, {"value": 5}, counts.config)
+    wait_for(lambda: counts["a"] and counts["b"], 30, "both branches to start")
+    standby = run_worker(cluster, "dur-awake", queue, caller_lease="30")
+    os.killpg(frozen.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: resumed_by(run, standby.pid), 15, "the standby to take over")
+    finally:
+        os.killpg(frozen.pid, signal.SIGCONT)
+    time.sleep(1.5)  # the thawed driver renews its lease once: refused, it stops
+    counts.release()
+    assert run.result(timeout=30)["values"] == [60, 60]
+    time.sleep(1)
+    assert {n: counts[n] for n in ("a", "b", "gather", "finish")} == {
+        "a": 1,
+        "b": 1,
+        "gather": 1,
+        "finish": 1,
+    }
+    finals = [e for e in run.events() if e["type"] == "final"]
+    assert len(finals) == 1 and run.handovers() == 1
+    assert frozen.poll() is None  # alive and well: it only stopped driving that run
+
+
 # -- resuming a walk (no Redis) --
 
 
