@@ -126,28 +126,6 @@ def test_submit_rejects_bad_input_before_sending(cluster: Any) -> None:
         submit("tests.apps_graphs:quick", {"f": object()})
 
 
-def test_run_worker_killed_mid_run_is_reported_failed(cluster: Any, tmp_path: Path) -> None:
-    """Choice: a run is executed at most once; its worker dying fails it with a clear reason."""
-    from tea_dist.distributed.celery_app import configure, current_settings
-
-    queue = f"tea.runs.victim.{cluster.tag}"
-    victim = cluster.start_worker("runs-victim", concurrency=2, role="runs", runs_queue=queue)
-    settings = current_settings()
-    configure(settings.with_overrides(runs_queue=queue))
-    try:
-        run_config = {"marker_dir": str(tmp_path), "sleep": {"a": 4, "b": 4}}
-        run = submit("tests.apps_graphs:two_branches", {}, run_config)
-    finally:
-        configure(settings)
-    deadline = time.monotonic() + 20
-    while run.status() != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    cluster.kill(victim)
-    with pytest.raises(RunFailedError, match="run worker stopped"):
-        run.result(timeout=30)
-
-
 # -- item 9: status changes are atomic; Redis errors are BrokerError -------------------------
 
 

@@ -1,36 +1,39 @@
 """Enqueue whole workflows from apps and come back for them: ``submit`` and ``WorkflowRun``.
 
 ``submit(graph_ref, state)`` checks everything it can first (the graph resolves and compiles
-here, the state is JSON and within the size limit), records the run as ``pending`` and sends
-``tea_dist.run_workflow`` to the run queue. A run worker (thread pool) drives the run exactly
-as ``invoke()`` does, appending every graph event to the run's Redis stream, where branch
-workers append theirs. ``WorkflowRun(run_id)`` re-attaches from any process.
+here, the state is JSON and within the size limit), records the run as ``pending`` (with its
+input, for a run worker that may have to resume it) and sends ``tea_dist.run_workflow`` to the
+run queue. A run worker (thread pool) drives the run exactly as ``invoke()`` does, appending
+every graph event to the run's Redis stream, where branch workers append theirs.
+``WorkflowRun(run_id)`` re-attaches from any process.
 
-Delivery: a run is executed at most once (its message is acknowledged when a run worker takes
-it); a run worker that dies mid-run leaves a ``running`` run without a heartbeat, which
-``status()`` reports as ``failed`` with that reason. Branches inside the run are delivered at
-least once (see the celery strategy).
+Delivery: a run is durable (``tea_dist.distributed.durable``). If the run worker driving it
+stops, another run worker takes it over within seconds and resumes it from its last checkpoint:
+``status()`` stays ``running``, ``events()`` shows a ``resumed`` event. Main-path nodes after the
+checkpoint run again (at least once); celery branches already sent are re-attached, not sent
+again.
 
-Every change of a run's status is one Lua script (claim, finish, cancel, the orphan check), so
-a cancel racing the end of a run never marks a succeeded run cancelled, and a cancel of an
-unknown or finished run writes nothing. Redis and broker errors leave this module as
-``BrokerError`` naming the server's redacted URL. With no broker configured, the advertised
-``tea-dist cluster`` is used (``client_settings``); nothing here starts a cluster.
+Every change of a run's status is one Lua script (the lease's claim, writes and finish here and
+in ``durable``, the cancel below), so a cancel racing the end of a run never marks a succeeded
+run cancelled, and a cancel of an unknown or finished run writes nothing. Redis and broker
+errors leave this module as ``BrokerError`` naming the server's redacted URL. With no broker
+configured, the advertised ``tea-dist cluster`` is used (``client_settings``); nothing here
+starts a cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import redis
+from celery import signals
 from kombu.exceptions import OperationalError
 
 from tea_dist.core.errors import (
@@ -41,53 +44,17 @@ from tea_dist.core.errors import (
     TeaDistError,
 )
 from tea_dist.core.graph import StateGraph
-from tea_dist.distributed.celery_app import app
+from tea_dist.distributed import durable
+from tea_dist.distributed.celery_app import app, current_settings
 from tea_dist.distributed.connections import redis_for
+from tea_dist.distributed.durable import RunLease
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.local_cluster import client_settings
 from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.trust import Allowlist, agent_path, agent_ref, worker_allowlist
 from tea_dist.distributed.wire import check_json_state, import_callable, yaml_uses_modules
-from tea_dist.engine.nodes import CancelToken
-from tea_dist.observe import tracing
-
-# KEYS[1] run hash, KEYS[2] run heartbeat; ARGV: error, now. Returns the status (nil: unknown).
-STATUS = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'ended', ARGV[2])
-  return 'failed'
-end
-return status
-"""
-
-# KEYS[1] run hash, KEYS[2] run heartbeat; ARGV: now, heartbeat ttl (ms). 1 if claimed.
-CLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
-redis.call('SET', KEYS[2], 1, 'PX', ARGV[2])
-return 1
-"""
-
-# KEYS[1] run hash, KEYS[2] cancel flag, KEYS[3] event stream; ARGV: stream ttl, field, value...
-FINISH = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('DEL', KEYS[2])
-redis.call('EXPIRE', KEYS[3], ARGV[1])
-return 1
-"""
-
-# KEYS[1] run hash, KEYS[2] cancel flag; ARGV: flag ttl, now. Returns the status found.
-CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'pending' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended', ARGV[2])
-elseif status == 'running' then
-  redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
-end
-return status
-"""
+from tea_dist.engine.runtime import Detached, Durable
+from tea_dist.observe import metrics, tracing
 
 
 class RunStatus(StrEnum):
@@ -101,6 +68,17 @@ class RunStatus(StrEnum):
 
 
 TERMINAL = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
+
+# KEYS[1] run hash, KEYS[2] cancel flag; ARGV: flag ttl, now. Returns the status found.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'pending' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended', ARGV[2])
+elseif status == 'running' then
+  redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
+end
+return status
+"""
 
 
 def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGraph:
@@ -135,7 +113,7 @@ def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGr
     return obj
 
 
-@contextmanager
+@contextlib.contextmanager
 def translated(settings: Settings) -> Iterator[None]:
     """Raise Redis and broker errors as ``BrokerError`` naming the redacted URL."""
     try:
@@ -148,11 +126,7 @@ def translated(settings: Settings) -> Iterator[None]:
 def submit(
     graph_ref: str, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
 ) -> WorkflowRun:
-    """Enqueue a whole workflow run; returns its handle at once.
-
-    With no broker configured, uses the advertised ``tea-dist cluster`` (``ConfigError`` when
-    none runs); ``BrokerError`` when Redis cannot be reached.
-    """
+    """Enqueue a whole workflow run; returns its handle at once."""
     settings = client_settings()
     resolve_graph(graph_ref).compile()  # a bad graph fails here, before anything is sent
     check_json_state(state, "the run input", settings.max_state_bytes)
@@ -160,17 +134,25 @@ def submit(
     if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
         graph_ref = agent_ref(graph_ref)  # run workers find it under their agents directory
     run = WorkflowRun(uuid.uuid4().hex)
-    now = time.time()
+    trace = tracing.carrier()  # the run joins the submitter's trace
+    record: dict[Any, Any] = {
+        "status": RunStatus.PENDING,
+        "graph": graph_ref,
+        "created": time.time(),
+        "queue": settings.runs_queue,
+        # what a run worker taking the run over before its first checkpoint starts from
+        "input": json.dumps(dict(state)),
+        "config": json.dumps(dict(config or {})),
+        "trace": json.dumps(trace),
+    }
     with translated(settings):
         pipe = run.client.pipeline()
-        pipe.hset(
-            run.key, mapping={"status": RunStatus.PENDING, "graph": graph_ref, "created": now}
-        )
+        pipe.hset(run.key, mapping=record)
         pipe.expire(run.key, int(settings.run_expires))
         pipe.execute()
         run_workflow.apply_async(
             (run.run_id, graph_ref, dict(state), dict(config or {})),
-            {"trace": tracing.carrier()},  # the run joins the submitter's trace
+            {"trace": trace},
             task_id=run.run_id,
             queue=settings.runs_queue,
             argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
@@ -180,11 +162,7 @@ def submit(
 
 
 class WorkflowRun:
-    """A submitted run, re-attachable by id from any process.
-
-    Every method raises ``BrokerError`` (naming the redacted URL) when Redis fails, and
-    ``TeaDistError`` for a run id that is unknown or expired.
-    """
+    """A submitted run, re-attachable by id from any process."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -207,20 +185,15 @@ class WorkflowRun:
         return {_text(k): _text(v) for k, v in data.items()}
 
     def status(self) -> RunStatus:
-        """pending, running, succeeded, failed or cancelled."""
-        with translated(self.settings):
-            status = self.client.eval(
-                STATUS,
-                2,
-                self.key,
-                self.keys.run_heartbeat(self.run_id),
-                "the run worker stopped (its heartbeat lapsed) during the run; "
-                "the run was not retried",
-                time.time(),
-            )
-        if status is None:
-            raise self._unknown()
-        return RunStatus(_text(status))
+        """pending, running, succeeded, failed or cancelled (``running`` through a hand-over
+        from one run worker to another)."""
+        with translated(self.settings):  # asked to cancel, and nobody drives it: cancelled now
+            durable.cancel_unowned(self.client, self.keys, self.run_id)
+        return RunStatus(self._record()["status"])
+
+    def handovers(self) -> int:
+        """How many times another run worker took the run over."""
+        return int(self._record().get("handovers") or 0)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The final state; waits up to ``timeout`` seconds (forever when None).
@@ -245,7 +218,11 @@ class WorkflowRun:
         return json.loads(record["result"])  # type: ignore[no-any-return]
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Every event of the run so far, from the start: graph events and branch events."""
+        """Every event of the run so far, from the start: graph events and branch events.
+
+        After a hand-over, a ``{"type": "resumed", "worker": ...}`` event; the graph events from
+        the checkpoint on are then published again by the run worker that resumed the run.
+        """
         with translated(self.settings):
             entries: Any = self.client.xrange(self.keys.events(self.run_id))
         for _id, fields in entries:
@@ -256,7 +233,9 @@ class WorkflowRun:
                 yield json.loads(data.get("data") or "{}")
 
     def cancel(self) -> bool:
-        """Stop the run: queued, it never starts; running, its branches are stopped.
+        """Stop the run: queued, it never starts; running, its branches are stopped. A run
+        being handed over (its run worker stopped) ends ``cancelled`` once its lease lapses,
+        or is stopped by the run worker that takes it over, whichever comes first.
 
         Returns False, writing nothing, when the run had already ended; raises
         ``TeaDistError`` for an unknown run.
@@ -274,75 +253,9 @@ class WorkflowRun:
                 raise self._unknown()
             if _text(status) == RunStatus.PENDING:
                 app.control.revoke(self.run_id)
+            elif _text(status) == RunStatus.RUNNING:  # its driver sees the flag; between two
+                durable.cancel_unowned(self.client, self.keys, self.run_id)  # drivers, here
         return _text(status) in (RunStatus.PENDING, RunStatus.RUNNING)
-
-    # -- the run worker's side --
-
-    def claim(self) -> bool:
-        """Move a pending run to running (its heartbeat set); False if it is not pending."""
-        with translated(self.settings):
-            return bool(
-                self.client.eval(
-                    CLAIM,
-                    2,
-                    self.key,
-                    self.keys.run_heartbeat(self.run_id),
-                    time.time(),
-                    int(self.settings.heartbeat_ttl * 1000),
-                )
-            )
-
-    def finish(self, outcome: Mapping[str, Any]) -> bool:
-        """Record a running run's outcome (and let its event stream expire); False if the
-        run is no longer running (declared orphaned meanwhile)."""
-        fields = [str(v) for kv in {**outcome, "ended": time.time()}.items() for v in kv]
-        with translated(self.settings):
-            return bool(
-                self.client.eval(
-                    FINISH,
-                    3,
-                    self.key,
-                    self.keys.run_cancelled(self.run_id),
-                    self.keys.events(self.run_id),
-                    int(self.settings.run_expires),
-                    *fields,
-                )
-            )
-
-
-class _RunWatch:
-    """While a run worker drives a run: keep its heartbeat, and turn a cancel into a token."""
-
-    def __init__(self, run: WorkflowRun) -> None:
-        self.run, self.token = run, CancelToken()
-        self.every, self.ttl = run.settings.heartbeat_seconds, run.settings.heartbeat_ttl
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="tea-dist-run-watch", daemon=True)
-
-    def __enter__(self) -> CancelToken:
-        self._beat()
-        self._thread.start()
-        return self.token
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join(self.every * 2 + 1)
-        self.run.client.delete(self.run.keys.run_heartbeat(self.run.run_id))
-
-    def _beat(self) -> None:
-        key = self.run.keys.run_heartbeat(self.run.run_id)
-        pipe = self.run.client.pipeline()
-        pipe.set(key, 1, px=int(self.ttl * 1000))
-        pipe.exists(self.run.keys.run_cancelled(self.run.run_id))
-        if pipe.execute()[1]:
-            self.token.cancel()
-
-    def _watch(self) -> None:
-        while not self._done.wait(self.every):
-            try:
-                self._beat()
-            except Exception:  # a Redis hiccup: the next beat tries again
-                continue
 
 
 @app.task(bind=True, name="tea_dist.run_workflow", acks_late=False)
@@ -356,38 +269,123 @@ def run_workflow(
 ) -> str:
     """Drive one submitted run on a run worker; the outcome goes to the run's record."""
     run = WorkflowRun(run_id)
-    if not run.claim():  # cancelled while queued (or delivered twice)
+    queue = run._record().get("queue") or current_settings().runs_queue
+    lease = durable.claim(run_id, queue, "start")
+    if lease is None:  # cancelled while queued, or already taken
         return "skipped"
-    stream = run.keys.events(run_id)
+    return _drive(run, lease, graph_ref, state, config, trace, Durable(lease))
+
+
+def resume_run(lease: RunLease) -> str:
+    """Drive on a run this process took over (``lease``), from its last checkpoint."""
+    run = WorkflowRun(lease.run_id)
+    record = run._record()
+    state, node, steps = json.loads(record.get("input") or "null"), "", 0
+    if record.get("checkpoint"):  # the state after the last main-path node done
+        stream = run.keys.events(run.run_id)
+        entries: Any = run.client.xrange(stream, record["checkpoint"], record["checkpoint"])
+        if entries:
+            event = json.loads(entries[0][1][b"data"])
+            state, node, steps = event["state"], event["node"], int(record.get("steps") or 0)
+        else:
+            state = None
+    if state is None:  # nothing to resume from (a run submitted by an older version)
+        with lease:
+            why = "its run worker stopped and its checkpoint is gone; it cannot be resumed"
+            lease.finish({"status": RunStatus.FAILED, "error": why, "ended": time.time()})
+        return str(RunStatus.FAILED)
+    resumed = {
+        "type": "resumed",
+        "worker": lease.worker,
+        "previous": lease.previous,
+        "handovers": int(record.get("handovers") or 0),
+        "after": node,
+        "at": time.time(),
+    }
+    config = json.loads(record.get("config") or "{}")
+    trace = json.loads(record.get("trace") or "{}")
+    how = Durable(lease, node, steps)
+    return _drive(run, lease, record["graph"], state, config, trace, how, resumed)
+
+
+def _drive(
+    run: WorkflowRun,
+    lease: RunLease,
+    graph_ref: str,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    trace: dict[str, str] | None,
+    how: Durable,
+    resumed: dict[str, Any] | None = None,
+) -> str:
+    """Run the graph while holding ``lease``: every event appended to the run's stream (fenced),
+    the outcome recorded at the end. A run taken over or handed over meanwhile just stops.
+    ``resumed``: the event saying which worker took the run over, published first."""
     outcome: dict[str, Any] = {
         "status": RunStatus.FAILED,
         "error": "the run ended without a final event",
     }
-    with _RunWatch(run) as token, tracing.attached(trace):
+    steps = how.steps
+    with lease, tracing.attached(trace):
         try:
+            lease.check()
+            if resumed is not None:
+                lease.append([{"event": "graph", "data": json.dumps(resumed)}])
             graph = resolve_graph(graph_ref, worker_allowlist()).compile()
-            for event in graph.stream(state, config, run_id=run_id, cancel_token=token):
-                pipe = run.client.pipeline(transaction=False)
-                pipe.xadd(stream, {"event": "graph", "data": json.dumps(event, default=_jsonable)})
-                pipe.expire(stream, int(run.settings.run_expires))  # even if this worker dies
-                pipe.execute()
-                if event["type"] == "final":
-                    outcome = {
-                        "status": RunStatus.SUCCEEDED,
-                        "result": json.dumps(event["state"], default=str),
-                    }
-                elif event["type"] == "error":
-                    outcome = {
-                        "status": RunStatus.FAILED,
-                        "error": f"{event.get('error_type')}: {event['error']}",
-                    }
+            if resumed is not None:
+                metrics.run_resumed(graph.name)
+            events: Any = graph.stream(  # a generator: closed if a write is refused
+                state, config, run_id=run.run_id, cancel_token=lease.cancel, durable=how
+            )
+            with contextlib.closing(events):
+                for event in events:
+                    checkpoint = None
+                    if event["type"] == "state":
+                        steps = checkpoint = steps + 1
+                    data = json.dumps(event, default=_jsonable)
+                    lease.append([{"event": "graph", "data": data}], steps=checkpoint)
+                    if event["type"] == "final":
+                        outcome = {
+                            "status": RunStatus.SUCCEEDED,
+                            "result": json.dumps(event["state"], default=str),
+                        }
+                    elif event["type"] == "error":
+                        outcome = {
+                            "status": RunStatus.FAILED,
+                            "error": f"{event.get('error_type')}: {event['error']}",
+                        }
+        except Detached:
+            return "handed over"
         except Exception as exc:
             outcome = {"status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
-        # a cancel that lands after the final event changes nothing: the run succeeded
-        if token.is_cancelled() and outcome["status"] != RunStatus.SUCCEEDED:
-            outcome = {"status": RunStatus.CANCELLED}
-        run.finish(outcome)  # while the heartbeat still beats, so status() never sees a gap
+        if lease.cancel.is_cancelled() and outcome["status"] != RunStatus.SUCCEEDED:
+            outcome = {"status": RunStatus.CANCELLED}  # (a cancel after the work: it stands)
+        # recorded while the lease is held, so the run is never seen without a driver
+        if not lease.finish({**outcome, "ended": time.time()}):
+            return "handed over"
     return str(outcome["status"])
+
+
+@signals.worker_ready.connect
+def _take_over_runs(sender: Any = None, **_: Any) -> None:
+    """A run worker (one that consumes the runs queue) takes over the runs whose driver
+    stopped, as long as it runs."""
+    consumer = getattr(sender, "task_consumer", None)
+    queue = current_settings().runs_queue
+    if consumer is not None and queue in {q.name for q in consumer.queues}:
+        durable.start_adopter([queue], resume_run)
+
+
+@signals.worker_shutting_down.connect
+def _leaving(**_: Any) -> None:
+    """A warm or cold shutdown (SIGTERM on a deploy): hand the runs over at once (called in a
+    signal handler: it only sets a flag, the adopter thread does the rest)."""
+    durable.LEAVING.set()
+
+
+@signals.worker_shutdown.connect
+def _left(**_: Any) -> None:
+    durable.stop_adopter(durable.LEAVE_GRACE + 1)
 
 
 def _text(value: bytes | str) -> str:

@@ -9,6 +9,12 @@ resolves it once (a redelivered branch counts once), ``timeout_total`` and ``fai
 branches (a cooperative interrupt first, ``revoke(terminate=True)`` after a grace period), and
 a branch whose worker died (its heartbeat lapsed), or whose retry was due long ago without
 starting, is sent again.
+
+In a durable run (``submit()``) the fan-out's id is ``{run_id}.{steps}`` and each branch's task
+id ``{fanout}.{index}.{resends}``; the driver records every branch it sends on the stream
+(``on_flow_queued``, fenced by the run's owner). A driver that takes a run over finds there the
+branches its predecessor sent (``_adopt``): they are re-attached, not sent again, and replaying
+the stream from its start brings back their events and results.
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ from tea_dist.distributed.connections import check_reachable, redis_for, ride_ou
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
 from tea_dist.distributed.presence import live_consumers
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
-from tea_dist.engine.attempt import BranchTask, ErrorInfo
-from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result
+from tea_dist.engine.attempt import BranchTask, ErrorInfo, worker_id
+from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result, total_deadline
+from tea_dist.engine.runtime import Detached
 from tea_dist.observe import tracing
 from tea_dist.policies.breaker import BreakerStore
 from tea_dist.policies.limits import LimitStore
 
 if TYPE_CHECKING:
-    from tea_dist.engine.runtime import Runtime
+    from tea_dist.engine.runtime import RunOwner, Runtime
 
 T = TypeVar("T")
 
@@ -98,8 +105,8 @@ class CeleryExecutor:
         try:
             driver.dispatch()
             driver.wait()
-        except BrokerError:  # Redis is gone: its branches stop once their caller's lease lapses
-            raise
+        except (BrokerError, Detached):  # Redis is gone (its branches stop once their caller's
+            raise  # lease lapses), or another process drives the run on: its branches go on
         except BaseException:  # the caller went away (Ctrl-C, an exception): stop everything
             driver.life.cancel_all("cancelled: the caller went away")
             driver.kill_stragglers()
@@ -137,7 +144,8 @@ class _Driver:
         self.client = redis_for(self.settings.redis)
         self.keys = Keys(self.settings.key_prefix)
         self.runtime = runtime
-        self.fanout_id = uuid.uuid4().hex
+        self.fanout_id = runtime.fanout_id or uuid.uuid4().hex
+        self.owner: RunOwner | None = runtime.owner
         self.life = Lifecycle.for_fanout(tasks, configs, runtime, stop=self._stop)
         self.graphs: dict[str, dict[str, Any]] = {}
         self.lease = self.keys.run_lease(runtime.run_id)
@@ -189,6 +197,8 @@ class _Driver:
         if self.settings.broker != self.settings.redis:
             check_reachable(self.settings.broker, "the broker")
         self._renew_lease()
+        if self.runtime.adopting:
+            self._adopt()
         self._top_up()
 
     def _top_up(self) -> None:
@@ -198,18 +208,26 @@ class _Driver:
             self.in_flight = {r for r in self.in_flight if not r.done}
             if len(self.in_flight) >= self.window:
                 return
+        if self.owner is not None and self.unsent:
+            self.owner.check()
+        queued: list[BranchRun] = []
         with self.app.producer_or_acquire() as producer:  # one channel for the whole batch
             while self.unsent and (self.window is None or len(self.in_flight) < self.window):
-                self._send_next(producer)
+                run = self.unsent.popleft()
+                # an open circuit resolves it, nothing is sent; the worker takes the permits
+                if run.done or not self.life.admit(run, permits=False):
+                    continue
+                queue = run.config.queue or self.settings.flows_queue
+                run.handle = _Remote(self._message(run), queue)
+                if self.window is not None:
+                    self.in_flight.add(run)
+                self._send(run, producer)
+                queued.append(run)
+        self._record_queued(queued)
 
-    def _send_next(self, producer: Any) -> None:
-        """Admit the next unsent branch and send it (an open circuit resolves it instead)."""
-        run = self.unsent.popleft()
-        # an open circuit resolves it, nothing is sent; the worker takes the permits
-        if run.done or not self.life.admit(run, permits=False):
-            return
+    def _message(self, run: BranchRun) -> BranchMessage:
         task, admission = run.task, run.admission
-        message = BranchMessage(
+        return BranchMessage(
             run=self.runtime.run_id,
             graph_name=self.runtime.graph_name,
             fanout=self.fanout_id,
@@ -226,19 +244,66 @@ class _Driver:
             attempt=run.state,
             trace=tracing.carrier(task.branch),
         )
-        run.handle = _Remote(message, run.config.queue or self.settings.flows_queue)
-        if self.window is not None:
-            self.in_flight.add(run)
-        self._send(run, producer)
 
     def _send(self, run: BranchRun, producer: Any = None) -> None:
         from tea_dist.distributed.tasks import message_options, run_flow
 
         remote: _Remote = run.handle
-        remote.task_id = uuid.uuid4().hex
+        remote.task_id = f"{self.fanout_id}.{run.index}.{remote.redispatched}"
         message = remote.message = remote.message.signed(self.settings.secret)
         options = message_options(message)
         run_flow.apply_async((message,), task_id=remote.task_id, producer=producer, **options)
+
+    def _record_queued(self, runs: Sequence[BranchRun]) -> None:
+        """Record on the stream the branches just sent, so that a driver taking the run over
+        re-attaches them (a durable run only; ``Detached`` if another driver owns it now)."""
+        if self.owner is None or not runs:
+            return
+        worker = worker_id()
+        entries = [
+            {
+                "e": BranchEvent(
+                    event="on_flow_queued",
+                    fanout=self.fanout_id,
+                    index=run.index,
+                    branch=run.task.branch,
+                    task_id=run.handle.task_id,
+                    worker=worker,
+                    attempt=run.state,
+                ).model_dump_json()
+            }
+            for run in runs
+        ]
+        self.owner.append(entries)
+
+    def _adopt(self) -> None:
+        """This run was taken over: the branches of this fan-out that the previous driver sent
+        (their ``on_flow_queued`` or worker events on the stream) are re-attached, not sent
+        again. ``wait`` replays the stream from its start, so their events and results arrive
+        as if this driver had sent them."""
+        stream = self.keys.events(self.runtime.run_id)
+        entries: Any = self._redis(partial(self.client.xrange, stream))
+        marker = f'"fanout":"{self.fanout_id}"'.encode()
+        latest: dict[int, BranchEvent] = {}  # index -> an event of its newest task
+        for _id, fields in entries:
+            if marker not in fields.get(b"e", b""):
+                continue
+            event = BranchEvent.model_validate_json(fields[b"e"])
+            seen = latest.get(event.index)
+            if seen is None or _resends(event.task_id) > _resends(seen.task_id):
+                latest[event.index] = event
+        adopted = set()
+        for index, event in latest.items():
+            run = self.life.runs[index]
+            run.state.dispatched_at = event.attempt.dispatched_at  # timeout_total runs on
+            run.deadline = total_deadline(run.config, run.state.dispatched_at, self.life.clock)
+            remote = _Remote(self._message(run), run.config.queue or self.settings.flows_queue)
+            remote.task_id, remote.redispatched = event.task_id, _resends(event.task_id)
+            run.handle = remote
+            adopted.add(run)
+            if self.window is not None:
+                self.in_flight.add(run)
+        self.unsent = deque(r for r in self.unsent if r not in adopted)
 
     # -- watching --
 
@@ -254,6 +319,8 @@ class _Driver:
                     last = entry_id
                     if b"e" in fields:  # else an event of the run itself (apps)
                         self._on_event(BranchEvent.model_validate_json(fields[b"e"]))
+            if self.owner is not None:
+                self.owner.check()
             self._expire()
             if self.unsent:
                 self._top_up()
@@ -267,12 +334,12 @@ class _Driver:
         self.kill_stragglers()
 
     def _on_event(self, event: BranchEvent) -> None:
-        if event.fanout != self.fanout_id:
+        if event.fanout != self.fanout_id or event.event == "on_flow_queued":
             return
         run = self.life.runs[event.index]
-        remote: _Remote = run.handle
-        if run.done or event.task_id != remote.task_id:  # over, or from a superseded task
-            return
+        remote: _Remote | None = run.handle
+        if run.done or remote is None or event.task_id != remote.task_id:
+            return  # over, or from a superseded task
         run.state = event.attempt
         ctx = run.context(worker=event.worker)
         if event.event in ("on_flow_start", "on_attempt_start"):
@@ -330,6 +397,7 @@ class _Driver:
         self.app.control.revoke(remote.task_id, terminate=True, signal="SIGKILL")
         remote.message = remote.message.retried(run.state, None)  # signed when sent
         self._send(run)
+        self._record_queued([run])
 
     # -- stopping --
 
@@ -411,6 +479,12 @@ class _Driver:
             pipe.set(self.keys.fanout_finished(self.fanout_id), 1, ex=ttl)
             pipe.delete(self.lease)
             pipe.execute()
+
+
+def _resends(task_id: str) -> int:
+    """How many times a branch was sent again before task ``task_id`` (``{fanout}.{i}.{n}``)."""
+    tail = task_id.rpartition(".")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 @contextlib.contextmanager

@@ -71,9 +71,15 @@ class Keys:
         """The hash of a submitted run: status, graph, timestamps, result or error."""
         return f"{self.prefix}:run:{run_id}"
 
-    def run_heartbeat(self, run_id: str) -> str:
-        """Kept alive by the run worker while it drives the run."""
-        return f"{self.prefix}:run:{run_id}:hb"
+    def run_owner(self, run_id: str) -> str:
+        """The lease of the run worker driving a run: its fencing token, with a short TTL
+        (renewed while it drives the run; lapsed, another run worker takes the run over)."""
+        return f"{self.prefix}:run:{run_id}:owner"
+
+    def runs_running(self, queue: str) -> str:
+        """Sorted set: the runs of runs queue ``queue`` being driven, scored by when their
+        owner's lease lapses (epoch ms); run workers look here for runs to take over."""
+        return f"{self.prefix}:runs:{queue}:running"
 
     def run_cancelled(self, run_id: str) -> str:
         """Set by ``WorkflowRun.cancel()``; the driver stops the run when it sees it."""

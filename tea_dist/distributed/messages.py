@@ -4,7 +4,9 @@
   ``tea_dist.run_flow``). Code is named, never carried (``graph``, see ``wire``).
 - ``BranchEvent``: what a worker publishes on the run's Redis stream as a branch lives: every
   lifecycle event, each with the branch's ``AttemptState``; ``on_flow_complete`` carries the
-  branch's one result. The stream is the only channel results take to the driver.
+  branch's one result. The stream is the only channel results take to the driver. In a durable
+  run, the driver adds ``on_flow_queued`` when it sends a branch (its task id), so that a driver
+  taking the run over knows which branches were sent.
 
 Both are registered with kombu's JSON (``register_type``), so they cross Celery as themselves
 with no hand-written conversion on either side.
@@ -26,6 +28,7 @@ from tea_dist.engine.lifecycle import AttemptState
 from tea_dist.observe.events import FlowContext
 
 EventName = Literal[
+    "on_flow_queued",  # the driver sent the branch (durable runs): never a callback
     "on_flow_start",
     "on_attempt_start",
     "on_flow_error",
@@ -104,7 +107,8 @@ class BranchMessage(BaseModel):
 
 
 class BranchEvent(BaseModel):
-    """One lifecycle event of a branch, published by the worker that runs it."""
+    """One lifecycle event of a branch, published by the worker that runs it (or, for
+    ``on_flow_queued``, by the driver that sent it)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

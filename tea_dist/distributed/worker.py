@@ -63,6 +63,9 @@ def worker_argv(
         # That needs the worker's event dispatcher, which its heartbeats keep enabled: never
         # add ``--without-heartbeat`` here.
         *(["--task-events"] if settings.task_events else []),
+        # a run worker takes a run only when a thread is free to start it at once: a run it
+        # held back unstarted would wait out the visibility timeout if the worker were killed
+        *(["--disable-prefetch"] if role == "runs" else []),
         "--without-mingle",
         "--without-gossip",
         "--loglevel",

@@ -24,13 +24,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any, Literal
 
-from tea_dist.core.errors import BranchError, ConfigError, NodeError, TeaDistError
+from tea_dist.core.errors import BranchError, ConfigError, GraphError, NodeError, TeaDistError
 from tea_dist.core.graph import END, FanOut, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import SharesStores, check_strategy, get_executor
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.engine.runtime import Runtime
+from tea_dist.engine.runtime import Detached, Durable, Runtime
 from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, walk
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
@@ -126,7 +126,9 @@ class CompiledGraph:
         self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
     ) -> Iterator[Event]:
         """Run the graph, yielding an event after every node and every branch (``options``:
-        ``run_id`` and ``cancel_token``, as for ``invoke``)."""
+        ``run_id`` and ``cancel_token``, as for ``invoke``; ``durable``: a submitted run, driven
+        by its owner, maybe resumed after a node with ``state`` the state after it, see
+        ``tea_dist.distributed.durable``)."""
         return self._run(state, config, True, **options)
 
     def _run(
@@ -136,7 +138,13 @@ class CompiledGraph:
         detailed: bool,
         run_id: str | None = None,
         cancel_token: CancelToken | None = None,
+        durable: Durable | None = None,
     ) -> Iterator[Event]:
+        after = durable.after if durable is not None else ""
+        if after and after not in self.spec.nodes:
+            raise GraphError(
+                f"cannot resume graph '{self.spec.name}' after node '{after}': no such node"
+            )
         runtime = Runtime(
             graph_name=self.spec.name,
             dispatcher=Dispatcher(self.callbacks, self.callback_timeout),
@@ -145,6 +153,9 @@ class CompiledGraph:
             cancel_token=CancelToken(parent=cancel_token),  # the run's own, cancelled at its end
             limits=self._limits,
         )
+        if durable is not None:
+            runtime.owner, runtime.steps = durable.owner, durable.steps
+            runtime.resumed_steps = durable.steps if after else None
         run = FlowContext(branch="", graph_name=self.spec.name, run_id=runtime.run_id)
         runtime.emit("on_invoke_start", run)
         cursor = _NodeCursor(runtime, run)
@@ -153,13 +164,14 @@ class CompiledGraph:
         steps = walk(
             Walk(
                 self.spec,
-                self.spec.entry,
+                after or self.spec.entry,
                 END,
                 final,
                 fanout=self._fanout(runtime.fanout, detailed, failed),
                 run_config=config,
                 cancel_token=runtime.cancel_token,
                 cursor=cursor,
+                after=bool(after),
             )
         )
         interrupts = ExitStack()
@@ -173,8 +185,12 @@ class CompiledGraph:
                     failed.clear()
                 else:
                     final = step.state
+                    runtime.steps += 1
                     if detailed:
                         yield {"type": "state", "node": step.node, "state": step.state}
+        except Detached:  # another process drives the run on: nothing ends here
+            runtime.detach()
+            raise
         except Exception as exc:
             cursor.ended(exc)
             runtime.emit("on_invoke_end", run, exc)

@@ -5,6 +5,11 @@ through its circuit breaker and to ``record`` outcomes (transitions become event
 ``emit`` lifecycle events through it. ``fanout`` is where the walker hands over a fan-out:
 it builds one ``BranchTask`` per branch, runs them on their strategies' executors and, under
 ``fail_fast``, turns the first failure into a ``BranchError``.
+
+A durable run (``submit()``) has an ``owner``, its process's hold on the run: its fan-outs are
+named ``{run_id}.{steps}`` (``steps``: main-path nodes done before the fan-out), so that the
+process that takes the run over finds the branches its predecessor sent, and an executor that
+writes for the run checks it still owns it (``Detached`` when not).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import (
@@ -23,6 +28,7 @@ from tea_dist.core.errors import (
     BranchTimeoutError,
     CircuitOpenError,
     GraphRecursionError,
+    TeaDistError,
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
@@ -38,6 +44,35 @@ from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStor
 from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
 
 
+class Detached(TeaDistError):
+    """Raised inside a durable run when this process stops driving it and leaves it to another
+    (the run was taken over, or this worker hands its runs over as it shuts down). It ends the
+    walk without ending the run: nothing is cancelled or recorded, and users never see it."""
+
+
+class RunOwner(Protocol):
+    """A process's hold on a durable run it drives (``tea_dist.distributed.durable``)."""
+
+    def check(self) -> None:
+        """Raise ``Detached`` when this process no longer drives the run."""
+        ...
+
+    def append(self, entries: Sequence[Mapping[str, str]]) -> None:
+        """Add entries to the run's event stream, fenced: ``Detached`` (and nothing written)
+        when another process drives the run now."""
+        ...
+
+
+@dataclass(frozen=True)
+class Durable:
+    """How ``stream()`` drives a durable run: ``owner`` holds it, and it starts after main-path
+    node ``after`` ("": at the entry), ``steps`` main-path nodes being done (a resumed run)."""
+
+    owner: RunOwner
+    after: str = ""
+    steps: int = 0
+
+
 @dataclass
 class Runtime:
     """Per-invocation services for executors."""
@@ -48,6 +83,10 @@ class Runtime:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancel_token: CancelToken = field(default_factory=CancelToken)
     limits: Callable[[], LimitStore] = field(default=lambda: PROCESS_LIMITS)
+    owner: RunOwner | None = None  # a durable run's hold (None: not durable)
+    steps: int = 0  # main-path nodes done so far (the runner counts them)
+    resumed_steps: int | None = None  # ``steps`` where a resumed run picked up
+    fanout_id: str = ""  # the running fan-out's id in a durable run ("": make one up)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
     _run_circuits: set[str] = field(default_factory=set)
     _closed: bool = False
@@ -145,6 +184,15 @@ class Runtime:
         self.dispatcher.close()
         self.shared_breakers.forget(self._run_circuits)
 
+    def detach(self) -> None:
+        """This process leaves a durable run to another: the run's circuits stay."""
+        self._run_circuits.clear()
+
+    @property
+    def adopting(self) -> bool:
+        """A resumed run's first fan-out: its predecessor may have sent its branches already."""
+        return self.owner is not None and self.steps == self.resumed_steps
+
     # -- fan-out --
 
     def fanout(
@@ -158,6 +206,8 @@ class Runtime:
         ctx = FlowContext(
             branch="", fan_in_node=fan.fan_in, graph_name=self.graph_name, run_id=self.run_id
         )
+        if self.owner is not None:
+            self.fanout_id = f"{self.run_id}.{self.steps}"
         self.emit("on_fanout_start", ctx, fan)
         results: list[ParallelFlowResult] = []
         error: BaseException | None = None

@@ -92,8 +92,12 @@ class Walk:
         run_config: Mapping[str, Any] | None = None,
         cancel_token: CancelToken | None = None,
         cursor: Cursor | None = None,
+        after: bool = False,
     ) -> None:
+        """``after``: ``start`` already ran (a resumed run); the walk goes on from what follows
+        it."""
         self.spec, self.stop_at, self.state, self.fanout = spec, stop_at, state, fanout
+        self.after = after
         self.config = dict(run_config or {})
         self.limit: int | None = None  # checked when the walk starts, like every node error
         self.steps = 0
@@ -144,6 +148,8 @@ class Walk:
 
 def walk(run: Walk) -> Generator[Step, None, dict[str, Any]]:
     """Run the walk's nodes, yielding a step after each; return the final state."""
+    if run.after and (fanned := run.move()) is not None:
+        yield fanned
     while run.enter():
         args = run.call()
         yield run.ran(call_node(args.pop("fn"), **args))

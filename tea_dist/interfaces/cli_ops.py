@@ -185,11 +185,17 @@ def submit(
 
 @app.command()
 def status(run_id: RunArg, debug: DebugOpt = False) -> None:
-    """Print a run's status: pending, running, succeeded, failed or cancelled."""
+    """Print a run's status: pending, running, succeeded, failed or cancelled.
+
+    A run another run worker took over (its first one stopped) also shows how many times that
+    happened: ``running<TAB>handovers=1``.
+    """
     from tea_dist.distributed.apps import WorkflowRun
 
     with reporting(debug):
-        typer.echo(WorkflowRun(run_id).status())
+        run = WorkflowRun(run_id)
+        status, handovers = run.status(), run.handovers()
+    typer.echo(f"{status}\thandovers={handovers}" if handovers else status)
 
 
 @app.command()

@@ -23,6 +23,8 @@ outcome, error type, circuit, limit, queue; never a run id or an item index):
 - ``tea_dist_limit_permits_held{limit}``, ``tea_dist_limit_permits_waiting{limit}`` and
   ``tea_dist_limit_wait_seconds{limit}``: through ``limit_waiting``, ``limit_acquired`` and
   ``limit_released``, for whatever holds a ``ResourceLimit``'s permits to call;
+- ``tea_dist_runs_resumed_total{graph}``: submitted runs taken over by a run worker after the
+  one driving them stopped (``run_resumed``, called by the worker that resumes the run);
 - ``tea_dist_queue_depth{queue}``: messages waiting in a worker's queues (served by the worker,
   see ``tea_dist.distributed.worker``).
 
@@ -87,6 +89,7 @@ class Metrics:
     permits_held: Any
     permits_waiting: Any
     permit_wait_seconds: Any
+    runs_resumed: Any
 
 
 def build(registry: Any) -> Metrics:
@@ -139,6 +142,11 @@ def build(registry: Any) -> Metrics:
         ),
         permit_wait_seconds=histogram(
             "tea_dist_limit_wait_seconds", "Time waited for a permit", ["limit"]
+        ),
+        runs_resumed=counter(
+            "tea_dist_runs_resumed",
+            "Submitted runs resumed by another run worker after their driver stopped",
+            ["graph"],
         ),
     )
 
@@ -247,6 +255,15 @@ def limit_released(limit: str) -> None:
     """A permit of ``limit`` was given back."""
     if (m := current()) is not None:
         m.permits_held.labels(limit).dec()
+
+
+# -- durable runs: what the run worker that takes a run over calls --
+
+
+def run_resumed(graph: str) -> None:
+    """A submitted run of ``graph`` was taken over and resumed in this process."""
+    if (m := current()) is not None:
+        m.runs_resumed.labels(graph).inc()
 
 
 # -- the listener --

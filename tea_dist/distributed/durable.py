@@ -1,0 +1,425 @@
+"""Durable runs: a submitted run survives the death of the run worker driving it.
+
+**Ownership.** Exactly one process drives a submitted run at a time. It holds the run's lease
+(``Keys.run_owner``: its fencing token, with a TTL of ``TEA_DIST_HEARTBEAT_TTL``) and renews it
+every ``TEA_DIST_HEARTBEAT_SECONDS`` on a thread of its own (``RunLease``); the run sits in its
+runs queue's index of running runs, a sorted set scored by when the lease lapses. Taking a run
+(``claim``), renewing, writing, releasing and finishing it are each one Lua script checking the
+run's token (field ``token`` of the run hash, incremented by every claim): a driver that lost the
+run (it stalled and another took over) has its writes refused, and stops (``Detached``).
+
+**Checkpoints.** The run's event stream is its checkpoint. Every graph event its driver appends
+is fenced; a ``state`` event (the state after a main-path node) also records its stream id and
+the number of main-path nodes done in the run hash (``checkpoint``, ``steps``). A celery
+fan-out's driver records each branch it sends (``on_flow_queued``, with its task id), and the
+fan-out's id is ``{run_id}.{steps}``: a resumed run finds the branches of its fan-out in flight.
+
+**Hand-over.** Every run worker process keeps one ``Adopter`` thread: every heartbeat period it
+looks for runs of its queue whose lease lapsed, claims them and resumes each on a thread of its
+own, from the last checkpoint. A worker shutting down (SIGTERM) hands its runs over at once: its
+drivers stop and release their runs, which the other run workers take over on their next look.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import redis
+
+from tea_dist.distributed.celery_app import current_settings
+from tea_dist.distributed.connections import redis_for, ride_out
+from tea_dist.distributed.keys import Keys
+from tea_dist.engine.attempt import worker_id
+from tea_dist.engine.nodes import CancelToken
+from tea_dist.engine.runtime import Detached
+
+MAX_HANDOVERS = 20  # a run whose drivers keep dying (it kills them?) then fails
+SCAN_BATCH = 16  # lapsed runs claimed per look, per queue
+LEAVE_GRACE = 2.0  # seconds a shutting-down worker's drivers have to release their runs
+
+logger = logging.getLogger("tea_dist.durable")
+
+_NOW_MS = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+_OWNED = "redis.call('HGET', KEYS[1], 'token') == ARGV[1]"
+
+CLAIM = (
+    _NOW_MS
+    + """
+-- KEYS: run hash, owner lease, running index
+-- ARGV: 'start' or 'resume', worker, lease ms, run id, most hand-overs, epoch seconds
+local status = redis.call('HGET', KEYS[1], 'status')
+if ARGV[1] == 'start' then
+  if status ~= 'pending' then return {0, ''} end
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[6])
+else
+  if status ~= 'running' then
+    redis.call('ZREM', KEYS[3], ARGV[4])
+    return {0, ''}
+  end
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {0, ''} end
+  local n = redis.call('HINCRBY', KEYS[1], 'handovers', 1)
+  if n > tonumber(ARGV[5]) then
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'ended', ARGV[6], 'error',
+      'the run worker driving it stopped ' .. n .. ' times; not taken over again')
+    redis.call('ZREM', KEYS[3], ARGV[4])
+    return {-1, ''}
+  end
+end
+local previous = redis.call('HGET', KEYS[1], 'worker') or ''
+local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4])
+return {token, previous}
+"""
+)
+
+RENEW = (
+    _NOW_MS
+    + f"""
+-- KEYS: run hash, owner lease, running index, cancel flag, event stream
+-- ARGV: token, lease ms, run id, retention s; returns {{still owned, cancel asked}}
+local cancelled = redis.call('EXISTS', KEYS[4])
+if not ({_OWNED}) or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return {{0, cancelled}}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])  -- a run alive keeps its record and checkpoints
+redis.call('EXPIRE', KEYS[5], ARGV[4])
+return {{1, cancelled}}
+"""
+)
+
+APPEND = f"""
+-- KEYS: run hash, event stream
+-- ARGV: token, retention s, main-path nodes done ('' unless a checkpoint), then every entry as
+-- its number of fields followed by its fields and values
+if not ({_OWNED}) then return 0 end
+local i, id = 4, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local fields = {{}}
+  for j = 1, 2 * n do fields[j] = ARGV[i + j] end
+  id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+  i = i + 2 * n + 1
+end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'checkpoint', id, 'steps', ARGV[3]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return id
+"""
+
+FINISH = f"""
+-- KEYS: run hash, owner lease, running index, event stream, cancel flag
+-- ARGV: token, run id, retention s, then the outcome's fields and values
+if not ({_OWNED}) or redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local fields = {{}}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('DEL', KEYS[2], KEYS[5])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+RELEASE = f"""
+-- KEYS: run hash, owner lease, running index; ARGV: token, run id
+if not ({_OWNED}) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('DEL', KEYS[2])
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('ZADD', KEYS[3], 0, ARGV[2])
+end
+return 1
+"""
+
+LAPSED = (
+    _NOW_MS
+    + """
+-- KEYS: running index; ARGV: how many at most
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
+"""
+)
+
+CANCEL_UNOWNED = """
+-- KEYS: run hash, owner lease, cancel flag, caller lease; ARGV: epoch seconds
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('EXISTS', KEYS[2]) == 1
+    or redis.call('EXISTS', KEYS[3]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended', ARGV[1])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+
+def _script(client: Any, source: str) -> Any:
+    """Script ``source`` on ``client`` (run with EVALSHA, loaded when the server lacks it)."""
+    return client.register_script(source)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- the lease of one run --
+
+
+class RunLease:
+    """This process's hold on a run it drives (a ``RunOwner``).
+
+    Used as a context manager around the drive: a thread renews the lease every heartbeat period
+    and turns ``WorkflowRun.cancel()`` into ``cancel`` (the run's cancel token). ``lost``: another
+    process drives the run now, or it ended elsewhere. On the way out of a shutting-down worker the
+    run is released for another run worker to take over at once.
+    """
+
+    def __init__(
+        self, run_id: str, queue: str, token: int, previous: str = "", client: Any = None
+    ) -> None:
+        settings = current_settings()
+        self.run_id, self.queue, self.token, self.previous = run_id, queue, str(token), previous
+        self.worker = worker_id()
+        self.client = client or redis_for(settings.redis)
+        self.keys = Keys(settings.key_prefix)
+        self.cancel = CancelToken()
+        self.lost = False
+        self.every = settings.heartbeat_seconds
+        self.lease_ms = int(settings.heartbeat_ttl * 1000)
+        self.retention = int(settings.run_expires)
+        self._redis_url, self._grace = settings.redis, settings.broker_grace
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"RunLease({self.run_id!r}, token={self.token})"
+
+    # -- RunOwner --
+
+    def check(self) -> None:
+        """``Detached`` when another process drives the run, or this worker is leaving."""
+        if self.lost:
+            raise Detached(f"run {self.run_id} is driven by another run worker now")
+        if LEAVING.is_set():
+            raise Detached(f"run {self.run_id} is handed over: this run worker shuts down")
+
+    def append(self, entries: Sequence[Mapping[str, str]], steps: int | None = None) -> None:
+        """Add ``entries`` to the run's stream, fenced; ``steps``: this is a checkpoint (a
+        ``state`` event) with that many main-path nodes done."""
+        self.check()
+        args: list[Any] = [self.token, self.retention, "" if steps is None else steps]
+        for entry in entries:
+            args.append(len(entry))
+            for field, value in entry.items():
+                args += [field, value]
+        keys = [self.keys.run(self.run_id), self.keys.events(self.run_id)]
+        if self._call(APPEND, keys, args) == 0:
+            self.lost = True
+            raise Detached(f"run {self.run_id} was taken over by another run worker")
+
+    # -- the end of a drive --
+
+    def finish(self, outcome: Mapping[str, Any]) -> bool:
+        """Record the run's outcome and let go of it; False if this process no longer owns it."""
+        keys = [
+            self.keys.run(self.run_id),
+            self.keys.run_owner(self.run_id),
+            self.keys.runs_running(self.queue),
+            self.keys.events(self.run_id),
+            self.keys.run_cancelled(self.run_id),
+        ]
+        args: list[Any] = [self.token, self.run_id, self.retention]
+        for field, value in outcome.items():
+            args += [field, value]
+        done = bool(self._call(FINISH, keys, args))
+        self.lost = True  # over, one way or the other
+        return done
+
+    def release(self) -> bool:
+        """Hand the run over: another run worker takes it on its next look (this process is
+        fenced out at once). False if it was not this process's any more."""
+        keys = [
+            self.keys.run(self.run_id),
+            self.keys.run_owner(self.run_id),
+            self.keys.runs_running(self.queue),
+        ]
+        released = bool(self._call(RELEASE, keys, [self.token, self.run_id]))
+        self.lost = True
+        return released
+
+    # -- renewal --
+
+    def __enter__(self) -> RunLease:
+        with _DRIVING_LOCK:
+            _DRIVING.add(self)
+        self._renew()
+        self._thread = threading.Thread(target=self._keep, name="tea-dist-run-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(self.every * 2 + 1)
+        try:
+            if LEAVING.is_set() and not self.lost:
+                self.release()
+        finally:
+            with _DRIVING_LOCK:
+                _DRIVING.discard(self)
+
+    def _renew(self) -> None:
+        keys = [
+            self.keys.run(self.run_id),
+            self.keys.run_owner(self.run_id),
+            self.keys.runs_running(self.queue),
+            self.keys.run_cancelled(self.run_id),
+            self.keys.events(self.run_id),
+        ]
+        owned, cancelled = _script(self.client, RENEW)(
+            keys=keys, args=[self.token, self.lease_ms, self.run_id, self.retention]
+        )
+        if cancelled:
+            self.cancel.cancel()
+        if not owned:
+            self.lost = True
+
+    def _keep(self) -> None:
+        while not self._done.wait(self.every) and not self.lost:
+            try:
+                self._renew()
+            except redis.RedisError:  # a hiccup: the next renewal tries again
+                continue
+
+    def _call(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        script = partial(_script(self.client, source), keys=keys, args=args)
+        return ride_out(script, self._redis_url, self._grace)
+
+
+def claim(run_id: str, queue: str, how: str) -> RunLease | None:
+    """Take run ``run_id`` of runs queue ``queue``: ``how="start"`` a pending run (its first
+    driver), ``"resume"`` a running one whose lease lapsed. None when it is not to be taken (it
+    runs elsewhere, ended, or was handed over too often, which fails it)."""
+    settings = current_settings()
+    client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
+    args = [how, worker_id(), int(settings.heartbeat_ttl * 1000), run_id, MAX_HANDOVERS]
+    args.append(repr(time.time()))
+    run_keys = [keys.run(run_id), keys.run_owner(run_id), keys.runs_running(queue)]
+    token, previous = _script(client, CLAIM)(keys=run_keys, args=args)
+    if int(token) < 0:
+        logger.error("run %s: its run worker stopped %d times; failed", run_id, MAX_HANDOVERS + 1)
+    if int(token) <= 0:
+        return None
+    return RunLease(run_id, queue, int(token), _text(previous), client)
+
+
+def cancel_unowned(client: Any, keys: Keys, run_id: str) -> bool:
+    """A running run whose cancel was asked and that no process drives now (its driver
+    stopped, no other took it over yet) ends ``cancelled`` here; its branches stop within a
+    heartbeat period (their caller's lease goes). False otherwise: a driver sees the cancel."""
+    run_keys = [
+        keys.run(run_id),
+        keys.run_owner(run_id),
+        keys.run_cancelled(run_id),
+        keys.run_lease(run_id),
+    ]
+    return bool(_script(client, CANCEL_UNOWNED)(keys=run_keys, args=[repr(time.time())]))
+
+
+# -- the runs this process drives, and taking over the runs of others --
+
+LEAVING = threading.Event()  # this worker shuts down: its drivers hand their runs over
+_DRIVING: set[RunLease] = set()
+_DRIVING_LOCK = threading.Lock()
+
+
+class Adopter:
+    """One thread per run worker process: takes over the runs of ``queues`` whose driver
+    stopped, ``resume(lease)`` driving each on a thread of its own; on ``LEAVING``, hands over
+    the runs this process drives."""
+
+    def __init__(self, queues: Sequence[str], resume: Callable[[RunLease], Any]) -> None:
+        settings = current_settings()
+        self.queues, self.resume = list(queues), resume
+        self.client, self.keys = redis_for(settings.redis), Keys(settings.key_prefix)
+        self.every = settings.heartbeat_seconds
+        self.thread = threading.Thread(target=self._loop, name="tea-dist-adopter", daemon=True)
+
+    def start(self) -> Adopter:
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not LEAVING.is_set():
+            try:
+                self.look()
+            except redis.RedisError as exc:  # an outage: look again next time
+                logger.warning("looking for runs to take over failed: %s", exc)
+            LEAVING.wait(self.every)
+        hand_over(LEAVE_GRACE)
+
+    def look(self) -> list[RunLease]:
+        """Claim and resume the runs whose lease lapsed; returns their leases."""
+        taken: list[RunLease] = []
+        for queue in self.queues:
+            lapsed = _script(self.client, LAPSED)(
+                keys=[self.keys.runs_running(queue)], args=[SCAN_BATCH]
+            )
+            for run_id in map(_text, lapsed):
+                if LEAVING.is_set():
+                    return taken
+                lease = claim(run_id, queue, "resume")
+                if lease is None:
+                    continue
+                logger.info("run %s: taken over from %s", run_id, lease.previous or "?")
+                threading.Thread(
+                    target=self.resume, args=(lease,), name="tea-dist-resumed", daemon=True
+                ).start()
+                taken.append(lease)
+        return taken
+
+
+def hand_over(grace: float) -> None:
+    """This worker shuts down: every run it drives is released for another run worker. Drivers
+    stop at their next check and release their own runs; a driver still busy in a node after
+    ``grace`` seconds has its run released under it (the node may then run twice)."""
+    LEAVING.set()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        with _DRIVING_LOCK:
+            if not _DRIVING:
+                return
+        time.sleep(0.05)
+    with _DRIVING_LOCK:
+        stuck = list(_DRIVING)
+    for lease in stuck:
+        try:
+            if lease.release():
+                logger.warning("run %s: released while its node still runs", lease.run_id)
+        except Exception as exc:  # nothing may stop the others being released
+            logger.warning("releasing run %s failed: %s", lease.run_id, exc)
+
+
+_ADOPTER: Adopter | None = None
+
+
+def start_adopter(queues: Sequence[str], resume: Callable[[RunLease], Any]) -> Adopter:
+    """Start this process's adopter (once)."""
+    global _ADOPTER
+    if _ADOPTER is None:
+        _ADOPTER = Adopter(queues, resume).start()
+    return _ADOPTER
+
+
+def stop_adopter(timeout: float) -> None:
+    """The worker stops: hand the runs over and wait (up to ``timeout``) until that is done."""
+    LEAVING.set()
+    if _ADOPTER is not None:
+        _ADOPTER.thread.join(timeout)
