@@ -28,6 +28,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,7 @@ def run_workflow(
     lease = durable.claim(run_id, queue, "start")
     if lease is None:  # cancelled while queued, or already taken
         return "skipped"
-    return _drive(run, lease, graph_ref, state, config, trace, Durable(lease))
+    return _drive(run, lease, _Work(graph_ref, state, config, trace), Durable(lease))
 
 
 def resume_run(lease: RunLease) -> str:
@@ -305,16 +306,23 @@ def resume_run(lease: RunLease) -> str:
     config = json.loads(record.get("config") or "{}")
     trace = json.loads(record.get("trace") or "{}")
     how = Durable(lease, node, steps)
-    return _drive(run, lease, record["graph"], state, config, trace, how, resumed)
+    return _drive(run, lease, _Work(record["graph"], state, config, trace), how, resumed)
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a run worker drives: the graph, its input and config, the submitter's trace."""
+
+    graph_ref: str
+    state: dict[str, Any]
+    config: dict[str, Any]
+    trace: dict[str, str] | None
 
 
 def _drive(
     run: WorkflowRun,
     lease: RunLease,
-    graph_ref: str,
-    state: dict[str, Any],
-    config: dict[str, Any],
-    trace: dict[str, str] | None,
+    work: _Work,
     how: Durable,
     resumed: dict[str, Any] | None = None,
 ) -> str:
@@ -326,16 +334,16 @@ def _drive(
         "error": "the run ended without a final event",
     }
     steps = how.steps
-    with lease, tracing.attached(trace):
+    with lease, tracing.attached(work.trace):
         try:
             lease.check()
             if resumed is not None:
                 lease.append([{"event": "graph", "data": json.dumps(resumed)}])
-            graph = resolve_graph(graph_ref, worker_allowlist()).compile()
+            graph = resolve_graph(work.graph_ref, worker_allowlist()).compile()
             if resumed is not None:
                 metrics.run_resumed(graph.name)
             events: Any = graph.stream(  # a generator: closed if a write is refused
-                state, config, run_id=run.run_id, cancel_token=lease.cancel, durable=how
+                work.state, work.config, run_id=run.run_id, cancel_token=lease.cancel, durable=how
             )
             with contextlib.closing(events):
                 for event in events:

@@ -224,17 +224,21 @@ class RunLease:
             self.lost = True
             raise Detached(f"run {self.run_id} was taken over by another run worker")
 
+    def _lease_keys(self, *more: str) -> list[str]:
+        """The keys every lease script names first: run hash, owner lease, running index."""
+        run_id = self.run_id
+        return [
+            self.keys.run(run_id),
+            self.keys.run_owner(run_id),
+            self.keys.runs_running(self.queue),
+            *more,
+        ]
+
     # -- the end of a drive --
 
     def finish(self, outcome: Mapping[str, Any]) -> bool:
         """Record the run's outcome and let go of it; False if this process no longer owns it."""
-        keys = [
-            self.keys.run(self.run_id),
-            self.keys.run_owner(self.run_id),
-            self.keys.runs_running(self.queue),
-            self.keys.events(self.run_id),
-            self.keys.run_cancelled(self.run_id),
-        ]
+        keys = self._lease_keys(self.keys.events(self.run_id), self.keys.run_cancelled(self.run_id))
         args: list[Any] = [self.token, self.run_id, self.retention]
         for field, value in outcome.items():
             args += [field, value]
@@ -245,11 +249,7 @@ class RunLease:
     def release(self) -> bool:
         """Hand the run over: another run worker takes it on its next look (this process is
         fenced out at once). False if it was not this process's any more."""
-        keys = [
-            self.keys.run(self.run_id),
-            self.keys.run_owner(self.run_id),
-            self.keys.runs_running(self.queue),
-        ]
+        keys = self._lease_keys()
         released = bool(self._call(RELEASE, keys, [self.token, self.run_id]))
         self.lost = True
         return released
@@ -276,13 +276,7 @@ class RunLease:
                 _DRIVING.discard(self)
 
     def _renew(self) -> None:
-        keys = [
-            self.keys.run(self.run_id),
-            self.keys.run_owner(self.run_id),
-            self.keys.runs_running(self.queue),
-            self.keys.run_cancelled(self.run_id),
-            self.keys.events(self.run_id),
-        ]
+        keys = self._lease_keys(self.keys.run_cancelled(self.run_id), self.keys.events(self.run_id))
         owned, cancelled = _script(self.client, RENEW)(
             keys=keys, args=[self.token, self.lease_ms, self.run_id, self.retention]
         )
