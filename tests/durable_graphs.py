@@ -19,7 +19,9 @@ from tea_dist import ParallelConfig, StateGraph
 
 def _count(config: dict[str, Any], node: str) -> redis.Redis:
     client = redis.Redis.from_url(config["redis"])
-    client.incr(f"{config['counter']}:{node}")
+    key = f"{config['counter']}:{node}"
+    client.incr(key)
+    client.expire(key, 600)  # a test's own key: gone after the test, like tea_dist's
     return client
 
 

@@ -164,8 +164,8 @@ def test_i12_3_rate_4_per_second_never_exceeded_in_any_window(
     starts = [start for start, _ in grants]
     spans_of_5 = [starts[i + 4] - starts[i] for i in range(len(starts) - 4)]
     short = [
-        (i, span) for i, span in enumerate(spans_of_5) if span < 1.0 - grants[i][1]
-    ]  # five starts certainly within one second
+        (i, span) for i, span in enumerate(spans_of_5) if span < 1.0 - grants[i][1] - 0.02
+    ]  # five starts certainly within one second (20 ms: a process descheduled before recording)
     most_in_a_second = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
     print(
         f"\nrate=4/s, 4 processes: {len(starts)} starts in {starts[-1] - starts[0]:.2f} s, "
