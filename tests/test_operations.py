@@ -119,10 +119,11 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_item1_tea_dist_cluster_dies_with_its_parent(signum: int, tmp_path: Path) -> None:
     runtime, port = tmp_path / "runtime", free_port()
-    err = tmp_path / "stderr"
+    err, scratch = tmp_path / "stderr", tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.Popen(
         tea_dist("cluster", "--flower-port", str(port)),
-        env=clean_env(runtime),
+        env={**clean_env(runtime), "TMPDIR": str(scratch)},
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=err.open("w"),
@@ -137,6 +138,7 @@ def test_item1_tea_dist_cluster_dies_with_its_parent(signum: int, tmp_path: Path
     finally:
         stop(proc)
     assert not (runtime / "cluster.json").exists()  # the advertisement went with it
+    assert list(scratch.iterdir()) == []  # no temporary folder of it or of its workers is left
     if signum != signal.SIGKILL:
         assert proc.returncode == 128 + signum, err.read_text()
 

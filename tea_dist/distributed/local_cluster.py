@@ -236,7 +236,12 @@ class LocalCluster:
             self.reaper = Reaper()
             self.reaper.tell(path=str(self.workdir))
             self._start_redis()
-            extra = {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+            scratch = self.workdir / "tmp"  # the workers' temporary files go with the cluster's
+            scratch.mkdir(exist_ok=True)  # folder, which the reaper removes even after a SIGKILL
+            extra = {
+                "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+                "TMPDIR": str(scratch),
+            }
             roles: list[tuple[str, str, int, int | None]] = [
                 ("flows", "flow worker", self.flow_workers, self.concurrency),
                 ("runs", "run worker", self.run_workers, None),
