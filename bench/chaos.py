@@ -107,6 +107,7 @@ class Outcome:
     run_id: str
     markers: Path
     started: float = 0.0  # epoch
+    ended: float = 0.0  # epoch: the caller exited
     signalled_at: float | None = None  # epoch
     phase: str = ""  # where the run was when the signal was sent
     cancel: bool = False  # a cancelling signal reached a caller whose run was going
@@ -117,6 +118,7 @@ class Outcome:
     left: list[str] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
     late: list[str] = field(default_factory=list)
+    after_end: list[str] = field(default_factory=list)  # a branch ran after its run ended
     in_window: list[float] = field(default_factory=list)  # s after the signal: .done markers
     # written after a cancelling signal but within the window it may take to arrive
     keys: list[str] = field(default_factory=list)
@@ -124,7 +126,9 @@ class Outcome:
 
     @property
     def bad(self) -> bool:
-        return bool(self.hung or self.left or self.folders or self.late or self.keys)
+        return bool(
+            self.hung or self.left or self.folders or self.late or self.after_end or self.keys
+        )
 
 
 @dataclass
@@ -157,6 +161,7 @@ class Session:
         self.started: list[subprocess.Popen[bytes]] = []
         self.workers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         self.generation = 0
+        self.last_kill = 0.0  # monotonic: the last signal to a worker
         self.redis: Any = None
         self.client: Any = None
         self.key_owner: dict[str, str] = {}
@@ -173,6 +178,7 @@ class Session:
             key_prefix=self.prefix,
             allowed=("bench",),
             caller_lease=self.args.lease,
+            visibility_timeout=self.args.visibility,
         )
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -182,6 +188,7 @@ class Session:
             TEA_DIST_KEY_PREFIX=self.prefix,
             TEA_DIST_ALLOWED="bench",
             TEA_DIST_CALLER_LEASE=str(self.args.lease),
+            TEA_DIST_VISIBILITY_TIMEOUT=str(self.args.visibility),
             TEA_DIST_RUNTIME_DIR=str(self.dir / "runtime"),
         )
         env.update(extra)
@@ -276,7 +283,7 @@ class Session:
                 break
             time.sleep(POLL)
         caller.wait()
-        ended_at = time.monotonic()
+        ended_at, out.ended = time.monotonic(), time.time()
         out.exit_code = caller.returncode
         out.exit_after = ended_at - (sent_at if sent_at is not None else began)
         out.result = _result(folder / "caller.out", caller.returncode)
@@ -317,6 +324,7 @@ class Session:
             self.tracker.snapshot(proc.pid, label)
             victims = self.tracker.of(label)
             os.kill(proc.pid, plan.signum)
+            self.last_kill = time.monotonic()
             out.notes.append(f"signalled {label} (pid {proc.pid})")
             return victims
         if plan.target == "worker-child":
@@ -324,6 +332,7 @@ class Session:
             if child is not None:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     child.send_signal(plan.signum)
+                self.last_kill = time.monotonic()
             return []
         if plan.target == "cluster" and cluster is not None:
             self.tracker.snapshot(cluster.proc.pid, cluster.label)
@@ -453,6 +462,26 @@ class Session:
         if out.plan.signum and out.plan.signum != signal.SIGKILL and code != 128 + out.plan.signum:
             out.notes.append(f"cluster exited with {code}")
 
+    def drain(self, settle: float) -> str:
+        """Let stragglers end, and the messages a killed worker held come back (after the
+        visibility timeout; a starting worker sweeps them) and be delivered late, to runs
+        that have ended: they must not run. What was left in the broker afterwards."""
+        time.sleep(settle)
+        unacked = self.client.hlen("unacked")
+        if unacked:
+            wait = self.last_kill + self.args.visibility + 1 - time.monotonic()
+            progress(f"{unacked} messages of killed workers unacked: late delivery in {wait:.0f}s")
+            time.sleep(max(0.0, wait))
+            self.start_worker("sweeper")  # Kombu restores old unacked messages at start
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (
+                self.client.hlen("unacked") or self.client.llen(self.settings.flows_queue)
+            ):
+                time.sleep(0.5)
+            time.sleep(settle)  # a late delivery that did run would finish by now
+        left = self.client.hlen("unacked"), self.client.llen(self.settings.flows_queue)
+        return f"{unacked} unacked after the runs; left unacked {left[0]}, queued {left[1]}"
+
     # -- keys ---------------------------------------------------------------------------------
 
     def note_keys(self, out: Outcome) -> None:
@@ -525,7 +554,9 @@ def _result(path: Path, code: int | None) -> str:
     lines = path.read_text().splitlines() if path.exists() else []
     if len(lines) > 1:
         last = json.loads(lines[-1])
-        return "final" if last["type"] == "final" else f"error:{last.get('error_type')}"
+        if last["type"] == "final":
+            return f"final({'+'.join(last['failed'])} failed)" if last.get("failed") else "final"
+        return f"error:{last.get('error_type')}"
     if code is not None and code < 0:
         return f"killed:{signal.Signals(-code).name}"
     return f"exit:{code}"
@@ -536,18 +567,22 @@ def _result(path: Path, code: int | None) -> str:
 
 def side_effects(outcomes: list[Outcome], lease: float, slack: float) -> None:
     """A ``.done`` written after a cancelling signal reached a running caller, beyond the
-    window it may take to arrive (``slack``; plus the lease for a SIGKILL)."""
+    window it may take to arrive (``slack``; plus the lease for a SIGKILL); for any other
+    run, a ``.done`` written after its caller exited (``slack`` later): a late delivery that
+    ran for a run that no longer exists."""
     for out in outcomes:
-        if not out.cancel or out.signalled_at is None:
-            continue
-        window = slack + (lease if out.plan.signum == signal.SIGKILL else 0.0)
         for marker in sorted(out.markers.glob("*.done")):
-            written = float(marker.read_text())
-            after = written - out.signalled_at
-            if after > window:
-                out.late.append(f"{marker.name.split('-')[0]} done {after:.2f}s after the signal")
-            elif after > 0:
-                out.in_window.append(after)
+            written, branch = float(marker.read_text()), marker.name.split("-")[0]
+            if out.cancel and out.signalled_at is not None:
+                window = slack + (lease if out.plan.signum == signal.SIGKILL else 0.0)
+                after = written - out.signalled_at
+                if after > window:
+                    out.late.append(f"{branch} done {after:.2f}s after the signal")
+                elif after > 0:
+                    out.in_window.append(after)
+            elif out.ended and written - out.ended > slack:
+                after = written - out.ended
+                out.after_end.append(f"{branch} done {after:.2f}s after its caller exited")
 
 
 def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
@@ -572,6 +607,7 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
                 sum(o.hung for o in outs),
                 sum(len(o.left) for o in outs),
                 sum(len(o.late) for o in outs),
+                sum(len(o.after_end) for o in outs),
                 sum(len(o.keys) for o in outs),
                 sum(len(o.folders) for o in outs),
                 f"{max(exits):.1f}" if exits else "-",
@@ -585,6 +621,7 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
         "hung",
         "left",
         "late",
+        "after end",
         "keys",
         "folders",
         "exit s",
@@ -593,7 +630,8 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
     print(table("Per case (signal -> target)", header, rows))
     print(
         "cancels: a SIGINT/SIGTERM/SIGKILL reached a caller whose run was going; left: "
-        "processes still running when they should be gone; late: .done after a cancel; keys: "
+        "processes still running when they should be gone; late: .done after a cancel; after end: "
+        ".done after the caller of a run that was not cancelled exited; keys: "
         "keys without TTL; folders: temporary folders left by a cluster or caller, or adverts; "
         "exit s: longest time from the signal to the caller's exit (signals sent before the "
         "run ended)"
@@ -613,6 +651,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10 runs")
     parser.add_argument("--lease", type=float, default=3.0, help="TEA_DIST_CALLER_LEASE")
     parser.add_argument("--hang-after", type=float, default=60.0)
+    parser.add_argument(
+        "--visibility",
+        type=float,
+        default=30.0,
+        help="TEA_DIST_VISIBILITY_TIMEOUT: messages of a killed worker come back this soon",
+    )
     parser.add_argument(
         "--slack", type=float, default=1.0, help="s a cancel may take to reach a branch"
     )
@@ -643,7 +687,7 @@ def main() -> int:
             )
         settle = args.lease + max(max(p.sleeps.values()) for p in plans) + args.slack + 2
         progress(f"waiting {settle:.0f}s for stragglers, then checking")
-        time.sleep(settle)
+        broker = session.drain(settle)
         side_effects(outcomes, args.lease, args.slack)
         for out in outcomes:
             record = json.dumps(asdict(out), default=str, indent=1)
@@ -681,7 +725,7 @@ def main() -> int:
     for out in outcomes:
         if out.bad or out.notes or out.in_window:
             sig, target = out.plan.case
-            what = out.left + out.folders + out.late + out.keys + out.notes
+            what = out.left + out.folders + out.late + out.after_end + out.keys + out.notes
             what += [f"done {a:.2f}s after the signal (within the window)" for a in out.in_window]
             print(
                 f"run {out.plan.index:03d} {sig} -> {target} at {out.plan.delay:.2f}s "
@@ -693,14 +737,14 @@ def main() -> int:
         print(f"key without TTL (no run): {key}")
     for path in leftovers:
         print(f"left in the flow workers' temporary folder (not counted): {path}")
+    print(f"broker messages: {broker}")
     print(
         f"keys under the prefix at the end: {session.keys_checked} checked "
         f"({len(session.key_owner)} seen during the runs)"
     )
     if others:
         print(
-            "keys outside the prefix without TTL (kombu's bindings; 'unacked' holds messages "
-            "of a killed worker until the visibility timeout): "
+            "keys outside the prefix without TTL (kombu's): "
             + ", ".join(f"{k}" for k in sorted(others))
         )
     print(
@@ -711,7 +755,8 @@ def main() -> int:
     for name, count in totals.items():
         print(f"{name}: {count}")
     print(f"temporary folders left by clusters: {sum(len(o.folders) for o in outcomes)}")
-    bad = any(totals.values()) or any(o.folders for o in outcomes)
+    print(f"branches run after their run ended: {sum(len(o.after_end) for o in outcomes)}")
+    bad = any(totals.values()) or any(o.folders or o.after_end for o in outcomes)
     if bad:
         print(f"logs and markers kept in {session.dir}")
         return 1
