@@ -47,7 +47,6 @@ class PromptRefill(bootsteps.StartStopStep):  # type: ignore[misc]
         signals.task_revoked.connect(refill, weak=False)
 
 
-TASK_NAMES = ("tea_dist.run_flow", "tea_dist.run_workflow")
 # Celery imports these when a worker starts (``include``), so this module imports no task.
 TASK_MODULES = ["tea_dist.distributed.tasks", "tea_dist.distributed.apps"]
 

@@ -23,7 +23,6 @@ from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import BranchTimeoutError, RemoteError
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.distributed.signing import Secret, sign, verify
-from tea_dist.engine.attempt import ErrorInfo
 from tea_dist.engine.lifecycle import AttemptState
 from tea_dist.observe.events import FlowContext
 
@@ -140,11 +139,6 @@ class BranchEvent(BaseModel):
         if self.event == "on_flow_complete":
             return (ctx, self.result)
         return (ctx,)
-
-
-def error_info(record: ErrorRecord) -> ErrorInfo:
-    """The lifecycle's form of a carried error."""
-    return ErrorInfo(record.type, record.message, (record.type,), timeout=record.timeout)
 
 
 for _model, _marker in ((BranchMessage, "tea_dist.branch"), (BranchEvent, "tea_dist.event")):
