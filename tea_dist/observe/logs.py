@@ -39,7 +39,8 @@ class LogListener:
     """Logs each callback event at a level that says how much it matters."""
 
     def on_flow_start(self, ctx: FlowContext) -> None:
-        logger.debug("%s: on_flow_start", _where(ctx), extra=_extra("on_flow_start", ctx))
+        if logger.isEnabledFor(logging.DEBUG):  # the common case: build nothing for nobody
+            logger.debug("%s: on_flow_start", _where(ctx), extra=_extra("on_flow_start", ctx))
 
     def on_flow_error(self, ctx: FlowContext, error: BaseException, attempt: int) -> None:
         logger.info(
@@ -84,6 +85,8 @@ class LogListener:
         )
 
     def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
         outcome = "succeeded" if result.success else f"failed ({result.error_type})"
         logger.debug(
             "%s: %s in %.1f ms",
