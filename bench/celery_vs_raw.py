@@ -58,7 +58,6 @@ import contextlib
 import gc
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -86,6 +85,7 @@ from bench.common import (
     table,
 )
 from tea_dist import ParallelConfig
+from tea_dist.distributed.children import stop_groups
 from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.worker import settings_env, wait_ready, worker_argv
 
@@ -166,17 +166,7 @@ class Cluster:
             wait_ready(settings, name, proc, 90)
 
     def stop(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.workers:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_groups(self.workers, 10)
         self.workers.clear()
 
     def cleanup(self) -> int:

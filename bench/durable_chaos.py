@@ -153,17 +153,9 @@ class Cluster:
         self.run_workers.remove(proc)
 
     def stop(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        from tea_dist.distributed.children import stop_groups
+
+        stop_groups(self.processes, 15)
 
     def cleanup(self) -> None:
         """Delete every key of this run (they all carry its tag)."""

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tea_dist.distributed.children import stop_groups
 from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.worker import spawn_worker
 
@@ -56,24 +57,16 @@ class TestCluster:
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Kill a worker and its pool children (its own process group); one that outlives a
-        gentler signal by 10 s is killed outright, so a failing test leaves nothing behind."""
+        SIGTERM by 10 s is killed outright, so a failing test leaves nothing behind."""
+        if sig == signal.SIGTERM:
+            stop_groups([proc], 10)
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        proc.wait(10)
 
     def stop_all(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    self.kill(proc)
+        stop_groups(self.workers, 10)
         self.workers.clear()
         for log in ROOT.glob(f".worker-{self.tag}-*.log"):
             log.unlink()

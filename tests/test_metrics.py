@@ -7,9 +7,7 @@ recorded (Prometheus multiprocess mode).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from tea_dist import CircuitBreakerConfig, ParallelConfig, RetryPolicy
+from tea_dist.distributed.children import stop_groups
 from tea_dist.observe import metrics
 from tea_dist.observe.events import Dispatcher
 from tests import nodes
@@ -71,35 +70,28 @@ def test_i14_branch_outcomes_attempts_retries_and_durations(recording: None) -> 
         name="metered",
     )
     labels = {"graph": "metered", "strategy": strategy}
-    before = {
-        "ok": value("tea_dist_branches_total", branch="ok", outcome="success", **labels),
-        "bad": value("tea_dist_branches_total", branch="bad", outcome="error", **labels),
-        "attempts": value(
-            "tea_dist_attempts_total",
-            branch="bad",
-            outcome="error",
-            error_type="ValueError",
-            **labels,
-        ),
-        "retries": value("tea_dist_retries_total", branch="bad", **labels),
-        "hist": value("tea_dist_branch_duration_seconds_count", branch="ok", **labels),
-        "attempt_hist": value("tea_dist_attempt_duration_seconds_count", branch="bad", **labels),
-    }
+
+    def read() -> dict[str, float]:
+        return {
+            "ok": value("tea_dist_branches_total", branch="ok", outcome="success", **labels),
+            "bad": value("tea_dist_branches_total", branch="bad", outcome="error", **labels),
+            "attempts": value(
+                "tea_dist_attempts_total",
+                branch="bad",
+                outcome="error",
+                error_type="ValueError",
+                **labels,
+            ),
+            "retries": value("tea_dist_retries_total", branch="bad", **labels),
+            "hist": value("tea_dist_branch_duration_seconds_count", branch="ok", **labels),
+            "attempt_hist": value(
+                "tea_dist_attempt_duration_seconds_count", branch="bad", **labels
+            ),
+        }
+
+    before = read()
     list(graph.compile().invoke({}))
-    after = {
-        "ok": value("tea_dist_branches_total", branch="ok", outcome="success", **labels),
-        "bad": value("tea_dist_branches_total", branch="bad", outcome="error", **labels),
-        "attempts": value(
-            "tea_dist_attempts_total",
-            branch="bad",
-            outcome="error",
-            error_type="ValueError",
-            **labels,
-        ),
-        "retries": value("tea_dist_retries_total", branch="bad", **labels),
-        "hist": value("tea_dist_branch_duration_seconds_count", branch="ok", **labels),
-        "attempt_hist": value("tea_dist_attempt_duration_seconds_count", branch="bad", **labels),
-    }
+    after = read()
     assert {k: after[k] - before[k] for k in before} == {
         "ok": 1,
         "bad": 1,
@@ -219,14 +211,7 @@ def metrics_worker(cluster: Any) -> Iterator[tuple[int, str]]:
         wait_ready(cluster.settings(), name, proc, 60)
         yield port, queue
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_groups([proc], 15)
         (ROOT / f".worker-{cluster.tag}-metrics.log").unlink(missing_ok=True)
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from tea_dist import ParallelConfig, load_yaml
 from tea_dist.core.errors import GraphError, RunFailedError, TeaDistError
+from tea_dist.distributed.children import stop_groups
 from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.signing import SignatureError, sign, verify
 from tea_dist.distributed.trust import (
@@ -139,15 +140,7 @@ def wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 40) -> Non
 
 
 def stop_group(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(15)
+    stop_groups([proc], 15)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -8,11 +8,9 @@ a JSON-lines file) traces the attempts it runs inside the caller's trace.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tea_dist import ParallelConfig, RetryPolicy, StateGraph
+from tea_dist.distributed.children import stop_groups
 from tea_dist.observe import tracing
 from tea_dist.observe.events import Dispatcher
 from tests import nodes
@@ -209,16 +208,7 @@ class OtelWorkers:
         wait_ready(settings, name, proc, 60)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_groups(self.procs, 10)
 
     def spans(self, trace_id: str, until: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
         """The worker spans of ``trace_id``, once ``until(rows)`` holds."""
