@@ -54,6 +54,10 @@ class Conditional:
     targets: Mapping[Hashable, str]
 
 
+AUTO_BATCHES = 32
+MAX_AUTO_BATCH = 100
+
+
 @dataclass(frozen=True)
 class MapItems:
     """The items of a run-time fan-out (a map): a state key, or ``items(state)`` evaluated in
@@ -62,6 +66,20 @@ class MapItems:
     items: str | Callable[[Mapping[str, Any]], Iterable[Any]]
     item_key: str = "item"
     index_key: str = "index"
+    batch_size: int | Literal["auto"] = 1  # items per celery task (other strategies: ignored)
+
+    def __post_init__(self) -> None:
+        size = self.batch_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise GraphError(f"batch_size must be a positive int or 'auto', got {size!r}")
+
+    def batch_for(self, count: int) -> int:
+        """Items per celery task for a map of ``count`` items. ``"auto"``: about
+        ``AUTO_BATCHES`` tasks, at most ``MAX_AUTO_BATCH`` items each (enough tasks to spread
+        over the workers, few enough that the broker's cost per task stops mattering)."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        return max(1, min(MAX_AUTO_BATCH, -(-count // AUTO_BATCHES)))
 
     def of(self, state: Mapping[str, Any], source: str) -> list[Any]:
         """The items for one run; ``GraphError`` naming the map when there are none to take."""
@@ -294,6 +312,7 @@ class StateGraph:
         item_key: str = "item",
         index_key: str = "index",
         config: ParallelConfig | None = None,
+        batch_size: int | Literal["auto"] = 1,
     ) -> StateGraph:
         """Fan out from ``source`` to one branch per item, each starting at ``target``.
 
@@ -301,8 +320,12 @@ class StateGraph:
         ``source``. Branch ``i`` runs on its own copy of the state plus ``{item_key: item,
         index_key: i}``, is named ``target[i]``, and the fan-in gets the results in item order
         (none for no items). One circuit guards the whole map.
+
+        ``batch_size`` (celery branches): items sent per Celery task, run one after another by
+        one worker process, each still with its own result, retries, circuit accounting, limit
+        permits and callbacks; ``"auto"`` picks it from the number of items (``batch_for``).
         """
-        mapping = MapItems(items, item_key, index_key)
+        mapping = MapItems(items, item_key, index_key, batch_size)
         self._parallel.setdefault(source, []).append(ParallelEdge(target, fan_in, config, mapping))
         self._stale = True
         return self

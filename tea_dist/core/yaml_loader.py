@@ -131,6 +131,7 @@ class EdgeDoc(_Doc):
     map: str | None = Field(None, min_length=1)  # a state key: one branch per item
     item_key: str = Field("item", min_length=1)
     index_key: str = Field("index", min_length=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # a map's items per task
     parallel_config: ParallelSettings | None = None  # filled from the flat per-edge settings
 
     @model_validator(mode="before")
@@ -150,6 +151,8 @@ class EdgeDoc(_Doc):
     def _consistent(self) -> EdgeDoc:
         if self.map is not None and not self.is_parallel:
             raise ValueError("a 'map' edge is a parallel edge: add 'parallel: true' and 'fan_in'")
+        if self.map is None and "batch_size" in self.model_fields_set:
+            raise ValueError("'batch_size' belongs on a 'map' edge")
         if self.map is not None and len(self.targets) != 1:
             raise ValueError("a 'map' edge has one target: the node each item's branch starts at")
         if self.is_parallel:
@@ -527,6 +530,7 @@ def _add_edges(
                 item_key=edge.item_key,
                 index_key=edge.index_key,
                 config=edge.parallel_config,
+                batch_size=edge.batch_size,
             )
         elif edge.is_parallel:
             for target in edge.targets:

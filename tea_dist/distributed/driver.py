@@ -109,10 +109,11 @@ class CeleryExecutor:
             raise  # lease lapses), or another process drives the run on: its branches go on
         except BaseException:  # the caller went away (Ctrl-C, an exception): stop everything
             driver.life.cancel_all("cancelled: the caller went away")
-            driver.kill_stragglers()
             driver.cleanup()
+            driver.kill_stragglers()
             raise
-        driver.cleanup()
+        driver.cleanup()  # first: a batch's items not started yet are skipped from now on
+        driver.kill_stragglers()
         return driver.life.results()
 
 
@@ -122,7 +123,8 @@ class _Remote:
 
     message: BranchMessage
     queue: str
-    task_id: str = ""
+    task_id: str = ""  # the branch's own id, ``{fanout}.{index}.{resends}``
+    batch: str | None = None  # the batch task it was sent in (its Celery id), if any
     worker: str | None = None  # host/pid running its attempt, where a stop request goes
     silent_since: float | None = None  # monotonic: heartbeat missing since
     retry_due: float | None = None  # monotonic: when its retry should start
@@ -154,6 +156,7 @@ class _Driver:
         self.bounded = [r for r in self.life.runs if r.deadline is not None]  # timeout_total
         self.window = min((c.max_workers for c in configs if c.max_workers), default=None)
         self.unconsumed: dict[str, float] = {}  # queue -> monotonic time it was seen unconsumed
+        self.batches: dict[str, float | None] = {}  # batch started -> monotonic: silent since
 
     def _redis(self, operation: Callable[[], T]) -> T:
         """A Redis operation that rides out an outage shorter than ``TEA_DIST_BROKER_GRACE``."""
@@ -211,7 +214,8 @@ class _Driver:
         if self.owner is not None and self.unsent:
             self.owner.check()
         queued: list[BranchRun] = []
-        with self.app.producer_or_acquire() as producer:  # one channel for the whole batch
+        with self.app.producer_or_acquire() as producer:  # one channel for all of them
+            group: list[BranchRun] = []
             while self.unsent and (self.window is None or len(self.in_flight) < self.window):
                 run = self.unsent.popleft()
                 # an open circuit resolves it, nothing is sent; the worker takes the permits
@@ -221,8 +225,14 @@ class _Driver:
                 run.handle = _Remote(self._message(run), queue)
                 if self.window is not None:
                     self.in_flight.add(run)
-                self._send(run, producer)
-                queued.append(run)
+                group.append(run)
+                if len(group) >= run.task.batch or not self.unsent:
+                    self._send(group, producer)
+                    queued += group
+                    group = []
+            if group:  # the window closed before the batch was full
+                self._send(group, producer)
+                queued += group
         self._record_queued(queued)
 
     def _message(self, run: BranchRun) -> BranchMessage:
@@ -245,14 +255,26 @@ class _Driver:
             trace=tracing.carrier(task.branch),
         )
 
-    def _send(self, run: BranchRun, producer: Any = None) -> None:
-        from tea_dist.distributed.tasks import message_options, run_flow
+    def _send(self, runs: Sequence[BranchRun], producer: Any = None) -> None:
+        """Send branches: one alone as a ``run_flow`` task, several of a map as one
+        ``run_batch`` task (their items run in order, each with its own id)."""
+        from tea_dist.distributed.tasks import batch_options, message_options, run_batch, run_flow
 
-        remote: _Remote = run.handle
-        remote.task_id = f"{self.fanout_id}.{run.index}.{remote.redispatched}"
-        message = remote.message = remote.message.signed(self.settings.secret)
-        options = message_options(message)
-        run_flow.apply_async((message,), task_id=remote.task_id, producer=producer, **options)
+        batch = f"{self.fanout_id}.batch.{uuid.uuid4().hex[:12]}" if len(runs) > 1 else None
+        items = []
+        for run in runs:
+            remote: _Remote = run.handle
+            remote.task_id = f"{self.fanout_id}.{run.index}.{remote.redispatched}"
+            remote.message = remote.message.signed(self.settings.secret)
+            remote.batch = batch
+            items.append((remote.task_id, remote.message))
+        if batch is None:
+            ((task_id, message),) = items
+            options = message_options(message)
+            run_flow.apply_async((message,), task_id=task_id, producer=producer, **options)
+        else:
+            options = batch_options(items)
+            run_batch.apply_async((items,), task_id=batch, producer=producer, **options)
 
     def _record_queued(self, runs: Sequence[BranchRun]) -> None:
         """Record on the stream the branches just sent, so that a driver taking the run over
@@ -331,7 +353,6 @@ class _Driver:
                 self._renew_lease()
                 self._check_lost()
                 self._check_queues()
-        self.kill_stragglers()
 
     def _on_event(self, event: BranchEvent) -> None:
         if event.fanout != self.fanout_id or event.event == "on_flow_queued":
@@ -341,13 +362,19 @@ class _Driver:
         if run.done or remote is None or event.task_id != remote.task_id:
             return  # over, or from a superseded task
         run.state = event.attempt
+        if event.event == "on_flow_requeued":  # out of its batch, into a task of its own or
+            remote.batch = event.batch or None  # the rest of a batch cut short
+            return
         ctx = run.context(worker=event.worker)
         if event.event in ("on_flow_start", "on_attempt_start"):
             # the worker runs an attempt now, and owns its circuit accounting
             run.started, run.admission = time.monotonic(), None
             remote.worker, remote.retry_due, remote.silent_since = event.worker, None, None
-        elif event.event == "on_flow_retry":
-            run.started, remote.worker = None, None
+            remote.batch = event.batch or None
+            if event.batch:
+                self.batches.setdefault(event.batch, None)
+        elif event.event == "on_flow_retry":  # a retry is a task of its own
+            run.started, remote.worker, remote.batch = None, None, None
             remote.retry_due = time.monotonic() + (event.delay or 0.0)
         if event.event == "on_flow_complete" and event.result is not None:
             run.ctx = ctx
@@ -375,29 +402,59 @@ class _Driver:
                 continue
             remote.silent_since = remote.silent_since or now
             if now - remote.silent_since > ttl:
-                self._redispatch(run)
+                self._redispatch([run])
         for run in self.life.runs:
             due = None if run.done else run.handle and run.handle.retry_due
             if due is not None and now > due + ttl + self.settings.heartbeat_seconds:
-                self._redispatch(run)
+                self._redispatch([run])
+        self._check_batches(now, ttl)
 
-    def _redispatch(self, run: BranchRun) -> None:
-        """The worker holding branch ``run`` is gone: send the branch again."""
-        remote: _Remote = run.handle
-        remote.silent_since = remote.retry_due = remote.worker = None
-        run.started = None
-        if remote.redispatched >= MAX_REDISPATCH:
-            lost = ErrorInfo.lost(
-                f"the worker running this branch was lost {MAX_REDISPATCH + 1} times"
-            )
-            self.life.resolve(run, build_result(run.state, run.config, error=lost))
+    def _check_batches(self, now: float, ttl: float) -> None:
+        """Items waiting in a batch that started and whose heartbeat lapsed (its process died,
+        or was killed at the batch's time limit) will never start there: sent again."""
+        waiting: dict[str, list[BranchRun]] = {}
+        for run in self.life.runs:
+            remote: _Remote | None = run.handle
+            if remote is None or remote.batch not in self.batches or run.done:
+                continue
+            if run.started is None and remote.retry_due is None:
+                waiting.setdefault(remote.batch, []).append(run)
+        for batch in [b for b in self.batches if b not in waiting]:
+            del self.batches[batch]  # nothing of it left to wait for
+        if not waiting:
             return
-        remote.redispatched += 1
-        self.runtime.emit("on_branch_redispatched", run.context())
-        self.app.control.revoke(remote.task_id, terminate=True, signal="SIGKILL")
-        remote.message = remote.message.retried(run.state, None)  # signed when sent
-        self._send(run)
-        self._record_queued([run])
+        keys = [self.keys.batch_heartbeat(self.fanout_id, b) for b in waiting]
+        beats = self._redis(partial(self.client.mget, keys))
+        for (batch, runs), beat in zip(waiting.items(), beats, strict=True):
+            silent = None if beat is not None else self.batches[batch] or now
+            self.batches[batch] = silent
+            if silent is not None and now - silent > ttl:
+                del self.batches[batch]
+                self._redispatch(runs)
+
+    def _redispatch(self, runs: Sequence[BranchRun]) -> None:
+        """The worker holding these branches is gone: send them again (a branch lost more
+        than ``MAX_REDISPATCH`` times ends as lost)."""
+        again: list[BranchRun] = []
+        for run in runs:
+            remote: _Remote = run.handle
+            remote.silent_since = remote.retry_due = remote.worker = None
+            run.started = None
+            if remote.redispatched >= MAX_REDISPATCH:
+                lost = ErrorInfo.lost(
+                    f"the worker running this branch was lost {MAX_REDISPATCH + 1} times"
+                )
+                self.life.resolve(run, build_result(run.state, run.config, error=lost))
+                continue
+            remote.redispatched += 1
+            self.runtime.emit("on_branch_redispatched", run.context())
+            remote.message = remote.message.retried(run.state, None)  # signed when sent
+            again.append(run)
+        stale = {r.handle.batch or r.handle.task_id for r in runs}
+        self.app.control.revoke(sorted(stale), terminate=True, signal="SIGKILL")
+        if again:
+            self._send(again)
+            self._record_queued(again)
 
     # -- stopping --
 
@@ -445,8 +502,9 @@ class _Driver:
                 pipe.rpush(inbox, f"{self.fanout_id}:{run.index}:{reason}")
                 pipe.expire(inbox, 60)
                 pipe.execute()
-            else:
-                self.app.control.revoke(remote.task_id)  # queued or waiting: workers discard it
+            elif remote.batch is None:  # queued or waiting: workers discard it
+                self.app.control.revoke(remote.task_id)
+            # queued in a batch: its worker skips it (past its deadline, or the fan-out over)
 
     def kill_stragglers(self) -> None:
         """Branches that ignored the interrupt are revoked with terminate after the grace."""
@@ -467,7 +525,7 @@ class _Driver:
                 }
                 if stopping:
                     time.sleep(0.05)
-            ids = [s.task_id for s in stopping.values()]
+            ids = sorted({s.batch or s.task_id for s in stopping.values()})
             if ids:
                 self.app.control.revoke(ids, terminate=True, signal="SIGKILL")
 

@@ -57,6 +57,11 @@ class Keys:
         """Kept alive (short TTL) by the worker running branch ``index`` of a fan-out."""
         return f"{self.prefix}:fanout:{fanout_id}:hb:{index}"
 
+    def batch_heartbeat(self, fanout_id: str, batch: str) -> str:
+        """Kept alive by the worker running batch task ``batch`` of a fan-out's map, from its
+        first item to its last (gone: the batch is over, or its process died)."""
+        return f"{self.prefix}:fanout:{fanout_id}:hb:batch:{batch}"
+
     def worker_inbox(self, worker: str) -> str:
         """The list a worker process (``host/pid``) takes cancel requests from."""
         return f"{self.prefix}:inbox:{worker}"

@@ -6,7 +6,9 @@
   lifecycle event, each with the branch's ``AttemptState``; ``on_flow_complete`` carries the
   branch's one result. The stream is the only channel results take to the driver. In a durable
   run, the driver adds ``on_flow_queued`` when it sends a branch (its task id), so that a driver
-  taking the run over knows which branches were sent.
+  taking the run over knows which branches were sent. A branch that a worker takes out of a
+  batch (to wait for a permit, or because the batch was cut short) is announced with
+  ``on_flow_requeued``.
 
 Both are registered with kombu's JSON (``register_type``), so they cross Celery as themselves
 with no hand-written conversion on either side.
@@ -28,6 +30,7 @@ from tea_dist.observe.events import FlowContext
 
 EventName = Literal[
     "on_flow_queued",  # the driver sent the branch (durable runs): never a callback
+    "on_flow_requeued",  # a worker sent it again itself (out of a batch): never a callback
     "on_flow_start",
     "on_attempt_start",
     "on_flow_error",
@@ -115,8 +118,9 @@ class BranchEvent(BaseModel):
     fanout: str
     index: int
     branch: str
-    task_id: str  # the Celery task that ran it: a result from a superseded task is ignored
+    task_id: str  # the branch's task (a batch item's own id): a superseded one's is ignored
     worker: str
+    batch: str = ""  # the batch task it runs in (empty: a task of its own)
     attempt: AttemptState
     error: ErrorRecord | None = None
     delay: float | None = None

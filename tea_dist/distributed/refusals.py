@@ -3,10 +3,10 @@
 Workers accept JSON only; a pickle message (or any other content type) is dropped by Celery
 with a log line while its caller would wait for a result that never comes. ``Refusals``, a
 bootstep of the worker's consumer, hooks Celery's handlers of undecodable and invalid task
-messages: from the routing
-headers every branch message carries (``tea_run``, ``tea_fanout``, ``tea_index``,
-``tea_branch``; readable without decoding the body) it publishes the branch's failed result on
-the run's stream, then lets Celery drop the message as before.
+messages: from the routing headers every branch message carries (``tea_run``, ``tea_fanout``,
+``tea_index``, ``tea_branch``, or a batch's ``tea_items``; readable without decoding the body)
+it publishes each branch's failed result on the run's stream, then lets Celery drop the
+message as before.
 """
 
 from __future__ import annotations
@@ -51,34 +51,40 @@ class Refusals(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def tell_caller(settings: Any, headers: dict[str, Any], exc: Exception) -> None:
-    """Publish a failed result for the branch the ``headers`` name (nothing if they name none)."""
+    """Publish a failed result for each branch the ``headers`` name (a batch's ``tea_items``;
+    nothing if they name none)."""
     run, fanout = headers.get("tea_run"), headers.get("tea_fanout")
     if not run or not fanout:
         return
-    branch = str(headers.get("tea_branch") or "")
+    task_id = str(headers.get("id") or "")
+    items = headers.get("tea_items") or [
+        [headers.get("tea_index") or 0, headers.get("tea_branch") or "", task_id]
+    ]
     now = time.time()
-    result = ParallelFlowResult(
-        branch=branch,
-        success=False,
-        error_type=type(exc).__name__,
-        error=f"the worker refused the branch message: {exc}",
-        start_time=now,
-        end_time=now,
-        worker=worker_id(),
-    )
-    event = BranchEvent(
-        event="on_flow_complete",
-        fanout=str(fanout),
-        index=int(headers.get("tea_index") or 0),
-        branch=branch,
-        task_id=str(headers.get("id") or ""),
-        worker=worker_id(),
-        attempt=AttemptState(branch=branch, dispatched_at=now),
-        result=result,
-    )
     stream = Keys(settings.key_prefix).events(str(run))
     pipe = redis_for(settings.redis).pipeline(transaction=False)
-    pipe.xadd(stream, {"e": event.model_dump_json()})
+    for index, branch, item in items:
+        result = ParallelFlowResult(
+            branch=str(branch),
+            success=False,
+            error_type=type(exc).__name__,
+            error=f"the worker refused the branch message: {exc}",
+            start_time=now,
+            end_time=now,
+            worker=worker_id(),
+        )
+        event = BranchEvent(
+            event="on_flow_complete",
+            fanout=str(fanout),
+            index=int(index),
+            branch=str(branch),
+            task_id=str(item),
+            worker=worker_id(),
+            attempt=AttemptState(branch=str(branch), dispatched_at=now),
+            batch=task_id if headers.get("tea_items") else "",
+            result=result,
+        )
+        pipe.xadd(stream, {"e": event.model_dump_json()})
     pipe.expire(stream, int(settings.run_expires))
     pipe.execute()
     logger.warning("refused a branch message of run %s: %s", run, exc)

@@ -26,8 +26,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import redis
@@ -69,8 +70,10 @@ PERMIT_RECHECK_SECONDS = 0.5  # a branch waiting for a permit is re-published at
 class StreamPublisher:
     """Collects a branch's lifecycle events as ``BranchEvent``s for the run's stream."""
 
-    def __init__(self, message: BranchMessage, run: BranchRun, task_id: str) -> None:
-        self.message, self.run, self.task_id = message, run, task_id
+    def __init__(
+        self, message: BranchMessage, run: BranchRun, task_id: str, batch: str = ""
+    ) -> None:
+        self.message, self.run, self.task_id, self.batch = message, run, task_id, batch
         self.events: list[BranchEvent] = []
 
     def _add(self, event: str, **fields: Any) -> None:
@@ -83,6 +86,7 @@ class StreamPublisher:
                 task_id=self.task_id,
                 worker=worker_id(),
                 attempt=self.run.state.model_copy(deep=True),
+                batch=self.batch,
                 **fields,
             )
         )
@@ -112,6 +116,12 @@ class StreamPublisher:
     def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
         self._add("on_flow_complete", result=result)
 
+    def requeued(self, batch: str = "", delay: float | None = None) -> None:
+        """The worker sent the branch again itself: as a task of its own (``batch`` empty) or
+        in the rest of a batch cut short (``batch``, that task's id)."""
+        self.batch = batch
+        self._add("on_flow_requeued", delay=delay)
+
     def queue(self, pipe: Any, keys: Keys, run_id: str, expires: int) -> None:
         """Queue the collected events on the run's stream in ``pipe`` (``events`` is cleared
         by the caller once the pipeline went through)."""
@@ -131,9 +141,10 @@ class WorkerBranch:
     publisher: StreamPublisher
     keys: Keys
     client: Any
+    batch: Batch | None = None  # its events go out with those its batch still holds
 
     @classmethod
-    def of(cls, message: BranchMessage, task_id: str) -> WorkerBranch:
+    def of(cls, message: BranchMessage, task_id: str, batch: Batch | None = None) -> WorkerBranch:
         settings = current_settings()
         client = redis_for(settings.redis)
         keys = Keys(settings.key_prefix)
@@ -162,9 +173,9 @@ class WorkerBranch:
             state=message.attempt.model_copy(deep=True),
             deadline=total_deadline(message.config, message.attempt.dispatched_at, SYSTEM_CLOCK),
         )
-        publisher = StreamPublisher(message, run, task_id)
+        publisher = StreamPublisher(message, run, task_id, batch.id if batch else "")
         dispatcher.listeners.append(publisher)
-        return cls(message, Lifecycle([run], runtime), run, publisher, keys, client)
+        return cls(message, Lifecycle([run], runtime), run, publisher, keys, client, batch)
 
     def child_died(self) -> bool:
         """Whether the process that ran this branch's attempt stopped beating more than two
@@ -178,14 +189,19 @@ class WorkerBranch:
     def send(self, *before: tuple[str, tuple[Any, ...]], end: bool = True) -> list[Any]:
         """Publish the collected events in one pipeline, riding out a Redis outage shorter than
         ``TEA_DIST_BROKER_GRACE``. ``before``: commands (name, args) to run first, whose
-        replies are returned; ``end``: the attempt is over, drop its heartbeat."""
+        replies are returned; ``end``: the attempt is over, drop its heartbeat. The last item
+        its batch held back (``Batch.hold``) goes first, in the same pipeline."""
         settings = current_settings()
+        held = self.batch.take() if self.batch else None
 
         def once() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for name, args in before:
                 getattr(pipe, name)(*args)
-            self.publisher.queue(pipe, self.keys, self.message.run, int(settings.run_expires))
+            for branch in (held, self) if held else (self,):
+                branch.publisher.queue(pipe, self.keys, self.message.run, int(settings.run_expires))
+            if held is not None:
+                pipe.delete(self.keys.heartbeat(held.message.fanout, held.message.index))
             if end:
                 pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
             return list(pipe.execute())[: len(before)]
@@ -202,18 +218,26 @@ class WorkerBranch:
 class Watch:
     """The branch running in this process, as the beater sees it."""
 
-    heartbeat: str
+    heartbeats: tuple[str, ...]  # the branch's, and its batch's when it runs in one
     target: str  # "fanout:index", what a stop request for this branch names
     lease: str  # the caller's liveness lease: gone, the branch is orphaned
     renew: Callable[[], None] | None = None  # keeps the attempt's limit permits
     token: CancelToken = field(default_factory=CancelToken)
-    stopped: str = ""  # why it was stopped: "cancel" or "timeout" (the driver), "orphaned"
+    stopped: str = ""  # why it was stopped: "cancel" or "timeout" (the driver), "orphaned",
+    # "attempt" (its own timeout_seconds, enforced here for a batch's items)
+    deadline: float | None = None  # monotonic: a batch item's timeout_seconds runs out
+    kill: Callable[[], None] | None = None  # a batch item still running a grace after it
 
 
 class Beater:
     """One thread per worker process: keeps the running branch's heartbeat alive and takes
     stop requests from the process's inbox (the driver knows which process runs a branch
-    from its events), so nothing is set up or torn down per branch."""
+    from its events), so nothing is set up or torn down per branch.
+
+    A task of its own is stopped at its ``timeout_seconds`` by Celery's time limits; the items
+    of a batch share one task, so the beater stops each one at its own deadline: a cooperative
+    interrupt, then, a grace later, ``kill`` (which reports the item and sends the rest of the
+    batch again) and SIGKILL of this process, as Celery's hard limit would."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -240,17 +264,25 @@ class Beater:
         inbox = Keys(settings.key_prefix).worker_inbox(worker_id())
         while True:
             try:
-                popped = client.blpop([inbox], timeout=settings.heartbeat_seconds)
+                wait = settings.heartbeat_seconds
+                watch = self.current
+                if watch is not None and watch.deadline is not None:
+                    due = watch.deadline + (settings.hard_limit_grace if watch.stopped else 0.0)
+                    wait = min(wait, max(due - time.monotonic(), 0.01))
+                popped = client.blpop([inbox], timeout=wait)
                 watch = self.current
                 if popped and watch is not None:
                     target, _, reason = _text(popped[1]).rpartition(":")
                     if target == watch.target:
                         self._interrupt(watch, reason)
                 elif watch is not None:
+                    if watch.deadline is not None and time.monotonic() >= watch.deadline:
+                        self._overdue(watch, settings.hard_limit_grace)
                     pipe = client.pipeline(transaction=False)
-                    pipe.set(watch.heartbeat, worker_id(), px=ttl)
+                    for heartbeat in watch.heartbeats:
+                        pipe.set(heartbeat, worker_id(), px=ttl)
                     pipe.exists(watch.lease)
-                    if not pipe.execute()[1]:  # its caller went silent: stop the orphan
+                    if not pipe.execute()[-1]:  # its caller went silent: stop the orphan
                         self._interrupt(watch, "orphaned")
                     if watch.renew is not None:
                         watch.renew()
@@ -267,6 +299,22 @@ class Beater:
             handler = signal.getsignal(signal.SIGUSR1)
             if callable(handler):  # a prefork child: Celery's soft-limit handler is installed
                 os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _overdue(self, watch: Watch, grace: float) -> None:
+        """A batch item ran past its ``timeout_seconds``: interrupt it; still running a grace
+        later, it is reported and its process killed."""
+        if not watch.stopped:
+            self._interrupt(watch, "attempt")
+            return
+        assert watch.deadline is not None
+        if watch.stopped != "attempt" or watch.kill is None:
+            return  # the driver stopped it: the driver kills it if it must
+        if time.monotonic() < watch.deadline + grace:
+            return
+        with self.lock:  # held to the end: the task cannot go on to its next item
+            if self.current is watch:
+                watch.kill()
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 BEATER = Beater()
@@ -329,6 +377,157 @@ def message_options(message: BranchMessage) -> dict[str, Any]:
     return options
 
 
+def batch_options(items: list[tuple[str, BranchMessage]]) -> dict[str, Any]:
+    """Celery options of a batch: its items' queue, what Flower shows, and a hard time limit
+    only as a backstop (the beater stops each item at its own deadline)."""
+    settings = current_settings()
+    first = items[0][1]
+    config = first.config
+    options: dict[str, Any] = {
+        "queue": config.queue or settings.flows_queue,
+        "argsrepr": f"{len(items)} items from {first.describe()}",
+        "kwargsrepr": "{}",
+        "ignore_result": True,
+        "headers": {
+            "tea_run": first.run,
+            "tea_fanout": first.fanout,
+            "tea_items": [[m.index, m.branch, item] for item, m in items],
+        },
+    }
+    if config.timeout_seconds is not None:
+        per_item = config.timeout_seconds + 2 * settings.hard_limit_grace
+        options["time_limit"] = len(items) * per_item + settings.hard_limit_grace
+    return options
+
+
+@dataclass(frozen=True)
+class Again:
+    """A branch the worker publishes again as a task of its own, ``countdown`` from now."""
+
+    message: BranchMessage
+    countdown: float
+
+
+@dataclass
+class Batch:
+    """A batch task's items (``(item id, message)``, run in order) and where it is."""
+
+    id: str
+    items: list[tuple[str, BranchMessage]]
+    heartbeat: str
+    position: int = 0
+    specs: dict[str, GraphSpec] = field(default_factory=dict)  # node -> its decoded branch
+    held: WorkerBranch | None = None  # an item over, whose events wait for the next pipeline
+
+    def hold(self, branch: WorkerBranch) -> None:
+        """Send ``branch``'s last events with the next item's first pipeline: one round trip
+        per item instead of two (the next item starts at once; ``flush`` sends the last)."""
+        self.held = branch
+
+    def take(self) -> WorkerBranch | None:
+        held, self.held = self.held, None
+        return held
+
+    def flush(self) -> None:
+        """The batch is over: what it holds goes, and its heartbeat."""
+        held = self.take()
+        if held is not None:
+            held.send(("delete", (self.heartbeat,)))
+
+    def cut(self, branch: WorkerBranch) -> None:
+        """The item at ``position`` is being killed with this process: the items after it are
+        sent again as a batch of their own, and their driver is told which."""
+        rest = self.items[self.position + 1 :]
+        if not rest:
+            return
+        batch = f"{self.id}~{self.position + 1}"
+        run_batch.apply_async((rest,), task_id=batch, **batch_options(rest))
+        for item, message in rest:
+            other = WorkerBranch.of(message, item)
+            other.publisher.requeued(batch)
+            branch.publisher.events.extend(other.publisher.events)
+
+
+def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None) -> Again | None:
+    """Run one attempt of one branch (alone, or an item of ``batch``); its events and result
+    go to the run's stream. Returns what must be published again: a retry, or a branch
+    waiting for a limit's permit (it holds no worker slot meanwhile)."""
+    branch = WorkerBranch.of(message, task_id, batch)
+    life, run = branch.life, branch.run
+    settings = current_settings()
+    try:
+        message.check_signature(settings.secret)
+    except SignatureError as exc:  # refused, and its caller is told
+        logger.warning("refused branch message %s: %s", message.describe(), exc)
+        life.resolve(run, build_result(run.state, run.config, error=ErrorInfo.from_exception(exc)))
+        branch.send()
+        return None
+    first = not message.attempt.attempts  # the driver asked the first attempt's circuit
+    if not life.admit(run, circuit=not first):
+        if run.done:  # past its deadline, or its circuit is open
+            branch.send()
+            return None
+        countdown = max(run.wait or 0.0, PERMIT_RECHECK_SECONDS) * (1 + random.random() / 2)
+        if batch is not None:  # it leaves the batch: its driver must know
+            branch.publisher.requeued(delay=countdown)
+            branch.send(end=False)
+        return Again(message, countdown)
+    if first:
+        run.admission = Admission(True, message.probe, CircuitState.CLOSED)
+    keys = branch.keys
+    watch = Watch(
+        (keys.heartbeat(message.fanout, message.index),),
+        f"{message.fanout}:{message.index}",
+        keys.run_lease(message.run),
+        renew=life.renew_permits if run.permits else None,
+    )
+    ttl = int(settings.heartbeat_ttl * 1000)
+    life.begin(run, worker=worker_id())
+    before: list[tuple[str, tuple[Any, ...]]] = [
+        ("exists", (keys.fanout_finished(message.fanout),)),
+        ("exists", (watch.lease,)),
+        ("set", (watch.heartbeats[0], worker_id(), None, ttl)),
+    ]
+    if batch is not None:
+        watch.heartbeats += (batch.heartbeat,)
+        before.append(("set", (batch.heartbeat, worker_id(), None, ttl)))
+        if message.config.timeout_seconds is not None:
+            assert run.started is not None
+            watch.deadline = run.started + message.config.timeout_seconds
+            watch.kill = partial(_killed, branch, batch)
+            before.append(("rpush", (keys.worker_inbox(worker_id()), "wake")))  # re-times it
+    finished, caller, *_ = branch.send(*before, end=False)
+    if finished or not caller:  # a late delivery, or its caller is gone: do not run it
+        why = "the run had already finished" if finished else "its caller went away"
+        life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
+        branch.send()
+        return None
+    delay = life.end(run, _attempt(message, run, watch, batch.specs if batch else {}))
+    if batch is not None and delay is None:
+        batch.hold(branch)
+        return None
+    branch.send()
+    if delay is None:
+        return None
+    return Again(message.retried(run.state, settings.secret), delay)
+
+
+def _killed(branch: WorkerBranch, batch: Batch) -> None:
+    """The beater's last act for a batch item that ignored its interrupt: its timeout is
+    reported (retried like any other attempt), the rest of the batch is sent again."""
+    limit = branch.message.config.timeout_seconds or 0.0
+    error = ErrorInfo.timed_out(limit)
+    error = replace(error, message=f"attempt timed out after {limit:g}s; its process was killed")
+    delay = branch.life.end(branch.run, _ended(error))
+    if delay is not None:
+        retry = branch.message.retried(branch.run.state, current_settings().secret)
+        run_flow.apply_async(
+            (retry,), task_id=branch.publisher.task_id, countdown=delay, **message_options(retry)
+        )
+    batch.cut(branch)
+    branch.send(("delete", (batch.heartbeat,)))
+
+
 @app.task(
     bind=True,
     base=FlowTask,
@@ -340,59 +539,59 @@ def message_options(message: BranchMessage) -> dict[str, Any]:
 )
 def run_flow(self: Any, message: BranchMessage) -> None:
     """Run one attempt of one branch; its events and result go to the run's stream."""
-    branch = WorkerBranch.of(message, self.request.id)
-    life, run = branch.life, branch.run
+    again = run_branch(message, self.request.id)
+    if again is not None:
+        raise self.retry(
+            args=(again.message,), countdown=again.countdown, argsrepr=again.message.describe()
+        )
+
+
+@app.task(
+    bind=True,
+    base=FlowTask,
+    name="tea_dist.run_batch",
+    acks_late=True,
+    reject_on_worker_lost=False,  # its driver sends the unfinished items again, once each
+    ignore_result=True,
+)
+def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
+    """Run a map's items one after another in this process, each through ``run_branch`` with
+    its own id, result, retries, circuit accounting, permits and events; a retry or a permit
+    wait leaves the batch as a task of its own."""
+    settings = current_settings()
+    first = items[0][1]
+    keys = Keys(settings.key_prefix)
+    batch = Batch(self.request.id, list(items), keys.batch_heartbeat(first.fanout, self.request.id))
     try:
-        message.check_signature(current_settings().secret)
-    except SignatureError as exc:  # refused, and its caller is told
-        logger.warning("refused branch message %s: %s", message.describe(), exc)
-        life.resolve(run, build_result(run.state, run.config, error=ErrorInfo.from_exception(exc)))
-        branch.send()
-        return
-    first = not message.attempt.attempts  # the driver asked the first attempt's circuit
-    if not life.admit(run, circuit=not first):
-        if run.done:  # past its deadline, or its circuit is open
-            branch.send()
-            return
-        # it waits for a permit of a limit: re-published, holding no worker slot meanwhile
-        countdown = max(run.wait or 0.0, PERMIT_RECHECK_SECONDS) * (1 + random.random() / 2)
-        raise self.retry(args=(message,), countdown=countdown, argsrepr=message.describe())
-    if first:
-        run.admission = Admission(True, message.probe, CircuitState.CLOSED)
-    keys = branch.keys
-    watch = Watch(
-        keys.heartbeat(message.fanout, message.index),
-        f"{message.fanout}:{message.index}",
-        keys.run_lease(message.run),
-        renew=life.renew_permits if run.permits else None,
-    )
-    ttl = int(current_settings().heartbeat_ttl * 1000)
-    life.begin(run, worker=worker_id())
-    finished, _, caller = branch.send(
-        ("exists", (keys.fanout_finished(message.fanout),)),
-        ("set", (watch.heartbeat, worker_id(), None, ttl)),
-        ("exists", (watch.lease,)),
-        end=False,
-    )
-    if finished or not caller:  # a late delivery, or its caller is gone: do not run it
-        why = "the run had already finished" if finished else "its caller went away"
-        life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
-        branch.send()
-        return
-    delay = life.end(run, _attempt(message, run, watch))
-    branch.send()
-    if delay is None:
-        return
-    retry = message.retried(run.state, current_settings().secret)
-    raise self.retry(args=(retry,), countdown=delay, argsrepr=retry.describe())
+        for position, (item, message) in enumerate(batch.items):
+            batch.position = position
+            context = tracing.attach(message.trace)
+            try:
+                again = run_branch(message, item, batch)
+            finally:
+                tracing.detach(context)
+            if again is not None:
+                options = message_options(again.message)
+                run_flow.apply_async(
+                    (again.message,), task_id=item, countdown=again.countdown, **options
+                )
+        batch.flush()
+    finally:
+        with suppress(redis.RedisError):
+            redis_for(settings.redis).delete(batch.heartbeat)
 
 
-def _attempt(message: BranchMessage, run: BranchRun, watch: Watch) -> AttemptOutcome:
-    """Run the attempt while the beater watches it; soft limits become timeouts or cancels."""
+def _attempt(
+    message: BranchMessage, run: BranchRun, watch: Watch, specs: dict[str, GraphSpec]
+) -> AttemptOutcome:
+    """Run the attempt while the beater watches it; soft limits become timeouts or cancels.
+    ``specs``: branches already decoded (and their code checked) for this batch's items."""
     started = time.time()
+    entry = message.node or message.branch
     try:
         with BEATER.watching(watch):
-            spec = decode_branch(message.graph, message.node or message.branch)
+            spec = specs.get(entry) or decode_branch(message.graph, entry)
+            specs[entry] = spec
             task = BranchTask(
                 spec=spec,
                 branch=message.branch,
@@ -424,19 +623,23 @@ def _attempt(message: BranchMessage, run: BranchRun, watch: Watch) -> AttemptOut
 @signals.task_revoked.connect
 def _revoked(sender: Any = None, request: Any = None, **info: Any) -> None:
     """A branch task revoked or expired before it ended (an operator, Flower, ``expires``): its
-    driver hears of it at once, as a cancelled attempt, instead of waiting for nothing."""
+    driver hears of it at once, as a cancelled attempt, instead of waiting for nothing (every
+    item of a batch: those already over are ignored by their driver)."""
     args = getattr(request, "args", None) or ()
-    if getattr(sender, "name", None) != run_flow.name or not args:
+    name = getattr(sender, "name", None)
+    if not args or name not in (run_flow.name, run_batch.name):
         return
-    message = args[0]
-    if not isinstance(message, BranchMessage):
-        return
-    branch = WorkerBranch.of(message, request.id)
+    batched = name == run_batch.name
+    items = args[0] if batched else [(request.id, args[0])]
     reason = "expired" if info.get("expired") else "revoked"
-    branch.life.end(
-        branch.run, _ended(ErrorInfo.cancelled(f"the branch task was {reason} before it finished"))
-    )
-    branch.send()
+    for item, message in items:
+        if not isinstance(message, BranchMessage):
+            continue
+        branch = WorkerBranch.of(message, item)
+        branch.publisher.batch = request.id if batched else ""
+        why = f"the branch task was {reason} before it finished"
+        branch.life.end(branch.run, _ended(ErrorInfo.cancelled(why)))
+        branch.send()
 
 
 @signals.task_prerun.connect

@@ -141,6 +141,7 @@ def _encode_map(mapping: MapItems | None, node: str) -> dict[str, Any] | None:
         "call": callable(mapping.items),
         "item_key": mapping.item_key,
         "index_key": mapping.index_key,
+        "batch_size": mapping.batch_size,
     }
 
 
@@ -148,7 +149,7 @@ def _decode_map(data: Mapping[str, Any] | None) -> MapItems | None:
     if not data:
         return None
     items = import_callable(data["items"]) if data["call"] else data["items"]
-    return MapItems(items, data["item_key"], data["index_key"])
+    return MapItems(items, data["item_key"], data["index_key"], data.get("batch_size", 1))
 
 
 def _callable_paths(data: Mapping[str, Any]) -> list[str]:

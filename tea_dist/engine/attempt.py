@@ -107,6 +107,7 @@ class BranchTask:
     include_traceback: bool = False
     index: int = 0
     node: str = ""  # the node it starts at, when ``branch`` is a map's ``target[i]``
+    batch: int = 1  # a map's items per celery task (``MapItems.batch_for``)
 
     @property
     def start(self) -> str:

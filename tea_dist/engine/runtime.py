@@ -229,13 +229,13 @@ class Runtime:
         if fan.map is None:
             pairs = list(zip(fan.branches, fan.configs, strict=True))
             states: list[dict[str, Any]] = [state] * len(pairs)
-            nodes = [""] * len(pairs)
+            nodes, batch = [""] * len(pairs), 1
         else:
             target, config = fan.branches[0], fan.configs[0]
             items = fan.map.of(state, fan.source)
             pairs = [(f"{target}[{i}]", config) for i in range(len(items))]
             states = [fan.map.branch_state(state, i, item) for i, item in enumerate(items)]
-            nodes = [target] * len(items)
+            nodes, batch = [target] * len(items), fan.map.batch_for(len(items))
         tasks = [
             BranchTask(
                 spec=spec,
@@ -246,6 +246,7 @@ class Runtime:
                 include_traceback=config.include_traceback,
                 index=i,
                 node=node,
+                batch=batch,
             )
             for i, ((branch, config), branch_state, node) in enumerate(
                 zip(pairs, states, nodes, strict=True)
