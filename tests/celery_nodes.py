@@ -125,3 +125,31 @@ def echo_secret(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     if config.get("always_fail"):
         raise ValueError("it failed")
     return {"echo": len(state.get("secret_token", ""))}
+
+
+def batch_item(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A map item that counts its runs (``<index>.runs``) and, once done, records its process
+    and times (``<index>.ran``). ``config['act'][index]`` adds what it does first:
+    ``fail_once``, ``fail``, ``sleep:<s>``, ``stubborn:<s>`` (ignores the soft limit),
+    ``die_once`` (kills its own process on its first run)."""
+    index, folder = state["index"], Path(config["marker_dir"])
+    started = time.time()
+    counter = folder / f"{index}.runs"
+    runs = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(runs))
+    act = str(config.get("act", {}).get(str(index), ""))
+    kind, _, seconds = act.partition(":")
+    if kind == "fail" or (kind == "fail_once" and runs == 1):
+        raise ConnectionError(f"item {index} failed on run {runs}")
+    if kind == "die_once" and runs == 1:
+        os.kill(os.getpid(), 9)
+    if kind == "sleep":
+        time.sleep(float(seconds))
+    if kind == "stubborn":
+        end = started + float(seconds)
+        while time.time() < end:
+            with contextlib.suppress(BaseException):  # deliberately ignores the soft limit
+                time.sleep(0.05)
+    time.sleep(float(config.get("hold", 0.0)))
+    (folder / f"{index}.ran").write_text(f"{os.getpid()} {started!r} {time.time()!r}")
+    return {"doubled": state["item"] * 2}
