@@ -199,8 +199,10 @@ def test_i12_rate_limit_on_real_workers(cluster: Any, tmp_path: Path) -> None:
     )
     assert state["ok"] == [True] * 10
     spans = intervals(tmp_path)
-    most = most_starts_in_a_window(spans, 1.0)
-    print(f"most starts in any 1 s window with rate=4/s: {most}")
+    # node start times trail their permits by up to a few hundred ms on a loaded machine: a
+    # 0.8 s window leaves 0.2 s for that (with no limit, all 10 start within ~0.3 s)
+    most = most_starts_in_a_window(spans, 0.8)
+    print(f"most starts in any 0.8 s window with rate=4/s: {most}")
     assert most <= 4
 
 

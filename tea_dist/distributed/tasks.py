@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import redis
@@ -68,13 +68,14 @@ PERMIT_RECHECK_SECONDS = 0.5  # a branch waiting for a permit is re-published at
 
 
 class StreamPublisher:
-    """Collects a branch's lifecycle events as ``BranchEvent``s for the run's stream."""
+    """Collects a branch's lifecycle events as ``BranchEvent`` JSON for the run's stream
+    (serialised as they happen: each carries the ``AttemptState`` of its moment)."""
 
     def __init__(
         self, message: BranchMessage, run: BranchRun, task_id: str, batch: str = ""
     ) -> None:
         self.message, self.run, self.task_id, self.batch = message, run, task_id, batch
-        self.events: list[BranchEvent] = []
+        self.events: list[str] = []
 
     def _add(self, event: str, **fields: Any) -> None:
         self.events.append(
@@ -85,10 +86,10 @@ class StreamPublisher:
                 branch=self.message.branch,
                 task_id=self.task_id,
                 worker=worker_id(),
-                attempt=self.run.state.model_copy(deep=True),
+                attempt=self.run.state,
                 batch=self.batch,
                 **fields,
-            )
+            ).model_dump_json()
         )
 
     def on_flow_start(self, ctx: FlowContext) -> None:
@@ -127,7 +128,7 @@ class StreamPublisher:
         by the caller once the pipeline went through)."""
         stream = keys.events(run_id)
         for event in self.events:
-            pipe.xadd(stream, {"e": event.model_dump_json()}, maxlen=100_000, approximate=True)
+            pipe.xadd(stream, {"e": event}, maxlen=100_000, approximate=True)
         pipe.expire(stream, expires)
 
 
@@ -146,15 +147,14 @@ class WorkerBranch:
     @classmethod
     def of(cls, message: BranchMessage, task_id: str, batch: Batch | None = None) -> WorkerBranch:
         settings = current_settings()
-        client = redis_for(settings.redis)
-        keys = Keys(settings.key_prefix)
+        client, keys, breakers, limits = _stores(settings.redis, settings.key_prefix, os.getpid())
         dispatcher = Dispatcher()
         runtime = Runtime(
             graph_name=message.graph_name,
             dispatcher=dispatcher,
-            shared_breakers=RedisBreakerStore(client, keys),
+            shared_breakers=breakers,
             run_id=message.run,
-            limits=lambda: RedisLimitStore(client, keys),
+            limits=lambda: limits,
         )
         spec = GraphSpec(message.graph_name, {}, {}, {}, {}, message.branch)  # decoded later
         task = BranchTask(
@@ -209,6 +209,16 @@ class WorkerBranch:
         replies = ride_out(once, settings.redis, settings.broker_grace)
         self.publisher.events.clear()
         return replies
+
+
+@cache
+def _stores(
+    url: str, prefix: str, pid: int
+) -> tuple[Any, Keys, RedisBreakerStore, RedisLimitStore]:
+    """This process's Redis client, keys, circuit and limit stores (built once, not per
+    branch: a store registers its Lua scripts when built)."""
+    client, keys = redis_for(url), Keys(prefix)
+    return client, keys, RedisBreakerStore(client, keys), RedisLimitStore(client, keys)
 
 
 # -- heartbeats and stop requests: one thread per worker process ------------------------------
