@@ -238,6 +238,13 @@ class Watch:
     deadline: float | None = None  # monotonic: a batch item's timeout_seconds runs out
     kill: Callable[[], None] | None = None  # a batch item still running a grace after it
 
+    def due(self, grace: float) -> float | None:
+        """When the beater must act on this branch's own deadline next (interrupt, then kill);
+        None once the driver stopped it (the driver kills it if it must)."""
+        if self.deadline is None or self.stopped not in ("", "attempt"):
+            return None
+        return self.deadline + (grace if self.stopped else 0.0)
+
 
 class Beater:
     """One thread per worker process: keeps the running branch's heartbeat alive and takes
@@ -276,9 +283,9 @@ class Beater:
             try:
                 wait = settings.heartbeat_seconds
                 watch = self.current
-                if watch is not None and watch.deadline is not None:
-                    due = watch.deadline + (settings.hard_limit_grace if watch.stopped else 0.0)
-                    wait = min(wait, max(due - time.monotonic(), 0.01))
+                due = watch.due(settings.hard_limit_grace) if watch is not None else None
+                if due is not None:
+                    wait = min(wait, max(due - time.monotonic(), 0.01))  # 0 would block forever
                 popped = client.blpop([inbox], timeout=wait)
                 watch = self.current
                 if popped and watch is not None:
@@ -316,10 +323,8 @@ class Beater:
         if not watch.stopped:
             self._interrupt(watch, "attempt")
             return
-        assert watch.deadline is not None
-        if watch.stopped != "attempt" or watch.kill is None:
-            return  # the driver stopped it: the driver kills it if it must
-        if time.monotonic() < watch.deadline + grace:
+        due = watch.due(grace)
+        if watch.kill is None or due is None or time.monotonic() < due:
             return
         with self.lock:  # held to the end: the task cannot go on to its next item
             if self.current is watch:
