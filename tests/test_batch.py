@@ -207,6 +207,23 @@ def test_i16_limit_permits_are_taken_per_batched_item(cluster: Any, tmp_path: Pa
     assert overlaps == [], f"two items held the one permit at once: {overlaps}"
 
 
+def test_i16_a_refused_batch_tells_its_caller_of_every_item(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tea_dist.distributed import tasks
+
+    options = tasks.batch_options
+    # a misconfigured caller sends its batches as pickle: the worker cannot even decode them
+    monkeypatch.setattr(tasks, "batch_options", lambda i: {**options(i), "serializer": "pickle"})
+    started = time.monotonic()
+    events, _ = run(batch_graph(ParallelConfig(strategy="celery"), 3), tmp_path, 6)
+    results = final(events)["results"]
+    assert [r["error_type"] for r in results] == ["ContentDisallowed"] * 6
+    assert all("refused" in r["error"] for r in results)
+    assert [runs(tmp_path, i) for i in range(6)] == [0] * 6
+    assert time.monotonic() - started < 10  # told, not left waiting
+
+
 # -- no server needed --
 
 

@@ -11,6 +11,10 @@ result in Celery's backend: the stream is the one channel.
 An attempt killed at its hard time limit (or failing outside the attempt runner) is reported
 by the worker's main process (``FlowTask.on_failure``) through the same lifecycle.
 
+``tea_dist.run_batch`` runs a batched map's items one after another through the same
+``run_branch``, each under its own id; an item's last events ride with the next item's first
+pipeline (``Batch.hold``), and the beater enforces each item's ``timeout_seconds``.
+
 Redis I/O is batched: one pipeline before the attempt, one after. While a branch runs, the
 process's one ``Beater`` thread keeps its heartbeat key alive for the driver and listens for a
 stop request (cancel, or the branch's ``timeout_total``), which it turns into Celery's
