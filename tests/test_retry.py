@@ -322,3 +322,16 @@ def test_retry_on_matches_the_original_exception_on_every_strategy(
     assert conn["retry_count"] == 2 and nodes.calls(tmp_path, "conn") == 3
     assert conn["error_type"] == "ConnectionResetError"
     assert value["retry_count"] == 0 and nodes.calls(tmp_path, "value") == 1
+
+
+def test_td13_unit_attempt_state_keeps_one_error_per_attempt() -> None:
+    # the worker's per-attempt timeout and the caller's timeout_total can both end attempt 2
+    from tea_dist.engine.lifecycle import AttemptState
+
+    state = AttemptState(branch="b", dispatched_at=0.0, attempts=1)
+    state.note(ErrorInfo.timed_out(0.3), keep=5)
+    state.attempts = 2
+    state.note(ErrorInfo.timed_out(0.3), keep=5)
+    state.note(ErrorInfo.timed_out(0.5, "branch"), keep=5)
+    assert [e["attempt"] for e in state.errors] == [1, 2]
+    assert "branch timed out after 0.5s" in state.errors[-1]["error"]

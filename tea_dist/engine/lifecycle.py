@@ -75,8 +75,14 @@ class AttemptState(BaseModel):
         return max(self.attempts - 1, 0)
 
     def note(self, error: ErrorInfo, keep: int) -> None:
-        """Add the running attempt's error to the stored ones (at most ``keep``)."""
-        self.errors.append(error.as_record(self.attempts))
+        """Add the running attempt's error to the stored ones (at most ``keep``). One error per
+        attempt: a second word on the same attempt (its worker's timeout and its caller's
+        ``timeout_total`` crossing) replaces the first."""
+        record = error.as_record(self.attempts)
+        if self.errors and self.errors[-1]["attempt"] == self.attempts:
+            self.errors[-1] = record
+        else:
+            self.errors.append(record)
         del self.errors[: max(len(self.errors) - keep, 0)]
 
 
