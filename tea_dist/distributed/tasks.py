@@ -163,7 +163,7 @@ class WorkerBranch:
             deadline=total_deadline(message.config, message.attempt.dispatched_at, SYSTEM_CLOCK),
         )
         publisher = StreamPublisher(message, run, task_id)
-        dispatcher.listeners.append(publisher)
+        dispatcher.listen(publisher)
         return cls(message, Lifecycle([run], runtime), run, publisher, keys, client)
 
     def child_died(self) -> bool:
