@@ -118,7 +118,7 @@ def normalise(result: Any) -> dict[str, Any]:
     """A node's return value as a state update."""
     if result is None:
         return {}
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):
         return dict(result)
     return {"result": result}
 
@@ -128,7 +128,7 @@ def call_node(fn: Callable[..., Any] | None, **values: Any) -> dict[str, Any]:
     if fn is None:
         return {}
     result = _invoke(fn, values)
-    if inspect.isawaitable(result):
+    if result is not None and type(result) is not dict and inspect.isawaitable(result):
         result = run_sync(result)
     return normalise(result)
 
