@@ -57,6 +57,13 @@ class FlowContext:
     circuit: str | None = None
     worker: str | None = None
 
+    def but(self, **changes: Any) -> FlowContext:
+        """A copy with ``changes``: ``dataclasses.replace`` without its per-call checks (a
+        branch's context is copied for each attempt and worker)."""
+        copied = object.__new__(FlowContext)
+        copied.__dict__.update(self.__dict__, **changes)
+        return copied
+
 
 @runtime_checkable
 class ParallelFlowCallback(Protocol):
