@@ -124,22 +124,26 @@ def build_result(
     """
     ended = outcome.ended if outcome is not None else clock.time()
     start = state.first_start or (outcome.started if outcome is not None else ended)
-    failed = error is not None
+    fields: dict[str, Any] = {
+        "branch": state.branch,
+        "timing_ms": max(ended - start, 0.0) * 1000.0,
+        "start_time": start,
+        "end_time": ended,
+        "retry_count": state.retry_count,
+        "circuit_state": state.circuit_state,
+        "worker": (outcome.worker if outcome is not None else None) or None,
+    }
+    if error is None:  # the error fields keep their defaults (validating them costs)
+        state_after = None if outcome is None else outcome.state
+        return ParallelFlowResult(success=True, state=state_after, **fields)
     return ParallelFlowResult(
-        branch=state.branch,
-        success=not failed,
-        state=None if failed or outcome is None else outcome.state,
-        error=error.message if error else None,
-        error_type=error.type_name if error else None,
-        traceback=error.traceback if error and config.include_traceback else None,
-        timeout=bool(error and error.timeout),
-        timing_ms=max(ended - start, 0.0) * 1000.0,
-        start_time=start,
-        end_time=ended,
-        retry_count=state.retry_count,
-        circuit_state=state.circuit_state,
-        attempt_errors=list(state.errors) if failed else [],
-        worker=(outcome.worker if outcome is not None else None) or None,
+        success=False,
+        error=error.message,
+        error_type=error.type_name,
+        traceback=error.traceback if config.include_traceback else None,
+        timeout=error.timeout,
+        attempt_errors=list(state.errors),
+        **fields,
     )
 
 
