@@ -178,7 +178,7 @@ class WorkerBranch:
             deadline=total_deadline(message.config, message.attempt.dispatched_at, SYSTEM_CLOCK),
         )
         publisher = StreamPublisher(message, run, task_id, batch.id if batch else "")
-        dispatcher.listeners.append(publisher)
+        dispatcher.listen(publisher)
         return cls(message, Lifecycle([run], runtime), run, publisher, keys, client, batch)
 
     def child_died(self) -> bool:

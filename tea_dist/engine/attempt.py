@@ -133,9 +133,25 @@ class AttemptOutcome:
         return data
 
 
+_HOST = socket.gethostname()
+
+
 def worker_id() -> str:
     """``hostname/pid`` of the process running an attempt."""
-    return f"{socket.gethostname()}/{os.getpid()}"
+    return f"{_HOST}/{os.getpid()}"
+
+
+_IMMUTABLE = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def private_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state`` that an attempt may change freely: a plain dict whose keys and
+    values are all immutable scalars is copied shallowly, anything else deeply."""
+    if type(state) is dict and all(
+        type(k) in _IMMUTABLE and type(v) in _IMMUTABLE for k, v in state.items()
+    ):
+        return dict(state)
+    return copy.deepcopy(state)
 
 
 def _walk_of(
@@ -146,7 +162,7 @@ def _walk_of(
         task.spec,
         task.start,
         task.fan_in,
-        copy.deepcopy(task.state),
+        private_copy(task.state),
         fanout=fanout,
         run_config=task.run_config,
         cancel_token=cancel_token,
@@ -159,14 +175,13 @@ def run_attempt(
 ) -> AttemptOutcome:
     """Run one attempt of a branch synchronously, catching its failure as data."""
     started, cursor = time.time(), Cursor()
-    steps = walk(_walk_of(task, fanout, cancel_token, cursor))
+    run = _walk_of(task, fanout, cancel_token, cursor)
     try:
-        while True:
-            next(steps)
-    except StopIteration as stop:
-        return AttemptOutcome(True, stop.value, started, time.time(), worker=worker_id())
+        for _step in walk(run):
+            pass
     except Exception as exc:
         return _failed(task, exc, cursor, started)
+    return AttemptOutcome(True, run.state, started, time.time(), worker=worker_id())
 
 
 async def arun_attempt(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,22 +130,26 @@ def build_result(
     """
     ended = outcome.ended if outcome is not None else clock.time()
     start = state.first_start or (outcome.started if outcome is not None else ended)
-    failed = error is not None
+    fields: dict[str, Any] = {
+        "branch": state.branch,
+        "timing_ms": max(ended - start, 0.0) * 1000.0,
+        "start_time": start,
+        "end_time": ended,
+        "retry_count": state.retry_count,
+        "circuit_state": state.circuit_state,
+        "worker": (outcome.worker if outcome is not None else None) or None,
+    }
+    if error is None:  # the error fields keep their defaults (validating them costs)
+        state_after = None if outcome is None else outcome.state
+        return ParallelFlowResult(success=True, state=state_after, **fields)
     return ParallelFlowResult(
-        branch=state.branch,
-        success=not failed,
-        state=None if failed or outcome is None else outcome.state,
-        error=error.message if error else None,
-        error_type=error.type_name if error else None,
-        traceback=error.traceback if error and config.include_traceback else None,
-        timeout=bool(error and error.timeout),
-        timing_ms=max(ended - start, 0.0) * 1000.0,
-        start_time=start,
-        end_time=ended,
-        retry_count=state.retry_count,
-        circuit_state=state.circuit_state,
-        attempt_errors=list(state.errors) if failed else [],
-        worker=(outcome.worker if outcome is not None else None) or None,
+        success=False,
+        error=error.message,
+        error_type=error.type_name,
+        traceback=error.traceback if config.include_traceback else None,
+        timeout=error.timeout,
+        attempt_errors=list(state.errors),
+        **fields,
     )
 
 
@@ -187,7 +191,7 @@ class BranchRun:
         attempt = max(self.state.attempts, 1)
         if attempt == self.ctx.attempt and not changes:
             return self.ctx
-        return replace(self.ctx, attempt=attempt, **changes)
+        return self.ctx.but(attempt=attempt, **changes)
 
 
 def _ignore(run: BranchRun) -> None:
@@ -261,7 +265,7 @@ class Lifecycle:
         if run.deadline is not None and self.clock.monotonic() >= run.deadline:
             self.time_out(run)
             return False
-        if circuit:
+        if circuit and run.config.circuit_breaker is not None:
             ctx = run.context()
             admission = self.runtime.admit(ctx, run.config)
             if admission is not None and not admission.allowed:
@@ -282,9 +286,9 @@ class Lifecycle:
 
     def _take_permits(self, run: BranchRun) -> float | None:
         """A permit of every limit, taken in name order; none kept when one is refused."""
-        limits = sorted(run.config.limits, key=lambda limit: limit.name)
-        if not limits:
+        if not run.config.limits:
             return None
+        limits = sorted(run.config.limits, key=lambda limit: limit.name)
         store = self.runtime.limit_store()
         holder = f"{self.runtime.run_id}:{run.task.branch}:{run.state.attempts + 1}:{id(run):x}"
         for i, limit in enumerate(limits):
@@ -317,10 +321,11 @@ class Lifecycle:
         state.attempts += 1
         run.started = self.clock.monotonic()
         state.first_start = state.first_start or self.clock.time()
-        limits = [d for d in (run.deadline,) if d is not None]
-        if run.config.timeout_seconds is not None:
-            limits.append(run.started + run.config.timeout_seconds)
-        run.attempt_deadline = min(limits) if limits else None
+        deadline, timeout = run.deadline, run.config.timeout_seconds
+        if timeout is not None:
+            ends = run.started + timeout
+            deadline = ends if deadline is None else min(deadline, ends)
+        run.attempt_deadline = deadline
         ctx = run.context(worker=worker) if worker else run.context()
         if state.attempts == 1:
             self.runtime.emit("on_flow_start", ctx)
@@ -409,10 +414,13 @@ class Lifecycle:
 
     def _record(self, run: BranchRun, ctx: FlowContext, success: bool) -> None:
         admission, run.admission = run.admission, None
+        if admission is None:  # no circuit, or the attempt's worker keeps its accounts
+            return
         state = self.runtime.record(ctx, run.config, success, admission)
         if state is not None:
             run.state.circuit_state = state
 
     def _release(self, run: BranchRun) -> None:
         admission, run.admission = run.admission, None
-        self.runtime.release(run.context(), run.config, admission)
+        if admission is not None:
+            self.runtime.release(run.context(), run.config, admission)

@@ -29,27 +29,32 @@ class CancelToken:
     ``parent`` is cancelled when its parent is; ``reason`` says why.
     """
 
-    __slots__ = ("_event", "_parent", "reason")
+    __slots__ = ("_cancelled", "_event", "_parent", "reason")
 
     def __init__(self, parent: CancelToken | None = None) -> None:
-        self._event = threading.Event()
+        self._cancelled = False
+        self._event: threading.Event | None = None  # made by the first ``wait``
         self._parent = parent
         self.reason = ""
 
     def cancel(self, reason: str = "") -> None:
         """Signal cancellation."""
         self.reason = self.reason or reason
-        self._event.set()
+        self._cancelled = True
+        with _EVENTS:
+            event = self._event
+        if event is not None:
+            event.set()
 
     def is_cancelled(self) -> bool:
         """Whether cancellation was signalled (here or on a parent)."""
-        return self._event.is_set() or (self._parent is not None and self._parent.is_cancelled())
+        return self._cancelled or (self._parent is not None and self._parent.is_cancelled())
 
     def why(self, default: str) -> str:
         """The reason given with the first ``cancel()`` here or above, else ``default``."""
         token: CancelToken | None = self
         while token is not None:
-            if token._event.is_set() and token.reason:
+            if token._cancelled and token.reason:
                 return token.reason
             token = token._parent
         return default
@@ -59,15 +64,28 @@ class CancelToken:
 
         A parent's cancellation is noticed within 0.1 s.
         """
+        event = self._waitable()
         if self._parent is None:
-            return self._event.wait(timeout)
+            return event.wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.is_cancelled():
             left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
             if left <= 0:
                 return False
-            self._event.wait(left)
+            event.wait(left)
         return True
+
+    def _waitable(self) -> threading.Event:
+        """The event ``cancel`` sets, made on first use (most tokens are never waited on)."""
+        with _EVENTS:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._cancelled:
+                    self._event.set()
+            return self._event
+
+
+_EVENTS = threading.Lock()  # makes a token's event at most once, and never misses its cancel
 
 
 @lru_cache(maxsize=4096)
@@ -100,7 +118,7 @@ def normalise(result: Any) -> dict[str, Any]:
     """A node's return value as a state update."""
     if result is None:
         return {}
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):
         return dict(result)
     return {"result": result}
 
@@ -110,7 +128,7 @@ def call_node(fn: Callable[..., Any] | None, **values: Any) -> dict[str, Any]:
     if fn is None:
         return {}
     result = _invoke(fn, values)
-    if inspect.isawaitable(result):
+    if result is not None and type(result) is not dict and inspect.isawaitable(result):
         result = run_sync(result)
     return normalise(result)
 

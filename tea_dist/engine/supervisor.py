@@ -10,10 +10,11 @@ an attempt somewhere (a thread, a child process, a task on an event loop) and st
 from __future__ import annotations
 
 import heapq
+import queue
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from tea_dist.core.config import ParallelConfig
@@ -71,6 +72,7 @@ class _Supervisor:
         self.ready: deque[BranchRun] = deque(self.life.runs)
         self.timers: list[tuple[float, int, BranchRun]] = []
         self.running: dict[Future[AttemptOutcome], BranchRun] = {}
+        self.finished: queue.SimpleQueue[Future[AttemptOutcome]] = queue.SimpleQueue()
         self.limited = any(c.limits for c in configs)
         self.next_renewal = time.monotonic() + RENEW_SECONDS
 
@@ -89,10 +91,10 @@ class _Supervisor:
                 break
             timeout = self._sleep()
             if self.running:
-                done, _ = wait(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
+                done = self._finished(timeout)
             else:  # only retries wait: sleep until the first is due (or the run is cancelled)
                 cancel.wait(timeout)
-                done = set()
+                done = []
             for future in done:
                 run = self.running.pop(future, None)
                 if run is not None:  # else a deadline or fail-fast stopped it just before
@@ -117,6 +119,18 @@ class _Supervisor:
             return CANCEL_POLL_SECONDS
         return max(0.0, min(min(wakes) - time.monotonic(), CANCEL_POLL_SECONDS))
 
+    def _finished(self, timeout: float) -> list[Future[AttemptOutcome]]:
+        """Attempts that ended: the first within ``timeout``, then all that ended meanwhile."""
+        try:
+            done = [self.finished.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self.finished.get_nowait())
+            except queue.Empty:
+                return done
+
     def _start_ready(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
             self.ready.append(heapq.heappop(self.timers)[2])
@@ -132,6 +146,7 @@ class _Supervisor:
             self.life.begin(run)
             run.handle = (future, token)
             self.running[future] = run
+            future.add_done_callback(self.finished.put)
 
     def _retry_later(self, run: BranchRun, delay: float | None) -> None:
         if delay is not None:

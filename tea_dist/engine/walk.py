@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from tea_dist.core.errors import ConfigError, GraphRecursionError
 from tea_dist.core.graph import END, FanOut, GraphSpec
@@ -57,8 +57,7 @@ class Cancelled(Exception):
     """Raised inside a walk when its cancel token was set between two nodes."""
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One node done: its name and the state after it (``results``: a fan-out's results)."""
 
     node: str

@@ -57,6 +57,13 @@ class FlowContext:
     circuit: str | None = None
     worker: str | None = None
 
+    def but(self, **changes: Any) -> FlowContext:
+        """A copy with ``changes``: ``dataclasses.replace`` without its per-call checks (a
+        branch's context is copied for each attempt and worker)."""
+        copied = object.__new__(FlowContext)
+        copied.__dict__.update(self.__dict__, **changes)
+        return copied
+
 
 @runtime_checkable
 class ParallelFlowCallback(Protocol):
@@ -180,25 +187,42 @@ class Dispatcher:
         listeners: Iterable[Any] | None = None,
     ) -> None:
         self.timeout = timeout
-        self.listeners = (
-            [factory() for factory in _default_listeners] if listeners is None else list(listeners)
-        )
+        made = [factory() for factory in _default_listeners] if listeners is None else listeners
+        self.listeners = [listener for listener in made if listener is not None]
         self._lanes = [_Lane(callback) for callback in callbacks]
+        self._routes: dict[str, tuple[list[tuple[Any, Callable[..., Any]]], list[_Lane]]] = {}
+
+    def listen(self, listener: Any) -> None:
+        """Add a listener to this dispatcher."""
+        self.listeners.append(listener)
+        self._routes.clear()
+
+    def _route(self, event: str) -> tuple[list[tuple[Any, Callable[..., Any]]], list[_Lane]]:
+        """The listeners' methods for ``event`` and the lanes of callbacks implementing it."""
+        route = self._routes.get(event)
+        if route is None:
+            methods = [
+                (listener, method)
+                for listener in self.listeners
+                if (method := getattr(listener, event, None)) is not None
+            ]
+            lanes = [lane for lane in self._lanes if callable(getattr(lane.listener, event, None))]
+            route = self._routes[event] = (methods, lanes)
+        return route
 
     def emit(self, event: str, *args: Any) -> None:
         """Call ``event`` on every listener, and queue it for every callback implementing it."""
-        for listener in self.listeners:
-            method = getattr(listener, event, None)
-            if method is not None:
-                try:
-                    method(*args)
-                except Exception:
-                    logger.exception("listener %r failed on %s", listener, event)
+        methods, lanes = self._route(event)
+        for listener, method in methods:
+            try:
+                method(*args)
+            except Exception:
+                logger.exception("listener %r failed on %s", listener, event)
         for lane in self._lanes:
             if lane.hung(self.timeout):
                 lane.abandon()
-            if callable(getattr(lane.listener, event, None)):
-                lane.put(event, args)
+        for lane in lanes:
+            lane.put(event, args)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every listener has handled every event emitted so far.

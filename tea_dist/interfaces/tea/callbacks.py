@@ -24,7 +24,9 @@ class CancellationToken(CancelToken):
 
     def reset(self) -> None:
         """Clear the cancellation, so the token can be used again."""
-        self._event.clear()
+        self._cancelled = False
+        if self._event is not None:
+            self._event.clear()
 
 
 class CallbackManager:
