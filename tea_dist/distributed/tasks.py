@@ -174,7 +174,9 @@ class WorkerBranch:
             task=task,
             config=message.config,
             ctx=replace(runtime.context(task, message.config), circuit=message.circuit),
-            state=message.attempt.model_copy(deep=True),
+            # its own copy: the message stays as sent (a branch waiting for a permit is sent
+            # again as it came); errors are replaced or appended, never changed in place
+            state=message.attempt.model_copy(update={"errors": list(message.attempt.errors)}),
             deadline=total_deadline(message.config, message.attempt.dispatched_at, SYSTEM_CLOCK),
         )
         publisher = StreamPublisher(message, run, task_id, batch.id if batch else "")
