@@ -69,3 +69,25 @@ def held_fanout() -> StateGraph:
     g.set_entry_point("prepare")
     g.set_finish_point("finish")
     return g
+
+
+def held_item(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A map item: counted as ``item-<index>``, then held like ``held``."""
+    client = _count(config, f"item-{state['index']}")
+    deadline = time.monotonic() + float(config.get("hold", 120))
+    while not client.exists(f"{config['counter']}:release") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"work_value": state["item"] * 10}
+
+
+def held_batched_map() -> StateGraph:
+    """prepare -> a map of held items over ``items``, 3 per celery task -> gather -> END."""
+    g = StateGraph({}, name="durable-map", parallel_config=ParallelConfig(strategy="celery"))
+    g.add_node("prepare", run=prepare)
+    g.add_node("work", run=held_item)
+    g.add_fanin_node("gather", run=gather)
+    g.add_parallel_map("prepare", "work", "gather", "items", batch_size=3)
+    g.add_edge("work", "gather")
+    g.set_entry_point("prepare")
+    g.set_finish_point("gather")
+    return g

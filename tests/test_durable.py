@@ -239,6 +239,29 @@ def test_i13_sigterm_hands_runs_over_at_once(cluster: Any) -> None:
 
 
 @pytest.mark.parametrize("standby", [False, True], ids=["no-run-worker-left", "standby"])
+def test_i16_a_batched_map_survives_its_run_worker_being_replaced(cluster: Any) -> None:
+    """A deploy replaces the run worker while two batches of a map run: the new one adopts
+    every item (sent in batches it did not send) and none runs twice."""
+    queue = f"tea.runs.batched.{cluster.tag}"
+    counts = Counts(cluster)
+    slow_lease = {"heartbeat_ttl": "10", "caller_lease": "30"}
+    old = run_worker(cluster, "dur-map-old", queue, **slow_lease)
+    with submitting_to(queue):
+        run = submit(
+            "tests.durable_graphs:held_batched_map", {"items": [1, 2, 3, 4, 5, 6]}, counts.config
+        )
+    wait_for(lambda: counts["item-0"] and counts["item-3"], 30, "both batches to start")
+    new = run_worker(cluster, "dur-map-new", queue, **slow_lease)
+    os.killpg(old.pid, signal.SIGTERM)
+    old.wait(10)
+    wait_for(lambda: resumed_by(run, new.pid), 15, "the new worker to take over")
+    counts.release()
+    state = run.result(timeout=60)
+    assert state["branches"] == [f"work[{i}]" for i in range(6)]
+    assert state["ok"] == [True] * 6
+    assert [counts[f"item-{i}"] for i in range(6)] == [1] * 6
+
+
 def test_i13_cancel_works_while_the_run_is_handed_over(
     cluster: Any, tmp_path: Path, standby: bool
 ) -> None:

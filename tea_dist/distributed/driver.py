@@ -381,6 +381,8 @@ class _Driver:
             self.life.resolve(run, event.result)
         else:
             self.runtime.emit(event.event, *event.callback_args(ctx))
+        if event.event == "on_flow_start":  # workers send a first attempt's start once
+            self.runtime.emit("on_attempt_start", ctx)
 
     def _expire(self) -> None:
         now = time.monotonic()

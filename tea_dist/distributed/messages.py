@@ -4,7 +4,9 @@
   ``tea_dist.run_flow``). Code is named, never carried (``graph``, see ``wire``).
 - ``BranchEvent``: what a worker publishes on the run's Redis stream as a branch lives: every
   lifecycle event, each with the branch's ``AttemptState``; ``on_flow_complete`` carries the
-  branch's one result. The stream is the only channel results take to the driver. In a durable
+  branch's one result (a first attempt's ``on_attempt_start`` is not sent: ``on_flow_start``
+  implies it, and the driver emits both). The stream is the only channel results take to the
+  driver. In a durable
   run, the driver adds ``on_flow_queued`` when it sends a branch (its task id), so that a driver
   taking the run over knows which branches were sent. A branch that a worker takes out of a
   batch (to wait for a permit, or because the batch was cut short) is announced with

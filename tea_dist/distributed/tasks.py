@@ -100,7 +100,8 @@ class StreamPublisher:
         self._add("on_flow_start")
 
     def on_attempt_start(self, ctx: FlowContext) -> None:
-        self._add("on_attempt_start")
+        if self.run.state.attempts > 1:  # the first comes with on_flow_start (the driver's)
+            self._add("on_attempt_start")
 
     def on_flow_error(self, ctx: FlowContext, error: BaseException, attempt: int) -> None:
         self._add("on_flow_error", error=ErrorRecord.of(error))
