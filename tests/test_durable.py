@@ -238,7 +238,6 @@ def test_i13_sigterm_hands_runs_over_at_once(cluster: Any) -> None:
     assert (counts["a"], counts["b"], counts["prepare"]) == (1, 1, 1)
 
 
-@pytest.mark.parametrize("standby", [False, True], ids=["no-run-worker-left", "standby"])
 def test_i16_a_batched_map_survives_its_run_worker_being_replaced(cluster: Any) -> None:
     """A deploy replaces the run worker while two batches of a map run: the new one adopts
     every item (sent in batches it did not send) and none runs twice."""
@@ -262,6 +261,7 @@ def test_i16_a_batched_map_survives_its_run_worker_being_replaced(cluster: Any) 
     assert [counts[f"item-{i}"] for i in range(6)] == [1] * 6
 
 
+@pytest.mark.parametrize("standby", [False, True], ids=["no-run-worker-left", "standby"])
 def test_i13_cancel_works_while_the_run_is_handed_over(
     cluster: Any, tmp_path: Path, standby: bool
 ) -> None:
