@@ -517,7 +517,8 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
             assert run.started is not None
             watch.deadline = run.started + message.config.timeout_seconds
             watch.kill = partial(_killed, branch, batch)
-            before.append(("rpush", (keys.worker_inbox(worker_id()), "wake")))  # re-times it
+            inbox = keys.worker_inbox(worker_id())  # wakes the beater: it re-times its wait
+            before += [("rpush", (inbox, "wake")), ("expire", (inbox, 60))]
     finished, caller, *_ = branch.send(*before, end=False)
     if finished or not caller:  # a late delivery, or its caller is gone: do not run it
         why = "the run had already finished" if finished else "its caller went away"
