@@ -153,6 +153,21 @@ def test_i16_a_batched_item_ignoring_its_timeout_is_killed_and_the_rest_sent_aga
     assert len(pids) == 2, "item 2 ran in the process that was killed"
 
 
+def test_i16_timeout_total_ends_the_items_still_queued_in_a_batch(
+    cluster: Any, tmp_path: Path
+) -> None:
+    config = ParallelConfig(strategy="celery", timeout_total=1.5)
+    started = time.monotonic()
+    events, _ = run(batch_graph(config, 4), tmp_path, 4, hold=1.0)
+    took = time.monotonic() - started
+    results = final(events)["results"]
+    assert [r["success"] for r in results] == [True, False, False, False]
+    assert all("branch timed out after 1.5s" in r["error"] for r in results[1:])
+    assert took < 4, f"the caller waited for the queued items ({took:.1f}s)"
+    time.sleep(1.5)  # the batch's worker reached items 2 and 3 meanwhile: they did not run
+    assert [runs(tmp_path, i) for i in range(4)] == [1, 1, 0, 0]
+
+
 def test_i16_fail_fast_stops_the_rest_of_the_batch(cluster: Any, tmp_path: Path) -> None:
     config = ParallelConfig(strategy="celery", fail_fast=True)
     events, recorder = run(batch_graph(config, 10), tmp_path, 10, act={"1": "fail"}, hold=0.3)
