@@ -19,24 +19,17 @@ import time
 import psutil
 import redis
 
-from tea_dist import END, START, ParallelConfig, StateGraph
+from tea_dist import ParallelConfig, StateGraph
 from tea_dist.distributed.celery_app import configure
 from tea_dist.distributed.local_cluster import EmbeddedRedis
 from tests import celery_nodes as cn
 from tests.cluster import TestCluster
+from tests.nodes import map_graph
 
 
 def graph(max_workers: int) -> StateGraph:
     config = ParallelConfig(strategy="celery", max_workers=max_workers)
-    g = StateGraph({"docs": list}, name="scale", parallel_config=config)
-    g.add_node("prepare", run=None)
-    g.add_node("work", run=cn.double_item)
-    g.add_fanin_node("merge", run=cn.collect_items)
-    g.add_edge(START, "prepare")
-    g.add_parallel_map("prepare", "work", "merge", "docs")
-    g.add_edge("work", "merge")
-    g.add_edge("merge", END)
-    return g
+    return map_graph(cn.double_item, cn.collect_items, config=config, name="scale")
 
 
 def main() -> None:

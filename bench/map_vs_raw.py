@@ -30,14 +30,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import benchnodes as bn
 from bench.celery_vs_raw import REDIS_URL, Cluster, _raw_chord, forget, group_cpu
 from bench.common import command_line, median, progress, ratio, table
-from tea_dist import END, START, ParallelConfig, StateGraph
+from tea_dist import ParallelConfig, StateGraph
+from tests.nodes import map_graph
 
 TARGET = 0.5  # batched map / raw chord at N = 1000
 
@@ -59,18 +60,9 @@ ray.shutdown()
 """
 
 
-def map_graph(queue: str, batch_size: int | str, name: str) -> StateGraph:
-    g = StateGraph(
-        {"docs": list}, name=name, parallel_config=ParallelConfig(strategy="celery", queue=queue)
-    )
-    g.add_node("start", run=None)
-    g.add_node("work", run=bn.noop)
-    g.add_fanin_node("merge", run=bn.count)
-    g.add_edge(START, "start")
-    g.add_parallel_map("start", "work", "merge", "docs", batch_size=batch_size)  # type: ignore[arg-type]
-    g.add_edge("work", "merge")
-    g.add_edge("merge", END)
-    return g
+def noop_map(queue: str, batch_size: int | Literal["auto"], name: str) -> StateGraph:
+    config = ParallelConfig(strategy="celery", queue=queue)
+    return map_graph(bn.noop, bn.count, config=config, batch_size=batch_size, name=name)
 
 
 def tea_map(app: Any, n: int) -> Callable[[], list[str]]:
@@ -118,11 +110,11 @@ def main() -> None:
         cluster.start([("raw", "raw", 2), ("tea", "tea", 2), ("tea", "batched", 2)])
         sides = [
             ("raw chord", "raw", _raw_chord(n, cluster.queue("raw"))),
-            ("tea map", "tea", tea_map(map_graph(cluster.queue("tea"), 1, "map1").compile(), n)),
+            ("tea map", "tea", tea_map(noop_map(cluster.queue("tea"), 1, "map1").compile(), n)),
             (
                 "tea map batched",
                 "batched",
-                tea_map(map_graph(cluster.queue("batched"), "auto", "mapb").compile(), n),
+                tea_map(noop_map(cluster.queue("batched"), "auto", "mapb").compile(), n),
             ),
         ]
         for _, _, side in sides:  # warm: imports and connections on every worker

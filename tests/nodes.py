@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tea_dist import CancelToken, StateGraph
 from tea_dist.core.config import ParallelConfig
@@ -115,6 +115,27 @@ def fan_graph(
         g.add_parallel_edge("start", branch, "merge", config=(edge_configs or {}).get(branch))
         g.add_edge(branch, "merge")
     g.set_entry_point("start")
+    g.set_finish_point("merge")
+    return g
+
+
+def map_graph(
+    work: Any,
+    fan_in: Any,
+    *,
+    config: ParallelConfig | None = None,
+    items: Any = "docs",
+    batch_size: int | Literal["auto"] = 1,
+    name: str = "mapped",
+) -> StateGraph:
+    """prepare -> one ``work`` branch per item of ``items`` -> merge -> END."""
+    g = StateGraph({"docs": list}, name=name, parallel_config=config)
+    g.add_node("prepare", run=None)
+    g.add_node("work", run=work)
+    g.add_fanin_node("merge", run=fan_in)
+    g.add_parallel_map("prepare", "work", "merge", items, batch_size=batch_size)
+    g.add_edge("work", "merge")
+    g.set_entry_point("prepare")
     g.set_finish_point("merge")
     return g
 

@@ -9,13 +9,11 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from tea_dist import (
-    END,
-    START,
     CircuitBreakerConfig,
     ParallelConfig,
     ResourceLimit,
@@ -26,20 +24,15 @@ from tea_dist import (
 from tea_dist.core.errors import GraphError
 from tea_dist.core.graph import MapItems
 from tests import celery_nodes as cn
+from tests.nodes import final_state, map_graph
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 
 
-def batch_graph(config: ParallelConfig, batch_size: int | str, name: str = "batched") -> StateGraph:
-    g = StateGraph({"docs": list}, name=name, parallel_config=config)
-    g.add_node("prepare", run=None)
-    g.add_node("work", run=cn.batch_item)
-    g.add_fanin_node("merge", run=cn.collect)
-    g.add_edge(START, "prepare")
-    g.add_parallel_map("prepare", "work", "merge", "docs", batch_size=batch_size)  # type: ignore[arg-type]
-    g.add_edge("work", "merge")
-    g.add_edge("merge", END)
-    return g
+def batch_graph(
+    config: ParallelConfig, batch_size: int | Literal["auto"], name: str = "batched"
+) -> StateGraph:
+    return map_graph(cn.batch_item, cn.collect, config=config, batch_size=batch_size, name=name)
 
 
 class Results:
@@ -85,17 +78,12 @@ def runs(tmp_path: Path, index: int) -> int:
     return int(path.read_text()) if path.exists() else 0
 
 
-def final(events: list[dict[str, Any]]) -> dict[str, Any]:
-    assert events[-1]["type"] == "final", events[-1]
-    return events[-1]["state"]
-
-
 def test_i16_batch_of_k_items_runs_in_one_process_each_with_its_own_result(
     cluster: Any, tmp_path: Path
 ) -> None:
     config = ParallelConfig(strategy="celery")
     events, recorder = run(batch_graph(config, 10), tmp_path, 40)
-    state = final(events)
+    state = final_state(events)
     assert state["branches"] == [f"work[{i}]" for i in range(40)]
     assert state["ok"] == [True] * 40
     assert [r["state"]["doubled"] for r in state["results"]] == [2 * i for i in range(40)]
@@ -114,7 +102,7 @@ def test_i16_a_batched_item_retries_on_its_own(cluster: Any, tmp_path: Path) -> 
     retry = RetryPolicy(max_retries=2, base_delay=0.1, jitter=False)
     config = ParallelConfig(strategy="celery", retry_policy=retry)
     events, recorder = run(batch_graph(config, 6), tmp_path, 6, act={"3": "fail_once"})
-    state = final(events)
+    state = final_state(events)
     assert state["ok"] == [True] * 6
     assert [r["retry_count"] for r in state["results"]] == [0, 0, 0, 1, 0, 0]
     assert [runs(tmp_path, i) for i in range(6)] == [1, 1, 1, 2, 1, 1]
@@ -126,7 +114,7 @@ def test_i16_a_batched_item_past_its_timeout_stops_alone(cluster: Any, tmp_path:
     started = time.monotonic()
     events, _ = run(batch_graph(config, 5), tmp_path, 5, act={"1": "sleep:8"})
     took = time.monotonic() - started
-    state = final(events)
+    state = final_state(events)
     assert state["ok"] == [True, False, True, True, True]
     timed_out = state["results"][1]
     assert timed_out["timeout"] and timed_out["error_type"] == "TimeoutError"
@@ -142,7 +130,7 @@ def test_i16_a_batched_item_ignoring_its_timeout_is_killed_and_the_rest_sent_aga
     started = time.monotonic()
     events, _ = run(batch_graph(config, 5), tmp_path, 5, act={"1": "stubborn:20"})
     took = time.monotonic() - started
-    state = final(events)
+    state = final_state(events)
     assert state["ok"] == [True, False, True, True, True]
     killed = state["results"][1]
     assert killed["timeout"] and "process was killed" in killed["error"]
@@ -160,7 +148,7 @@ def test_i16_timeout_total_ends_the_items_still_queued_in_a_batch(
     started = time.monotonic()
     events, _ = run(batch_graph(config, 4), tmp_path, 4, hold=1.0)
     took = time.monotonic() - started
-    results = final(events)["results"]
+    results = final_state(events)["results"]
     assert [r["success"] for r in results] == [True, False, False, False]
     assert all("branch timed out after 1.5s" in r["error"] for r in results[1:])
     assert took < 4, f"the caller waited for the queued items ({took:.1f}s)"
@@ -187,7 +175,7 @@ def test_i16_a_crashed_batch_sends_its_unfinished_items_again_once(
 ) -> None:
     config = ParallelConfig(strategy="celery")
     events, recorder = run(batch_graph(config, 6), tmp_path, 6, act={"2": "die_once"})
-    state = final(events)
+    state = final_state(events)
     assert state["ok"] == [True] * 6
     assert [runs(tmp_path, i) for i in range(6)] == [1, 1, 2, 1, 1, 1]
     assert len(recorder.results) == 6
@@ -199,14 +187,14 @@ def test_i16_every_batched_item_counts_in_its_circuit(cluster: Any, tmp_path: Pa
     graph = batch_graph(config, 4, name=f"batch-circuit-{cluster.tag}")
     act = {str(i): "fail" for i in range(4)}
     events, _ = run(graph, tmp_path, 4, act=act)
-    assert final(events)["ok"] == [False] * 4
+    assert final_state(events)["ok"] == [False] * 4
     assert [runs(tmp_path, i) for i in range(4)] == [1] * 4  # admitted when sent
     (state,) = graph.get_circuit_states().values()
     assert str(state.value if hasattr(state, "value") else state).lower() == "open"
     (tmp_path / "again").mkdir()
     again, _ = run(graph, tmp_path / "again", 4)
     assert [runs(tmp_path / "again", i) for i in range(4)] == [0] * 4
-    results = final(again)["results"]
+    results = final_state(again)["results"]
     assert [r["error_type"] for r in results] == ["CircuitOpenError"] * 4
     graph.reset_circuit()
 
@@ -215,7 +203,7 @@ def test_i16_limit_permits_are_taken_per_batched_item(cluster: Any, tmp_path: Pa
     limit = ResourceLimit(name=f"batch-one-{cluster.tag}", max_concurrent=1)
     config = ParallelConfig(strategy="celery", limits=[limit])
     events, _ = run(batch_graph(config, 4), tmp_path, 8, hold=0.2)
-    assert final(events)["ok"] == [True] * 8
+    assert final_state(events)["ok"] == [True] * 8
     spans = sorted((s[1], s[2]) for i in range(8) if (s := ran(tmp_path, i)))
     assert len(spans) == 8
     overlaps = [b for a, b in itertools.pairwise(spans) if b[0] < a[1] - 0.01]
@@ -232,7 +220,7 @@ def test_i16_a_refused_batch_tells_its_caller_of_every_item(
     monkeypatch.setattr(tasks, "batch_options", lambda i: {**options(i), "serializer": "pickle"})
     started = time.monotonic()
     events, _ = run(batch_graph(ParallelConfig(strategy="celery"), 3), tmp_path, 6)
-    results = final(events)["results"]
+    results = final_state(events)["results"]
     assert [r["error_type"] for r in results] == ["ContentDisallowed"] * 6
     assert all("refused" in r["error"] for r in results)
     assert [runs(tmp_path, i) for i in range(6)] == [0] * 6

@@ -15,27 +15,16 @@ import pytest
 
 from tea_dist import END, START, ParallelConfig, ResourceLimit, StateGraph, load_yaml
 from tests import celery_nodes as cn
+from tests import nodes
+from tests.nodes import final_state
 
 
 def map_graph(config: ParallelConfig, items: Any = "docs", name: str = "mapped") -> StateGraph:
-    g = StateGraph({"docs": list}, name=name, parallel_config=config)
-    g.add_node("prepare", run=None)
-    g.add_node("work", run=cn.double_item)
-    g.add_fanin_node("merge", run=cn.collect_items)
-    g.add_edge(START, "prepare")
-    g.add_parallel_map("prepare", "work", "merge", items)
-    g.add_edge("work", "merge")
-    g.add_edge("merge", END)
-    return g
-
-
-def final(events: list[dict[str, Any]]) -> dict[str, Any]:
-    assert events[-1]["type"] == "final", events[-1]
-    return events[-1]["state"]
+    return nodes.map_graph(cn.double_item, cn.collect_items, config=config, items=items, name=name)
 
 
 def test_i12_map_of_40_items_in_order(strategy: str) -> None:
-    state = final(
+    state = final_state(
         list(
             map_graph(ParallelConfig(strategy=strategy)).compile().invoke({"docs": list(range(40))})
         )
@@ -45,13 +34,15 @@ def test_i12_map_of_40_items_in_order(strategy: str) -> None:
 
 
 def test_i12_map_of_no_items_runs_the_fan_in_with_none(strategy: str) -> None:
-    state = final(list(map_graph(ParallelConfig(strategy=strategy)).compile().invoke({"docs": []})))
+    state = final_state(
+        list(map_graph(ParallelConfig(strategy=strategy)).compile().invoke({"docs": []}))
+    )
     assert state["branches"] == [] and state["doubled"] == []
 
 
 def test_i12_map_items_from_a_callable_in_the_caller() -> None:
     graph = map_graph(ParallelConfig(), items=cn.items_of)
-    state = final(list(graph.compile().invoke({"count": 3})))
+    state = final_state(list(graph.compile().invoke({"count": 3})))
     assert state["doubled"] == [0, 2, 4]
 
 
@@ -82,7 +73,7 @@ edges:
   - {from: merge, to: __end__}
 """
     )
-    state = final(list(load_yaml(agent).compile().invoke({"docs": [1, 2, 3]})))
+    state = final_state(list(load_yaml(agent).compile().invoke({"docs": [1, 2, 3]})))
     assert state["doubled"] == [2, 4, 6]
 
 
@@ -121,28 +112,24 @@ def most_starts_in_a_window(spans: list[tuple[float, float]], window: float) -> 
 
 
 def recording_graph(config: ParallelConfig, name: str) -> StateGraph:
-    g = StateGraph({"docs": list}, name=name, parallel_config=config)
-    g.add_node("prepare", run=None)
-    g.add_node("work", run=cn.record_interval)
-    g.add_fanin_node("merge", run=cn.collect)
-    g.add_edge(START, "prepare")
-    g.add_parallel_map("prepare", "work", "merge", "docs")
-    g.add_edge("work", "merge")
-    g.add_edge("merge", END)
-    return g
+    return nodes.map_graph(cn.record_interval, cn.collect, config=config, name=name)
 
 
 def test_i12_max_workers_bounds_a_local_map(local_strategy: str, tmp_path: Path) -> None:
     config = ParallelConfig(strategy=local_strategy, max_workers=2)
     graph = recording_graph(config, "bounded")
-    final(list(graph.compile().invoke({"docs": list(range(6))}, {"marker_dir": str(tmp_path)})))
+    final_state(
+        list(graph.compile().invoke({"docs": list(range(6))}, {"marker_dir": str(tmp_path)}))
+    )
     assert peak_overlap(intervals(tmp_path)) == 2
 
 
 def test_i12_max_concurrent_limit_bounds_threads(tmp_path: Path) -> None:
     limit = ResourceLimit(name=f"threads-{tmp_path.name}", max_concurrent=2)
     graph = recording_graph(ParallelConfig(limits=[limit], max_workers=6), "limited")
-    final(list(graph.compile().invoke({"docs": list(range(6))}, {"marker_dir": str(tmp_path)})))
+    final_state(
+        list(graph.compile().invoke({"docs": list(range(6))}, {"marker_dir": str(tmp_path)}))
+    )
     assert peak_overlap(intervals(tmp_path)) == 2
 
 
@@ -152,7 +139,7 @@ def test_i12_max_workers_on_celery_with_more_free_slots(cluster: Any, tmp_path: 
     cluster.start_worker("wide", concurrency=6, flows_queue=queue)
     config = ParallelConfig(strategy="celery", max_workers=2, queue=queue)
     run = {"marker_dir": str(tmp_path), "hold": 0.6}
-    state = final(
+    state = final_state(
         list(recording_graph(config, "window").compile().invoke({"docs": list(range(6))}, run))
     )
     assert state["ok"] == [True] * 6
@@ -180,7 +167,7 @@ def test_i12_limit_across_two_workers_and_two_callers(cluster: Any, tmp_path: Pa
     for thread in threads:
         thread.join(90)
     for out in outs:
-        assert final(out)["ok"] == [True] * 4
+        assert final_state(out)["ok"] == [True] * 4
     spans = intervals(tmp_path)
     assert len(spans) == 8
     print(f"peak concurrency with max_concurrent=2: {peak_overlap(spans)}")
@@ -194,7 +181,7 @@ def test_i12_rate_limit_on_real_workers(cluster: Any, tmp_path: Path) -> None:
     limit = ResourceLimit(name=f"rate-{cluster.tag}", rate="4/s")
     config = ParallelConfig(strategy="celery", queue=queue, limits=[limit])
     run = {"marker_dir": str(tmp_path), "hold": 0.05}
-    state = final(
+    state = final_state(
         list(recording_graph(config, "rated").compile().invoke({"docs": list(range(10))}, run))
     )
     assert state["ok"] == [True] * 10
@@ -255,7 +242,9 @@ def test_i12_cli_branch_table_of_a_1000_item_map_is_one_summary_line() -> None:
 
     progress = BranchProgress(Console(width=100, record=True, file=open(os.devnull, "w")))
     graph = map_graph(ParallelConfig(max_workers=8))
-    final(list(graph.compile(parallel_callbacks=[progress]).invoke({"docs": list(range(1000))})))
+    final_state(
+        list(graph.compile(parallel_callbacks=[progress]).invoke({"docs": list(range(1000))}))
+    )
     console = Console(width=100, record=True, file=open(os.devnull, "w"))
     console.print(progress.table())
     text = console.export_text()
@@ -274,7 +263,7 @@ def test_i10_branches_are_queued_before_they_start(local_strategy: str) -> None:
             seen.append(("start", ctx.branch))
 
     graph = map_graph(ParallelConfig(strategy=local_strategy, max_workers=1))
-    final(list(graph.compile(parallel_callbacks=[Recorder()]).invoke({"docs": [1, 2, 3]})))
+    final_state(list(graph.compile(parallel_callbacks=[Recorder()]).invoke({"docs": [1, 2, 3]})))
     for i in range(3):
         branch = f"work[{i}]"
         assert seen.index(("queued", branch)) < seen.index(("start", branch))
@@ -296,6 +285,6 @@ def test_i12_a_map_branch_gets_its_item_not_the_whole_list() -> None:
     g.add_parallel_map("prepare", "work", "merge", "docs", item_key="doc")
     g.add_edge("work", "merge")
     g.add_edge("merge", END)
-    state = final(list(g.compile().invoke({"docs": ["a", "b"], "topic": "x"})))
+    state = final_state(list(g.compile().invoke({"docs": ["a", "b"], "topic": "x"})))
     assert state["keys"] == [["doc", "index", "topic"]] * 2
     assert state["docs"] == ["a", "b"]  # the caller's state keeps it

@@ -184,6 +184,10 @@ class WorkerBranch:
         dispatcher.listen(publisher)
         return cls(message, Lifecycle([run], runtime), run, publisher, keys, client, batch)
 
+    def again(self, delay: float) -> Again:
+        """This branch's next attempt, to be published ``delay`` from now."""
+        return Again(self.message.retried(self.run.state, current_settings().secret), delay)
+
     def child_died(self) -> bool:
         """Whether the process that ran this branch's attempt stopped beating more than two
         beats before now: a killed or crashed child, not one stuck at its time limit."""
@@ -358,9 +362,7 @@ class FlowTask(Task):  # type: ignore[misc]
         if isinstance(exc, TimeLimitExceeded) and branch.child_died():
             return  # not a timeout: its driver sees the heartbeat lapse and sends it again
         if isinstance(exc, TimeLimitExceeded):
-            limit = config.timeout_seconds or 0.0
-            message = f"attempt timed out after {limit:g}s; its process was killed"
-            error = replace(ErrorInfo.timed_out(limit), message=message)
+            error = _killed_at(config.timeout_seconds)
         else:
             error = ErrorInfo.from_exception(exc)
         branch.run.admission = Admission(True, branch.message.probe, CircuitState.CLOSED)
@@ -370,8 +372,7 @@ class FlowTask(Task):  # type: ignore[misc]
         delay = branch.life.end(branch.run, outcome)
         branch.send()
         if delay is not None:  # retried like any other attempt, from this process
-            retry = branch.message.retried(branch.run.state, current_settings().secret)
-            self.apply_async((retry,), task_id=task_id, countdown=delay, **message_options(retry))
+            branch.again(delay).send(task_id)
 
 
 def message_options(message: BranchMessage) -> dict[str, Any]:
@@ -428,6 +429,18 @@ class Again:
 
     message: BranchMessage
     countdown: float
+
+    def send(self, task_id: str) -> None:
+        options = message_options(self.message)
+        run_flow.apply_async((self.message,), task_id=task_id, countdown=self.countdown, **options)
+
+
+def _killed_at(limit: float | None) -> ErrorInfo:
+    """The error of an attempt killed with its process at its ``timeout_seconds``."""
+    error = ErrorInfo.timed_out(limit or 0.0)
+    return replace(
+        error, message=f"attempt timed out after {limit or 0:g}s; its process was killed"
+    )
 
 
 @dataclass
@@ -530,23 +543,15 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
         batch.hold(branch)
         return None
     branch.send()
-    if delay is None:
-        return None
-    return Again(message.retried(run.state, settings.secret), delay)
+    return None if delay is None else branch.again(delay)
 
 
 def _killed(branch: WorkerBranch, batch: Batch) -> None:
     """The beater's last act for a batch item that ignored its interrupt: its timeout is
     reported (retried like any other attempt), the rest of the batch is sent again."""
-    limit = branch.message.config.timeout_seconds or 0.0
-    error = ErrorInfo.timed_out(limit)
-    error = replace(error, message=f"attempt timed out after {limit:g}s; its process was killed")
-    delay = branch.life.end(branch.run, _ended(error))
+    delay = branch.life.end(branch.run, _ended(_killed_at(branch.message.config.timeout_seconds)))
     if delay is not None:
-        retry = branch.message.retried(branch.run.state, current_settings().secret)
-        run_flow.apply_async(
-            (retry,), task_id=branch.publisher.task_id, countdown=delay, **message_options(retry)
-        )
+        branch.again(delay).send(branch.publisher.task_id)
     batch.cut(branch)
     branch.send(("delete", (batch.heartbeat,)))
 
@@ -594,10 +599,7 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
             finally:
                 tracing.detach(context)
             if again is not None:
-                options = message_options(again.message)
-                run_flow.apply_async(
-                    (again.message,), task_id=item, countdown=again.countdown, **options
-                )
+                again.send(item)
         batch.flush()
     finally:
         with suppress(redis.RedisError):
