@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tea_dist import ParallelConfig, StateGraph
 from tea_dist.distributed.celery_app import configure
