@@ -140,6 +140,16 @@ def map_graph(
     return g
 
 
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most intervals open at one instant (an end at t comes before a start at t)."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    inside = peak = 0
+    for _, step in events:
+        inside += step
+        peak = max(peak, inside)
+    return peak
+
+
 def final_state(events: list[dict[str, Any]]) -> dict[str, Any]:
     assert events[-1]["type"] == "final", events[-1]
     return events[-1]["state"]

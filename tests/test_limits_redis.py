@@ -35,6 +35,7 @@ from tea_dist.distributed.limits_redis import RedisLimitStore
 from tea_dist.distributed.local_cluster import free_port, redis_server_binary
 from tea_dist.distributed.settings import Settings
 from tea_dist.interfaces.cli import app
+from tests.nodes import peak_overlap
 
 pytestmark = pytest.mark.redis
 
@@ -123,16 +124,6 @@ def _run_children(target: Any, args: tuple[Any, ...], n: int) -> list[Any]:
             if child.is_alive():
                 child.kill()
                 child.join(5)
-
-
-def peak_overlap(spans: list[tuple[float, float]]) -> int:
-    """The most intervals open at one instant (an end at t comes before a start at t)."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    inside = peak = 0
-    for _, step in events:
-        inside += step
-        peak = max(peak, inside)
-    return peak
 
 
 # -- tests --

@@ -16,7 +16,7 @@ import pytest
 from tea_dist import END, START, ParallelConfig, ResourceLimit, StateGraph, load_yaml
 from tests import celery_nodes as cn
 from tests import nodes
-from tests.nodes import final_state
+from tests.nodes import final_state, peak_overlap
 
 
 def map_graph(config: ParallelConfig, items: Any = "docs", name: str = "mapped") -> StateGraph:
@@ -95,15 +95,6 @@ def intervals(markers: Path) -> list[tuple[float, float]]:
         start, end = path.read_text().split()
         spans.append((float(start), float(end)))
     return sorted(spans)
-
-
-def peak_overlap(spans: list[tuple[float, float]]) -> int:
-    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    now = peak = 0
-    for _, step in points:
-        now += step
-        peak = max(peak, now)
-    return peak
 
 
 def most_starts_in_a_window(spans: list[tuple[float, float]], window: float) -> int:
