@@ -464,10 +464,12 @@ class Batch:
         return held
 
     def flush(self) -> None:
-        """The batch is over: what it holds goes, and its heartbeat."""
+        """The batch is over: what it holds goes, and its heartbeat (in one round trip)."""
         held = self.take()
         if held is not None:
             held.send(("delete", (self.heartbeat,)))
+        else:
+            redis_for(current_settings().redis).delete(self.heartbeat)
 
     def cut(self, branch: WorkerBranch) -> None:
         """The item at ``position`` is being killed with this process: the items after it are
@@ -600,10 +602,11 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
                 tracing.detach(context)
             if again is not None:
                 again.send(item)
-        batch.flush()
-    finally:
+    except BaseException:  # the batch is over: its driver sends the unstarted items again
         with suppress(redis.RedisError):
             redis_for(settings.redis).delete(batch.heartbeat)
+        raise
+    batch.flush()
 
 
 def _attempt(
