@@ -82,6 +82,24 @@ def test_td13_unit_004_timed_out_result_is_marked_timeout(strategy: str) -> None
     assert ok["success"] is True and slow["success"] is False
 
 
+def test_td13_unit_004_a_timeout_shorter_than_the_bookkeeping_is_still_a_timeout(
+    strategy: str,
+) -> None:
+    """A 1 ms timeout runs out before the node starts, or while the worker reports it: the
+    branch still ends a plain timeout, and every run of the graph finds its branches (a
+    celery worker must not be interrupted mid-way through its own Redis round trips)."""
+    g = fan_graph(
+        {"hang1": nodes.cooperative_sleep, "hang2": nodes.cooperative_sleep, "ok": nodes.add_one},
+        config=cfg(strategy),
+        edge_configs={h: ParallelConfig(timeout_seconds=0.001) for h in ("hang1", "hang2")},
+    )
+    app = g.compile()
+    for _ in range(20):
+        hang1, hang2, ok = final_state(list(app.invoke({"value": 1})))["results"]
+        assert [hang1["error_type"], hang2["error_type"]] == ["TimeoutError"] * 2
+        assert hang1["timeout"] and hang2["timeout"] and ok["success"], ok
+
+
 def test_td13_unit_031_timeout_error_fields(strategy: str) -> None:
     g = fan_graph({"slow": nodes.cooperative_sleep}, config=cfg(strategy, timeout_seconds=0.2))
     (r,), _ = run(g)

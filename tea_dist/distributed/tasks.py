@@ -16,9 +16,12 @@ by the worker's main process (``FlowTask.on_failure``) through the same lifecycl
 pipeline (``Batch.hold``), and the beater enforces each item's ``timeout_seconds``.
 
 Redis I/O is batched: one pipeline before the attempt, one after. While a branch runs, the
-process's one ``Beater`` thread keeps its heartbeat key alive for the driver and listens for a
-stop request (cancel, or the branch's ``timeout_total``), which it turns into Celery's
-soft-time-limit exception so the slot is freed at once.
+process's one ``Beater`` thread keeps its heartbeat key alive for the driver, stops the attempt
+at its ``timeout_seconds`` and listens for a stop request (cancel, or the branch's
+``timeout_total``), which it turns into Celery's soft-time-limit exception so the slot is freed
+at once. The exception is raised only inside the attempt: Celery's own soft limit is not used
+(it would also fire in tea_dist's bookkeeping around the attempt, mid-way through a Redis
+round trip); Celery's hard limit stays, as the backstop that kills the process.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from billiard.pool import soft_timeout_sighandler
 from celery import Task, signals
 
 from tea_dist.core.errors import GraphError
@@ -245,14 +249,18 @@ class Watch:
     renew: Callable[[], None] | None = None  # keeps the attempt's limit permits
     token: CancelToken = field(default_factory=CancelToken)
     stopped: str = ""  # why it was stopped: "cancel" or "timeout" (the driver), "orphaned",
-    # "attempt" (its own timeout_seconds, enforced here for a batch's items)
-    deadline: float | None = None  # monotonic: a batch item's timeout_seconds runs out
-    kill: Callable[[], None] | None = None  # a batch item still running a grace after it
+    # "attempt" (its own timeout_seconds)
+    deadline: float | None = None  # monotonic: its timeout_seconds runs out
+    kill: Callable[[], None] | None = None  # a batch item still running a grace after it (a
+    # task of its own is killed by Celery's hard limit)
 
     def due(self, grace: float) -> float | None:
         """When the beater must act on this branch's own deadline next (interrupt, then kill);
-        None once the driver stopped it (the driver kills it if it must)."""
+        None once the driver stopped it (the driver kills it if it must), or once it was
+        interrupted and Celery's hard limit is what kills it."""
         if self.deadline is None or self.stopped not in ("", "attempt"):
+            return None
+        if self.stopped and self.kill is None:
             return None
         return self.deadline + (grace if self.stopped else 0.0)
 
@@ -262,27 +270,35 @@ class Beater:
     stop requests from the process's inbox (the driver knows which process runs a branch
     from its events), so nothing is set up or torn down per branch.
 
-    A task of its own is stopped at its ``timeout_seconds`` by Celery's time limits; the items
-    of a batch share one task, so the beater stops each one at its own deadline: a cooperative
-    interrupt, then, a grace later, ``kill`` (which reports the item and sends the rest of the
-    batch again) and SIGKILL of this process, as Celery's hard limit would."""
+    The beater stops every attempt at its own ``timeout_seconds``: a cooperative interrupt
+    (the cancel token, and the soft-limit exception in a prefork child); a task of its own that
+    ignores it is killed by Celery's hard limit, a batch item a grace later by ``kill`` (which
+    reports the item and sends the rest of the batch again) and SIGKILL of this process."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # an attempt starts or ends
         self.current: Watch | None = None
         self.pid = 0
+        self.raises = False  # a prefork child: an interrupt raises the soft-limit exception
 
     @contextmanager
     def watching(self, watch: Watch) -> Iterator[Watch]:
         with self.lock:
             self.current = watch
+            self.changed.notify_all()
             if self.pid != os.getpid():  # first use in this (forked) process
                 self.pid = os.getpid()
+                self.raises = _guard_soft_limit()
                 threading.Thread(target=self._loop, name="tea-dist-beater", daemon=True).start()
         try:
             yield watch
         finally:
-            with self.lock:  # after this, no interrupt can be sent for this branch
+            try:
+                with self.lock:  # after this, no interrupt can be sent for this branch
+                    self.current = None
+                    self.changed.notify_all()
+            finally:  # an interrupt's exception may land in the lines above: it still ends
                 self.current = None
 
     def _loop(self) -> None:
@@ -292,12 +308,22 @@ class Beater:
         inbox = Keys(settings.key_prefix).worker_inbox(worker_id())
         while True:
             try:
-                wait = settings.heartbeat_seconds
                 watch = self.current
                 due = watch.due(settings.hard_limit_grace) if watch is not None else None
-                if due is not None:
-                    wait = min(wait, max(due - time.monotonic(), 0.01))  # 0 would block forever
-                popped = client.blpop([inbox], timeout=wait)
+                popped, wait = None, settings.heartbeat_seconds
+                if due is not None and due - time.monotonic() < wait:
+                    # its deadline comes before the next beat: waited for here (a blocking
+                    # pop's timeout is only as precise as the Redis server's tick, 100 ms)
+                    with self.changed:
+                        self.changed.wait_for(
+                            partial(self._moved_from, watch), due - time.monotonic()
+                        )
+                else:
+                    popped = client.blpop([inbox], timeout=wait)
+                    if popped and popped[1] == b"wake":  # an attempt with a deadline starts
+                        with self.changed:
+                            self.changed.wait_for(partial(self._moved_from, None), wait)
+                        continue
                 watch = self.current
                 if popped and watch is not None:
                     target, _, reason = _text(popped[1]).rpartition(":")
@@ -317,6 +343,10 @@ class Beater:
             except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
                 time.sleep(settings.heartbeat_seconds)
 
+    def _moved_from(self, watch: Watch | None) -> bool:
+        """The branch watched is no longer ``watch`` (None: an attempt started)."""
+        return self.current is not watch
+
     def _interrupt(self, watch: Watch, reason: str) -> None:
         """Cancel cooperatively, then raise the soft-time-limit exception in the task."""
         with self.lock:
@@ -324,8 +354,7 @@ class Beater:
                 return
             watch.stopped = reason or "cancel"
             watch.token.cancel()
-            handler = signal.getsignal(signal.SIGUSR1)
-            if callable(handler):  # a prefork child: Celery's soft-limit handler is installed
+            if self.raises:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     def _overdue(self, watch: Watch, grace: float) -> None:
@@ -344,6 +373,22 @@ class Beater:
 
 
 BEATER = Beater()
+
+
+def _guard_soft_limit() -> bool:
+    """In a prefork child (billiard's soft-limit handler on SIGUSR1), the beater's interrupt
+    raises the soft-limit exception in the task, only while an attempt is watched: a signal
+    landing after the attempt is over is dropped. Elsewhere (solo or threads pool) an
+    interrupt is the cancel token alone. Called in the task's (main) thread."""
+    if signal.getsignal(signal.SIGUSR1) is not soft_timeout_sighandler:
+        return False
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if BEATER.current is not None:
+            raise SoftTimeLimitExceeded()
+
+    signal.signal(signal.SIGUSR1, interrupt)
+    return True
 
 
 # -- the task -------------------------------------------------------------------------------
@@ -392,8 +437,7 @@ def message_options(message: BranchMessage) -> dict[str, Any]:
             "tea_branch": message.branch,
         },
     }
-    if config.timeout_seconds is not None:
-        options["soft_time_limit"] = config.timeout_seconds
+    if config.timeout_seconds is not None:  # the beater interrupts it at timeout_seconds
         options["time_limit"] = config.timeout_seconds + settings.hard_limit_grace
     if config.timeout_total is not None:
         options["expires"] = message.attempt.dispatched_at + config.timeout_total
@@ -528,12 +572,13 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
     if batch is not None:
         watch.heartbeats += (batch.heartbeat,)
         before.append(("set", (batch.heartbeat, worker_id(), None, ttl)))
-        if message.config.timeout_seconds is not None:
-            assert run.started is not None
-            watch.deadline = run.started + message.config.timeout_seconds
+    if message.config.timeout_seconds is not None:
+        assert run.started is not None
+        watch.deadline = run.started + message.config.timeout_seconds
+        if batch is not None:
             watch.kill = partial(_killed, branch, batch)
-            inbox = keys.worker_inbox(worker_id())  # wakes the beater: it re-times its wait
-            before += [("rpush", (inbox, "wake")), ("expire", (inbox, 60))]
+        inbox = keys.worker_inbox(worker_id())  # wakes the beater: it re-times its wait
+        before += [("rpush", (inbox, "wake")), ("expire", (inbox, 60))]
     finished, caller, *_ = branch.send(*before, end=False)
     if finished or not caller:  # a late delivery, or its caller is gone: do not run it
         why = "the run had already finished" if finished else "its caller went away"
