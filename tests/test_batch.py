@@ -109,12 +109,17 @@ def test_i16_a_batched_item_retries_on_its_own(cluster: Any, tmp_path: Path) -> 
     assert recorder.starts.count("work[3]") == 1  # on_flow_start once per branch
 
 
-def test_i16_a_batched_item_past_its_timeout_stops_alone(cluster: Any, tmp_path: Path) -> None:
+def second_item_overruns(tmp_path: Path, act: str) -> tuple[dict[str, Any], float]:
+    """One batch of 5 items with a 0.5 s timeout, item 1 doing ``act``: the fan-in's state
+    and the seconds the run took."""
     config = ParallelConfig(strategy="celery", timeout_seconds=0.5)
     started = time.monotonic()
-    events, _ = run(batch_graph(config, 5), tmp_path, 5, act={"1": "sleep:8"})
-    took = time.monotonic() - started
-    state = final_state(events)
+    events, _ = run(batch_graph(config, 5), tmp_path, 5, act={"1": act})
+    return final_state(events), time.monotonic() - started
+
+
+def test_i16_a_batched_item_past_its_timeout_stops_alone(cluster: Any, tmp_path: Path) -> None:
+    state, took = second_item_overruns(tmp_path, "sleep:8")
     assert state["ok"] == [True, False, True, True, True]
     timed_out = state["results"][1]
     assert timed_out["timeout"] and timed_out["error_type"] == "TimeoutError"
@@ -126,11 +131,7 @@ def test_i16_a_batched_item_past_its_timeout_stops_alone(cluster: Any, tmp_path:
 def test_i16_a_batched_item_ignoring_its_timeout_is_killed_and_the_rest_sent_again(
     cluster: Any, tmp_path: Path
 ) -> None:
-    config = ParallelConfig(strategy="celery", timeout_seconds=0.5)
-    started = time.monotonic()
-    events, _ = run(batch_graph(config, 5), tmp_path, 5, act={"1": "stubborn:20"})
-    took = time.monotonic() - started
-    state = final_state(events)
+    state, took = second_item_overruns(tmp_path, "stubborn:20")
     assert state["ok"] == [True, False, True, True, True]
     killed = state["results"][1]
     assert killed["timeout"] and "process was killed" in killed["error"]

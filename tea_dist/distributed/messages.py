@@ -6,11 +6,10 @@
   lifecycle event, each with the branch's ``AttemptState``; ``on_flow_complete`` carries the
   branch's one result (a first attempt's ``on_attempt_start`` is not sent: ``on_flow_start``
   implies it, and the driver emits both). The stream is the only channel results take to the
-  driver. In a durable
-  run, the driver adds ``on_flow_queued`` when it sends a branch (its task id), so that a driver
-  taking the run over knows which branches were sent. A branch that a worker takes out of a
-  batch (to wait for a permit, or because the batch was cut short) is announced with
-  ``on_flow_requeued``.
+  driver. In a durable run, the driver adds ``on_flow_queued`` when it sends a branch (its task
+  id), so that a driver taking the run over knows which branches were sent. A branch that a
+  worker takes out of a batch (to wait for a permit, or because the batch was cut short) is
+  announced with ``on_flow_requeued``.
 
 Both are registered with kombu's JSON (``register_type``), so they cross Celery as themselves
 with no hand-written conversion on either side.

@@ -358,8 +358,9 @@ class Beater:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     def _overdue(self, watch: Watch, grace: float) -> None:
-        """A batch item ran past its ``timeout_seconds``: interrupt it; still running a grace
-        later, it is reported and its process killed."""
+        """A branch ran past its ``timeout_seconds``: interrupt it; a batch item still running
+        a grace later is reported and its process killed (Celery's hard limit kills a task of
+        its own)."""
         if not watch.stopped:
             self._interrupt(watch, "attempt")
             return
