@@ -87,11 +87,27 @@ def _assert_port_closed(port: int) -> None:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+ALLOWED_CALLER = """
+import json
+from tea_dist import ParallelConfig
+from tests import celery_nodes as cn
+from tests.nodes import fan_graph
+
+graph = fan_graph({"a": cn.whoami}, config=ParallelConfig(strategy="celery"), fan_in=cn.collect)
+print(json.dumps(list(graph.compile().invoke({"value": 1}))[-1]["state"]["results"]))
+"""
+
+
 @pytest.mark.celery
 def test_cli_cluster_prints_its_addresses_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """``tea-dist cluster --allow M``: its workers run branches of M for the apps that find it."""
     runtime = tmp_path / "runtime"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tea_dist", "cluster", "--flower-port", "0"],
+        [
+            sys.executable,
+            *("-m", "tea_dist", "cluster", "--flower-port", "0"),
+            *("--allow", "tests.celery_nodes"),
+        ],
         cwd=ROOT,
         env=clean_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -111,6 +127,17 @@ def test_cli_cluster_prints_its_addresses_and_stops_on_ctrl_c(tmp_path: Path) ->
         import redis
 
         assert redis.Redis(port=port).ping()
+        caller = subprocess.run(
+            [sys.executable, "-c", ALLOWED_CALLER],
+            cwd=ROOT,
+            env=clean_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert caller.returncode == 0, caller.stderr[-3000:]
+        (result,) = json.loads(caller.stdout.strip().splitlines()[-1])
+        assert result["success"], result["error"]  # the cluster's workers allow the module
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tea_dist.distributed.settings import redact
+from tea_dist.distributed.settings import get_settings, redact
 from tea_dist.interfaces.common import (
     EXIT_RUN_FAILED,
     EXIT_USAGE,
@@ -54,12 +54,14 @@ AllowOpt = Annotated[
 
 def allow_env(allow: list[str] | None) -> str:
     """``TEA_DIST_ALLOWED`` with ``--allow`` values added; set in this process's environment,
-    so the worker it becomes (or starts) reads it like any other setting."""
+    so the worker it becomes (or starts) reads it like any other setting, and so do this
+    process's settings (read before, at import: a local cluster's workers get them)."""
     entries = [e for e in os.environ.get("TEA_DIST_ALLOWED", "").split(",") if e.strip()]
     for value in allow or ():
         entries += [e.strip() for e in value.split(",") if e.strip()]
     joined = ",".join(dict.fromkeys(entries))
     os.environ["TEA_DIST_ALLOWED"] = joined
+    get_settings.cache_clear()
     return joined
 
 
