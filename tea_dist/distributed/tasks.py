@@ -253,6 +253,9 @@ class Watch:
     deadline: float | None = None  # monotonic: its timeout_seconds runs out
     kill: Callable[[], None] | None = None  # a batch item still running a grace after it (a
     # task of its own is killed by Celery's hard limit)
+    task: str = ""  # the Celery task running it (a batch item's: its batch's)
+    orphaned: float | None = None  # monotonic: when it was interrupted as an orphan
+    terminated: bool = False  # its task was revoked with terminate
 
     def due(self, grace: float) -> float | None:
         """When the beater must act on this branch's own deadline next (interrupt, then kill);
@@ -273,7 +276,11 @@ class Beater:
     The beater stops every attempt at its own ``timeout_seconds``: a cooperative interrupt
     (the cancel token, and the soft-limit exception in a prefork child); a task of its own that
     ignores it is killed by Celery's hard limit, a batch item a grace later by ``kill`` (which
-    reports the item and sends the rest of the batch again) and SIGKILL of this process."""
+    reports the item and sends the rest of the batch again) and SIGKILL of this process.
+
+    A branch whose caller's lease lapsed (a caller killed without a word) is interrupted as
+    an orphan, and if still running ``TEA_DIST_CANCEL_GRACE`` later, its task is revoked with
+    terminate, as its caller would have done: nothing it does after that happens."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -337,7 +344,7 @@ class Beater:
                         pipe.set(heartbeat, worker_id(), px=ttl)
                     pipe.exists(watch.lease)
                     if not pipe.execute()[-1]:  # its caller went silent: stop the orphan
-                        self._interrupt(watch, "orphaned")
+                        self._orphaned(watch, settings.cancel_grace)
                     if watch.renew is not None:
                         watch.renew()
             except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
@@ -356,6 +363,24 @@ class Beater:
             watch.token.cancel()
             if self.raises:
                 os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _orphaned(self, watch: Watch, grace: float) -> None:
+        """The branch's caller is gone: interrupt it; one still running ``grace`` after its
+        interrupt (it swallowed it) is killed with its process, as its caller's revoke with
+        terminate would have (the pool replaces the process; every item of a batch ends)."""
+        if watch.orphaned is None:
+            watch.orphaned = time.monotonic()
+        self._interrupt(watch, "orphaned")
+        if watch.terminated or not watch.task or not self.raises:  # solo, threads: not killed
+            return
+        if time.monotonic() - watch.orphaned >= grace and self.current is watch:
+            watch.terminated = True
+            logger.warning(
+                "branch %s ignored its interrupt %.1fs after its caller went away: killed",
+                watch.target,
+                time.monotonic() - watch.orphaned,
+            )
+            app.control.revoke(watch.task, terminate=True, signal="SIGKILL")
 
     def _overdue(self, watch: Watch, grace: float) -> None:
         """A branch ran past its ``timeout_seconds``: interrupt it; a batch item still running
@@ -562,6 +587,7 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
         f"{message.fanout}:{message.index}",
         keys.run_lease(message.run),
         renew=life.renew_permits if run.permits else None,
+        task=batch.id if batch is not None else task_id,
     )
     ttl = int(settings.heartbeat_ttl * 1000)
     life.begin(run, worker=worker_id())

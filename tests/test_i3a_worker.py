@@ -1,0 +1,94 @@
+"""What a flow worker does on its own, whatever its caller or a message does: an orphaned
+branch that ignores its interrupt is killed; a result JSON cannot carry fails once; an oversize
+message is refused before it is decoded; a message that crashed its process twice is
+quarantined. Real Redis, real worker processes (tests/cluster.py), never eager mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tea_dist import ParallelConfig
+from tests import celery_nodes as cn
+from tests import guard_nodes as gn
+from tests.cluster import ROOT
+from tests.nodes import fan_graph, final_state
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def runs(tmp_path: Path, name: str) -> int:
+    path = tmp_path / f"{name}.runs"
+    return int(path.read_text()) if path.exists() else 0
+
+
+def serves(queue: str | None = None) -> None:
+    """The worker's pool still runs a branch."""
+    config = ParallelConfig(strategy="celery", queue=queue, timeout_total=30)
+    graph = fan_graph({"a": gn.quick}, config=config, fan_in=cn.collect, name="after")
+    (result,) = final_state(list(graph.compile().invoke({"value": 0})))["results"]
+    assert result["success"], result
+
+
+# -- an orphan is stopped, not asked -----------------------------------------------------------
+
+
+def heartbeats(cluster: Any) -> list[bytes]:
+    settings = cluster.settings()
+    client = redis.Redis.from_url(settings.redis)
+    return list(client.scan_iter(match=f"{settings.key_prefix}:fanout:*:hb:*", count=1000))
+
+
+@pytest.mark.parametrize("kind", ["fan", "map"])
+def test_i3a_orphan_ignoring_its_interrupt_is_killed(
+    cluster: Any, tmp_path: Path, kind: str
+) -> None:
+    """SIGKILL the caller of a branch that swallows every exception: once the caller's lease
+    lapses the worker interrupts it, and kills it a cancel grace later (a task of its own, or
+    a batch item): its side effect, due 12 s after it started, never happens."""
+    name = "a" if kind == "fan" else "item0"
+    config = {"marker_dir": str(tmp_path), "hold": 12}
+    env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT), "TEA_DIST_CALLER_LEASE": "2"}
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "tests.guard_nodes", kind, json.dumps(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "caller.log", "wb"),
+    )
+    try:
+        wait_for(
+            lambda: (tmp_path / f"{name}.start").exists() or caller.poll() is not None,
+            30,
+            "the branch to start",
+        )
+        assert caller.poll() is None, (tmp_path / "caller.log").read_text()[-3000:]
+        started = time.monotonic()
+        caller.kill()
+        caller.wait(10)
+        wait_for(lambda: not heartbeats(cluster), 10, "the orphan to stop")
+        stopped_after = time.monotonic() - started
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    time.sleep(max(0.0, 12.5 - (time.monotonic() - started)))
+    assert not (tmp_path / f"{name}.done").exists(), "the orphan did its side effect"
+    print(f"\norphan ({kind}) stopped {stopped_after:.1f}s after its caller was SIGKILLed")
+    assert stopped_after < 8
+    serves()
