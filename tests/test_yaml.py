@@ -7,7 +7,6 @@ import os
 import pickle
 import textwrap
 import traceback
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -164,10 +163,27 @@ def test_yaml_uses_import_failure_names_node_and_path() -> None:
 
 
 def test_yaml_uses_accepts_a_dotted_qualname() -> None:
+    from tests.boundary_nodes import Steps
+
     graph = load_yaml_string(
-        fanout_yaml().replace("tests.nodes:add_one", "collections:OrderedDict.fromkeys")
+        fanout_yaml().replace("tests.nodes:add_one", "tests.boundary_nodes:Steps.add_one")
     )
-    assert graph.to_spec().nodes["b"].run == OrderedDict.fromkeys
+    assert graph.to_spec().nodes["b"].run is Steps.add_one
+
+
+@pytest.mark.parametrize(
+    "uses",
+    [
+        "collections:OrderedDict.fromkeys",  # a builtin method: not a function defined there
+        "tests.boundary_nodes:os.system",  # through a module the module imported
+        "tests.boundary_nodes:dumps",  # a name it imported
+    ],
+)
+def test_i3a_yaml_uses_names_only_what_its_module_defines(uses: str) -> None:
+    with pytest.raises(YAMLError) as info:
+        load_yaml_string(fanout_yaml().replace("tests.nodes:add_one", uses))
+    assert "nodes[1].uses" in str(info.value) or "nodes[2].uses" in str(info.value)
+    assert uses in str(info.value) and "defined in its module" in str(info.value)
 
 
 def test_yaml_unknown_strategy_names_it_and_the_known_ones() -> None:

@@ -2,8 +2,9 @@
 
     TeaDistError
     ├── GraphError               building or compiling a graph went wrong
-    │   └── YAMLError            (also a ValueError) a YAML agent file is malformed or invalid
-    │       └── UnknownStrategyError   (also a ConfigError) a YAML agent names no known strategy
+    │   ├── YAMLError            (also a ValueError) a YAML agent file is malformed or invalid
+    │   │   └── UnknownStrategyError   (also a ConfigError) a YAML agent names no known strategy
+    │   └── NotAllowedError      a worker refuses a callable, module or agent it was not allowed
     ├── ConfigError              (also a ValueError) a strategy, policy or setting is invalid
     ├── SerializationError       a state value cannot cross to another process
     │   └── StateTooLargeError   a branch state exceeds the configured size limit
@@ -38,6 +39,12 @@ class YAMLError(GraphError, ValueError):
 
     Also a ``ValueError``, which is what code written for The Edge Agent catches.
     """
+
+
+class NotAllowedError(GraphError):
+    """Raised when a reference names what its module does not define, or (on a worker) a
+    callable, module or YAML agent that the worker's operator did not allow (``--allow`` /
+    ``TEA_DIST_ALLOWED`` / ``TEA_DIST_AGENTS_DIR``)."""
 
 
 class ConfigError(TeaDistError, ValueError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic_core import PydanticCustomError
 from tea_dist.core.config import CircuitBreakerConfig, ParallelConfig, ResourceLimit, RetryPolicy
 from tea_dist.core.errors import ConfigError, GraphError, UnknownStrategyError, YAMLError
 from tea_dist.core.graph import END, START, StateGraph
+from tea_dist.core.references import resolve
 from tea_dist.core.strategies import check_strategy
 from tea_dist.core.yaml_code import InlineCode, WhenCondition
 
@@ -471,13 +471,10 @@ def _node_code(node: NodeDoc, index: int, source: _Source, variables: dict[str, 
         return InlineCode(node.run, node.name, source.name, first, variables)
     if node.uses is None:
         return None
-    module_name, _, qualname = node.uses.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except Exception as exc:
-        problem = f"cannot import '{node.uses}' for node '{node.name}': {type(exc).__name__}: {exc}"
+        target: Any = resolve(node.uses)
+    except GraphError as exc:
+        problem = f"node '{node.name}': {exc}"
         raise source.error(["nodes", index, "uses"], problem) from None
     if not callable(target):
         raise source.error(["nodes", index, "uses"], f"'{node.uses}' is not callable")

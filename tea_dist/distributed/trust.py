@@ -31,16 +31,10 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from tea_dist.core.errors import GraphError
+from tea_dist.core.errors import GraphError, NotAllowedError
 
 ALWAYS_ALLOWED = ("tea_dist.policies.merge",)
 NO_SOURCE = "no-source"
-
-
-class NotAllowedError(GraphError):
-    """Raised on a worker when a message names a callable, module or YAML agent that the
-    worker's operator did not allow (``--allow`` / ``TEA_DIST_ALLOWED`` /
-    ``TEA_DIST_AGENTS_DIR``)."""
 
 
 class CodeMismatchError(GraphError):

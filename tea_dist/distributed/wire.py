@@ -13,7 +13,6 @@ state that cannot cross, naming the key and the branch, before anything is sent.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -23,6 +22,7 @@ from typing import Any
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import GraphError, SerializationError, StateTooLargeError
 from tea_dist.core.graph import Conditional, FanOut, GraphSpec, MapItems, Node
+from tea_dist.core.references import resolve
 from tea_dist.core.yaml_code import InlineCode
 from tea_dist.distributed.trust import (
     Allowlist,
@@ -51,7 +51,7 @@ def callable_path(fn: Callable[..., Any], node: str) -> str:
             "move it into an importable module"
         )
     try:
-        found = _lookup(f"{module}:{qualname}")  # uncached: a reloaded module has new objects
+        found = resolve(f"{module}:{qualname}")  # uncached: a reloaded module has new objects
     except GraphError:
         found = None
     if found is not fn and getattr(found, "__wrapped__", None) is not fn:
@@ -64,19 +64,9 @@ def callable_path(fn: Callable[..., Any], node: str) -> str:
 
 @lru_cache(maxsize=1024)
 def import_callable(path: str) -> Callable[..., Any]:
-    """Import ``module:qualname``; ``GraphError`` saying what could not be imported."""
-    return _lookup(path)
-
-
-def _lookup(path: str) -> Callable[..., Any]:
-    module_name, _, qualname = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise GraphError(f"cannot import '{path}' on this worker: {exc}") from exc
-    return obj  # type: ignore[no-any-return]
+    """The function or class ``module:qualname`` names, defined in that module
+    (``core.references``); ``GraphError`` saying what could not be imported."""
+    return resolve(path)  # type: ignore[no-any-return]
 
 
 def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
