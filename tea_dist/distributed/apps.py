@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from tea_dist.core.errors import (
     TeaDistError,
 )
 from tea_dist.core.graph import StateGraph
+from tea_dist.core.references import resolve
 from tea_dist.distributed import durable
 from tea_dist.distributed.celery_app import app, current_settings
 from tea_dist.distributed.connections import redis_for
@@ -52,10 +55,13 @@ from tea_dist.distributed.durable import RunLease
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.local_cluster import client_settings
 from tea_dist.distributed.settings import Settings, redact
+from tea_dist.distributed.signing import SignatureError, sign, verify
 from tea_dist.distributed.trust import Allowlist, agent_path, agent_ref, worker_allowlist
-from tea_dist.distributed.wire import check_json_state, import_callable, yaml_uses_modules
+from tea_dist.distributed.wire import check_json_state, yaml_uses_modules
 from tea_dist.engine.runtime import Detached, Durable
 from tea_dist.observe import metrics, tracing
+
+logger = logging.getLogger("tea_dist.runs")
 
 
 class RunStatus(StrEnum):
@@ -98,15 +104,10 @@ def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGr
         for module in sorted(yaml_uses_modules(path.read_bytes()) if path.is_file() else ()):
             allowlist.check(module, f" (a 'uses:' of the YAML agent '{graph_ref}')")
         return load_yaml(str(path))
-    module_name, sep, attr = graph_ref.partition(":")
-    if not sep or not module_name or not attr:
+    if ":" not in graph_ref:
         raise GraphError(f"graph reference '{graph_ref}' must be 'pkg.module:attr' or a YAML path")
-    if allowlist is not None:
-        allowlist.check(graph_ref, " (a submitted graph)")
-    try:
-        obj: Any = import_callable(graph_ref)
-    except GraphError as exc:
-        raise GraphError(f"cannot import graph '{graph_ref}': {exc.__cause__}") from exc
+    check = None if allowlist is None else partial(allowlist.check, context=" (a submitted graph)")
+    obj: Any = resolve(graph_ref, check=check, instances=(StateGraph,))
     if callable(obj) and not isinstance(obj, StateGraph):
         obj = obj()
     if not isinstance(obj, StateGraph):
@@ -136,6 +137,8 @@ def submit(
         graph_ref = agent_ref(graph_ref)  # run workers find it under their agents directory
     run = WorkflowRun(uuid.uuid4().hex)
     trace = tracing.carrier()  # the run joins the submitter's trace
+    body = run_body(run.run_id, graph_ref, dict(state), dict(config or {}), trace)
+    signature = sign(body, settings.secret) if settings.secret is not None else ""
     record: dict[Any, Any] = {
         "status": RunStatus.PENDING,
         "graph": graph_ref,
@@ -145,6 +148,7 @@ def submit(
         "input": json.dumps(dict(state)),
         "config": json.dumps(dict(config or {})),
         "trace": json.dumps(trace),
+        "signature": signature,  # a run worker resuming the run checks the record with it
     }
     with translated(settings):
         pipe = run.client.pipeline()
@@ -153,7 +157,7 @@ def submit(
         pipe.execute()
         run_workflow.apply_async(
             (run.run_id, graph_ref, dict(state), dict(config or {})),
-            {"trace": trace},
+            {"trace": trace, "signature": signature},
             task_id=run.run_id,
             queue=settings.runs_queue,
             argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
@@ -267,14 +271,79 @@ def run_workflow(
     state: dict[str, Any],
     config: dict[str, Any],
     trace: dict[str, str] | None = None,
+    signature: str = "",
 ) -> str:
-    """Drive one submitted run on a run worker; the outcome goes to the run's record."""
+    """Drive one submitted run on a run worker; the outcome goes to the run's record. With
+    ``TEA_DIST_SECRET`` set, a message not signed by a submitter holding it is refused before
+    anything it names is resolved."""
     run = WorkflowRun(run_id)
-    queue = run._record().get("queue") or current_settings().runs_queue
+    record = run._record()
+    queue = record.get("queue") or current_settings().runs_queue
+    try:
+        check_run_signature(run_body(run_id, graph_ref, state, config, trace), signature)
+    except SignatureError as exc:
+        return _refused(run, record, queue, exc)
     lease = durable.claim(run_id, queue, "start")
     if lease is None:  # cancelled while queued, or already taken
         return "skipped"
     return _drive(run, lease, _Work(graph_ref, state, config, trace), Durable(lease))
+
+
+def run_body(
+    run_id: str,
+    graph_ref: str,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    trace: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """What the signature of a submitted run covers: its id, graph, input, config, trace."""
+    return {
+        "run": run_id,
+        "graph": graph_ref,
+        "input": dict(state),
+        "config": dict(config),
+        "trace": dict(trace or {}),
+    }
+
+
+def check_run_signature(body: Mapping[str, Any], signature: str) -> None:
+    """``SignatureError`` unless ``body`` carries this worker's secret's signature (nothing
+    to check without a secret)."""
+    secret = current_settings().secret
+    if secret is not None:
+        verify(body, signature or None, secret)
+
+
+def _record_body(run_id: str, record: Mapping[str, str]) -> dict[str, Any]:
+    """The signed body of a run as its record keeps it."""
+    return run_body(
+        run_id,
+        record.get("graph", ""),
+        json.loads(record.get("input") or "{}"),
+        json.loads(record.get("config") or "{}"),
+        json.loads(record.get("trace") or "{}"),
+    )
+
+
+def _refused(run: WorkflowRun, record: Mapping[str, str], queue: str, exc: Exception) -> str:
+    """A ``run_workflow`` message whose signature fails is acknowledged and logged. A genuine
+    pending run (its record verifies) is left for its genuine message; a run whose record
+    fails too (its submitter has another secret, or none) ends ``failed`` saying why, so
+    that nobody waits for it."""
+    logger.warning("refused a run_workflow message for run %s: %s", run.run_id, exc)
+    if not record:
+        return "refused"
+    try:
+        check_run_signature(_record_body(run.run_id, record), record.get("signature", ""))
+        return "refused"  # a forged message naming a genuine run
+    except SignatureError:
+        pass
+    lease = durable.claim(run.run_id, queue, "start")
+    if lease is not None:
+        with lease:
+            why = f"{type(exc).__name__}: {exc}"
+            lease.finish({"status": RunStatus.FAILED, "error": why, "ended": time.time()})
+    return "refused"
 
 
 def resume_run(lease: RunLease) -> str:
@@ -290,9 +359,15 @@ def resume_run(lease: RunLease) -> str:
             state, node, steps = event["state"], event["node"], int(record.get("steps") or 0)
         else:
             state = None
+    why = ""
     if state is None:  # nothing to resume from (a run submitted by an older version)
+        why = "its run worker stopped and its checkpoint is gone; it cannot be resumed"
+    try:  # its record is what a resumed run trusts: signed by its submitter
+        check_run_signature(_record_body(lease.run_id, record), record.get("signature", ""))
+    except SignatureError as exc:
+        why = f"{type(exc).__name__}: its record is not signed by its submitter: {exc}"
+    if why:
         with lease:
-            why = "its run worker stopped and its checkpoint is gone; it cannot be resumed"
             lease.finish({"status": RunStatus.FAILED, "error": why, "ended": time.time()})
         return str(RunStatus.FAILED)
     resumed = {
