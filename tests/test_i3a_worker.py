@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tea_dist import ParallelConfig
+from tea_dist import ParallelConfig, RetryPolicy
 from tests import celery_nodes as cn
 from tests import guard_nodes as gn
 from tests.cluster import ROOT
@@ -92,3 +92,29 @@ def test_i3a_orphan_ignoring_its_interrupt_is_killed(
     print(f"\norphan ({kind}) stopped {stopped_after:.1f}s after its caller was SIGKILLed")
     assert stopped_after < 8
     serves()
+
+
+# -- a result that cannot be carried fails once -----------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "key"), [("set", "tags"), ("object", "handle")])
+def test_i3a_result_json_cannot_carry_fails_once(
+    cluster: Any, tmp_path: Path, value: str, key: str
+) -> None:
+    """A node returning a set or an object: the branch fails at once with a
+    ``SerializationError`` naming the key and the branch; the node ran once (it was neither
+    lost nor sent again, nor retried: another run would return the same)."""
+    config = ParallelConfig(
+        strategy="celery", retry_policy=RetryPolicy(max_retries=2, base_delay=0.01)
+    )
+    graph = fan_graph({"a": gn.uncarried}, config=config, fan_in=cn.collect, name="uncarried")
+    started = time.monotonic()
+    state = final_state(
+        list(graph.compile().invoke({"value": 0}, {"marker_dir": str(tmp_path), "value": value}))
+    )
+    elapsed = time.monotonic() - started
+    (result,) = state["results"]
+    assert not result["success"] and result["error_type"] == "SerializationError", result
+    assert f"'{key}'" in result["error"] and "branch 'a'" in result["error"], result["error"]
+    assert runs(tmp_path, "a") == 1
+    assert elapsed < 5, elapsed

@@ -26,6 +26,7 @@ round trip); Celery's hard limit stays, as the backstop that kills the process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -43,7 +44,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, Worker
 from billiard.pool import soft_timeout_sighandler
 from celery import Task, signals
 
-from tea_dist.core.errors import GraphError
+from tea_dist.core.errors import GraphError, SerializationError
 from tea_dist.core.graph import GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.distributed.breaker_redis import RedisBreakerStore
@@ -124,7 +125,12 @@ class StreamPublisher:
         self._add("on_circuit_state_change", transition=(old, new))
 
     def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
-        self._add("on_flow_complete", result=result)
+        try:
+            self._add("on_flow_complete", result=result)
+        except ValueError as exc:  # a value ``uncarried`` let through: the branch still ends
+            why = f"the result of branch '{result.branch}' cannot be carried as JSON: {exc}"
+            update = {"success": False, "state": None, "error_type": "SerializationError"}
+            self._add("on_flow_complete", result=result.model_copy(update={**update, "error": why}))
 
     def requeued(self, batch: str = "", delay: float | None = None) -> None:
         """The worker sent the branch again itself: as a task of its own (``batch`` empty) or
@@ -612,12 +618,52 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
         life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
         branch.send()
         return None
-    delay = life.end(run, _attempt(message, run, watch, batch.specs if batch else {}))
+    delay = _end(life, run, _attempt(message, run, watch, batch.specs if batch else {}))
     if batch is not None and delay is None:
         batch.hold(branch)
         return None
     branch.send()
     return None if delay is None else branch.again(delay)
+
+
+FINAL = frozenset({"SerializationError"})
+"""Attempt errors that another attempt would only repeat, whatever the retry policy says."""
+
+
+def _end(life: Lifecycle, run: BranchRun, outcome: AttemptOutcome) -> float | None:
+    """``life.end``; an attempt that failed with one of the ``FINAL`` errors ends its branch."""
+    if outcome.error is None or outcome.error.type_name not in FINAL:
+        return life.end(run, outcome)
+    config = run.config
+    no_retry = config.retry().model_copy(update={"max_retries": 0})
+    run.config = config.model_copy(update={"retry_policy": no_retry})
+    try:
+        return life.end(run, outcome)
+    finally:
+        run.config = config
+
+
+def uncarried(state: dict[str, Any] | None, branch: str) -> SerializationError | None:
+    """The error naming the first key of a branch's resulting ``state`` that JSON cannot
+    carry back to its caller (a set, an object), or None. Checked where the attempt ran:
+    the result would otherwise never reach the stream, and the branch look lost."""
+    if not state:
+        return None
+    try:
+        json.dumps(state)
+        return None
+    except (TypeError, ValueError):
+        pass
+    for key, value in state.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            return SerializationError(
+                f"state key '{key}' returned by branch '{branch}' cannot be carried back to "
+                f"the caller as JSON ({type(value).__name__}): {exc}",
+                key=str(key),
+            )
+    return SerializationError(f"the state returned by branch '{branch}' is not JSON")
 
 
 def _killed(branch: WorkerBranch, batch: Batch) -> None:
@@ -703,6 +749,8 @@ def _attempt(
                 node=message.node,
             )
             outcome = run_attempt(task, Runtime(graph_name=spec.name).fanout, watch.token)
+        if outcome.ok and (error := uncarried(outcome.state, message.branch)) is not None:
+            outcome = _ended(ErrorInfo.from_exception(error), started)
     except GraphError as exc:
         return _ended(ErrorInfo.from_exception(exc, node=message.branch), started)
     except SoftTimeLimitExceeded:  # raised between nodes, outside the attempt runner
