@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,103 @@ def test_i3a_result_json_cannot_carry_fails_once(
     assert f"'{key}'" in result["error"] and "branch 'a'" in result["error"], result["error"]
     assert runs(tmp_path, "a") == 1
     assert elapsed < 5, elapsed
+
+
+# -- workers enforce the size limit ------------------------------------------------------------
+
+
+def forged_branch(tmp_path: Path, state: dict[str, Any]) -> Any:
+    """A branch message as the driver builds it (node ``a`` marks its start in ``tmp_path``),
+    with a live caller's lease; sent by ``send_forged``."""
+    from tea_dist.distributed.messages import BranchMessage
+    from tea_dist.distributed.trust import fingerprint
+    from tea_dist.engine.lifecycle import AttemptState
+
+    path = "tests.celery_nodes:start_sleep_done"
+    graph = {
+        "name": "forged",
+        "nodes": {"a": {"run": path, "fan_in": False}},
+        "edges": {"a": ["merge"]},
+        "conditionals": {},
+        "fanouts": {},
+        "code": fingerprint(["tests.celery_nodes"]),
+    }
+    return BranchMessage(
+        run=uuid.uuid4().hex,
+        graph_name="forged",
+        fanout=uuid.uuid4().hex,
+        index=0,
+        branch="a",
+        fan_in="merge",
+        graph=graph,
+        state=state,
+        run_config={"marker_dir": str(tmp_path), "sleep": {"a": 0}},
+        config=ParallelConfig(strategy="celery"),
+        attempt=AttemptState(branch="a", dispatched_at=time.time()),
+    )
+
+
+def completions(cluster: Any, run: str) -> list[Any]:
+    from tea_dist.distributed.keys import Keys
+    from tea_dist.distributed.messages import BranchEvent
+
+    settings = cluster.settings()
+    client = redis.Redis.from_url(settings.redis)
+    events = [
+        BranchEvent.model_validate_json(fields[b"e"])
+        for _id, fields in client.xrange(Keys(settings.key_prefix).events(run))
+    ]
+    return [e.result for e in events if e.event == "on_flow_complete" and e.result is not None]
+
+
+def broker_holds(cluster: Any, queue: str, task_id: str) -> int:
+    """How many copies of task ``task_id`` the broker holds, queued or delivered unacked."""
+    client = redis.Redis.from_url(cluster.settings().broker)
+    found = sum(task_id.encode() in entry for entry in client.lrange(queue, 0, -1))
+    for _tag, entry in client.hscan_iter("unacked"):
+        found += task_id.encode() in entry
+    return found
+
+
+def send_forged(cluster: Any, message: Any, queue: str) -> str:
+    """Publish ``message`` straight to ``queue`` with the headers a genuine one carries."""
+    from tea_dist.distributed.celery_app import app
+    from tea_dist.distributed.keys import Keys
+
+    settings = cluster.settings()
+    client = redis.Redis.from_url(settings.redis)
+    client.set(Keys(settings.key_prefix).run_lease(message.run), 1, ex=60)  # a live caller
+    task_id = f"{message.fanout}.0.0"
+    headers = {
+        "tea_run": message.run,
+        "tea_fanout": message.fanout,
+        "tea_index": message.index,
+        "tea_branch": message.branch,
+    }
+    app.send_task(
+        "tea_dist.run_flow",
+        args=(message,),
+        queue=queue,
+        task_id=task_id,
+        headers=headers,
+        argsrepr="(forged)",
+        ignore_result=True,
+    )
+    return task_id
+
+
+def test_i3a_oversize_message_is_refused_unread(cluster: Any, tmp_path: Path) -> None:
+    """A forged branch message with a 3 MB state (the limit is 1 MB) is not run: its run's
+    stream gets one refusal naming the limit and the setting, and the broker keeps nothing of
+    it (acknowledged, never delivered again)."""
+    queue = cluster.env["TEA_DIST_FLOWS_QUEUE"]
+    message = forged_branch(tmp_path, {"blob": "x" * 3_000_000})
+    task_id = send_forged(cluster, message, queue)
+    wait_for(lambda: completions(cluster, message.run), 30, "the refusal")
+    time.sleep(1.5)  # nothing more comes: no redelivery, no second report
+    (result,) = completions(cluster, message.run)
+    assert not result.success and result.error_type == "StateTooLargeError", result
+    assert "TEA_DIST_MAX_STATE_BYTES=1000000" in (result.error or ""), result.error
+    assert not (tmp_path / "a.start").exists(), "the worker ran the oversize branch"
+    assert broker_holds(cluster, queue, task_id) == 0
+    serves()

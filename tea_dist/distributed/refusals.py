@@ -7,6 +7,11 @@ messages: from the routing headers every branch message carries (``tea_run``, ``
 ``tea_index``, ``tea_branch``, or a batch's ``tea_items``; readable without decoding the body)
 it publishes each branch's failed result on the run's stream, then lets Celery drop the
 message as before.
+
+It also wraps the consumer's strategies for tea_dist's branch tasks: a message whose raw body
+is larger than ``TEA_DIST_MAX_STATE_BYTES`` allows is refused before anything decodes it
+(neither kombu nor pydantic builds its state), reported the same way and acknowledged, so it
+is never delivered again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from tea_dist.core.errors import StateTooLargeError
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.connections import redis_for
 from tea_dist.distributed.keys import Keys
@@ -28,8 +34,22 @@ from tea_dist.engine.lifecycle import AttemptState
 logger = logging.getLogger("tea_dist.worker")
 
 
+BRANCH_TASKS = ("tea_dist.run_flow", "tea_dist.run_batch")
+ENVELOPE_BYTES = 64 * 1024  # a branch message besides its state and run config: graph, config
+
+
 class Refusals(bootsteps.StartStopStep):  # type: ignore[misc]
     """Tell the caller of a branch message this worker refused to decode."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}  # its strategies exist when it starts
+
+    def start(self, c: Any) -> None:
+        """Check each branch message's size before its task's strategy sees it (again after
+        a reconnection: the strategies are built anew)."""
+        for name in BRANCH_TASKS:
+            strategy = c.strategies.get(name)
+            if strategy is not None and not getattr(strategy, "tea_sized", False):
+                c.strategies[name] = _sized(c, strategy)
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
@@ -48,6 +68,37 @@ class Refusals(bootsteps.StartStopStep):  # type: ignore[misc]
             invalid(body, message, exc)
 
         c.on_decode_error, c.on_invalid_task = on_decode_error, on_invalid_task
+
+
+def size_limit(settings: Any, headers: dict[str, Any]) -> int:
+    """The most bytes a worker reads of a branch message: per branch it names, the state
+    and run config (``TEA_DIST_MAX_STATE_BYTES`` each, as callers check them) and the rest."""
+    items = headers.get("tea_items")
+    count = len(items) if isinstance(items, list) and items else 1
+    return count * (2 * int(settings.max_state_bytes) + ENVELOPE_BYTES)
+
+
+def _sized(c: Any, strategy: Any) -> Any:
+    """``strategy``, refusing first a message over ``size_limit``."""
+
+    def sized(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
+        settings = c.app.tea_settings
+        headers = dict(message.headers or {})
+        size, limit = len(message.body or b""), size_limit(settings, headers)
+        if size <= limit:
+            return strategy(message, body, ack, reject, callbacks, **kw)
+        exc = StateTooLargeError(
+            f"the branch message is {size} bytes, over the {limit} bytes a worker reads "
+            f"(TEA_DIST_MAX_STATE_BYTES={settings.max_state_bytes} for a branch's state, as "
+            f"much for its run config, plus {ENVELOPE_BYTES // 1024} KiB); not run"
+        )
+        with contextlib.suppress(Exception):  # telling is best effort; acknowledging is not
+            tell_caller(settings, headers, exc)
+        message.ack_log_error(logger, c.connection_errors)  # never delivered again
+        return None
+
+    sized.tea_sized = True  # type: ignore[attr-defined]
+    return sized
 
 
 def tell_caller(settings: Any, headers: dict[str, Any], exc: Exception) -> None:
