@@ -350,7 +350,8 @@ class StateGraph:
 
         Raises ``GraphError`` naming the culprit: unknown node, no entry point, a branch
         that cannot reach its fan-in, a node with both parallel and normal successors.
-        Options: ``callback_timeout`` (seconds, default 5), ``breaker_store``.
+        Options: ``callback_timeout`` (seconds, default 5), ``breaker_store``,
+        ``raise_exceptions`` (this compiled graph's, instead of the builder's).
 
         The builder keeps the graph made last: ``invoke``, ``stream`` and the circuit methods
         of the builder use it (compiling with these arguments again after the builder changed).
@@ -368,10 +369,9 @@ class StateGraph:
         spec = self.to_spec(parallel_config)
         compiled = _compiler(
             spec,
-            raise_exceptions=self.raise_exceptions,
+            **{"raise_exceptions": self.raise_exceptions, **options},
             callbacks=list(parallel_callbacks or []),
             failed_branches=self.failed_branches,
-            **options,
         )
         self._compile_args = {
             "parallel_config": parallel_config,

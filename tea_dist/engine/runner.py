@@ -114,19 +114,29 @@ class CompiledGraph:
         *,
         run_id: str | None = None,
         cancel_token: CancelToken | None = None,
+        raise_exceptions: bool | None = None,
     ) -> Iterator[Event]:
         """Run the graph; yields the ``final`` event (or an ``error`` event).
 
         ``run_id`` names the run (events of celery branches go to its stream);
-        ``cancel_token`` stops the run between nodes and cancels running branches.
+        ``cancel_token`` stops the run between nodes and cancels running branches;
+        ``raise_exceptions`` overrides the graph's for this run (see ``StateGraph``).
         """
-        return self._run(state, config, False, run_id=run_id, cancel_token=cancel_token)
+        return self._run(
+            state,
+            config,
+            False,
+            run_id=run_id,
+            cancel_token=cancel_token,
+            raise_exceptions=raise_exceptions,
+        )
 
     def stream(
         self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
     ) -> Iterator[Event]:
         """Run the graph, yielding an event after every node and every branch (``options``:
-        ``run_id`` and ``cancel_token``, as for ``invoke``; ``durable``: a submitted run, driven
+        ``run_id``, ``cancel_token`` and ``raise_exceptions``, as for ``invoke``; ``durable``:
+        a submitted run, driven
         by its owner, maybe resumed after a node with ``state`` the state after it, see
         ``tea_dist.distributed.durable``)."""
         return self._run(state, config, True, **options)
@@ -139,7 +149,10 @@ class CompiledGraph:
         run_id: str | None = None,
         cancel_token: CancelToken | None = None,
         durable: Durable | None = None,
+        raise_exceptions: bool | None = None,
     ) -> Iterator[Event]:
+        if raise_exceptions is None:
+            raise_exceptions = self.raise_exceptions
         after = durable.after if durable is not None else ""
         if after and after not in self.spec.nodes:
             raise GraphError(
@@ -197,7 +210,7 @@ class CompiledGraph:
             runtime.close()
             tea = self.failed_branches == "tea"
             node = exc.branch if tea and isinstance(exc, _FailedBranch) else cursor.node
-            if self.raise_exceptions:
+            if raise_exceptions:
                 if tea:
                     raise NodeError(f"Error in node '{node}': {exc}") from exc
                 if isinstance(exc, TeaDistError):

@@ -1,0 +1,123 @@
+"""What scripts see is the truth: exit codes, failed branches on stderr, ``--version``,
+``submit --wait`` output, ``raise_exceptions`` where the README says it works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tea_dist import StateGraph
+from tea_dist.core.errors import NodeError
+from tea_dist.interfaces import cli
+
+HALF_FAILED = """\
+name: half_failed
+nodes:
+  - {name: prepare}
+  - {name: good, run: 'return {"good": 1}'}
+  - {name: bad, run: 'raise ValueError("kaput\\nsecond line")'}
+  - name: merge
+    fan_in: true
+    run: 'return {"ok": [r.success for r in parallel_results]}'
+edges:
+  - {from: __start__, to: prepare}
+  - {from: prepare, to: [good, bad], parallel: true, fan_in: merge}
+  - {from: good, to: merge}
+  - {from: bad, to: merge}
+  - {from: merge, to: __end__}
+"""
+
+
+def test_i3b_run_with_failed_branches_exits_3_naming_each_on_stderr(tmp_path: Path) -> None:
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(HALF_FAILED)
+    result = CliRunner().invoke(cli.app, ["run", str(agent)])
+    assert result.exit_code == 3, (result.stdout, result.stderr)
+    assert json.loads(result.stdout) == {"ok": [True, False]}  # the final state still printed
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["branch 'bad' failed: ValueError: kaput second line"], result.stderr
+
+
+def test_i3b_run_with_every_branch_successful_exits_0() -> None:
+    research = str(Path(__file__).resolve().parent.parent / "examples" / "research.yaml")
+    result = CliRunner().invoke(cli.app, ["run", research, "--input", '{"query": "x"}'])
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_i3b_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tea_dist", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"tea-dist {version('tea-dist')}"
+
+
+def _failing_graph() -> StateGraph:
+    def broken(state: dict[str, int]) -> dict[str, int]:
+        raise ValueError("kaput")
+
+    g = StateGraph({"value": int})
+    g.add_node("broken", run=broken)
+    g.set_entry_point("broken")
+    g.set_finish_point("broken")
+    return g
+
+
+def test_i3b_raise_exceptions_works_on_compile_invoke_and_the_builder() -> None:
+    g = _failing_graph()
+    assert list(g.compile().invoke({"value": 1}))[-1]["type"] == "error"
+    with pytest.raises(NodeError, match="kaput"):
+        list(g.compile(raise_exceptions=True).invoke({"value": 1}))
+    compiled = g.compile()
+    with pytest.raises(NodeError, match="kaput"):
+        list(compiled.invoke({"value": 1}, raise_exceptions=True))
+    with pytest.raises(NodeError, match="kaput"):
+        list(compiled.stream({"value": 1}, raise_exceptions=True))
+    assert list(compiled.invoke({"value": 1}))[-1]["type"] == "error"  # per call only
+    strict = StateGraph({"value": int}, raise_exceptions=True)
+    strict.add_node("broken", run=_failing_graph().compiled().spec.nodes["broken"].run)
+    strict.set_entry_point("broken")
+    strict.set_finish_point("broken")
+    with pytest.raises(NodeError):
+        list(strict.invoke({"value": 1}))
+    assert list(strict.invoke({"value": 1}, raise_exceptions=False))[-1]["type"] == "error"
+
+
+@pytest.mark.celery
+def test_i3b_submit_imports_the_graph_from_the_working_directory(
+    cluster: object, tmp_path: Path
+) -> None:
+    """``tea-dist submit mymod:graph`` from the project's folder, as ``tea-dist run`` works
+    from there (the console script has no working directory on its path by itself)."""
+    import os
+    import uuid
+
+    name = f"i3b_graphs_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "from tea_dist import StateGraph\n"
+        "def one(state):\n    return {'value': 1}\n"
+        "def graph():\n"
+        "    g = StateGraph({'value': int})\n"
+        "    g.add_node('one', run=one)\n"
+        "    g.set_entry_point('one')\n    g.set_finish_point('one')\n    return g\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(cluster.env)  # type: ignore[attr-defined]
+    env.pop("PYTHONPATH", None)
+    script = str(Path(sys.executable).with_name("tea-dist"))
+    done = subprocess.run(
+        [script, "submit", f"{name}:graph"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip()) == 32  # a run id
