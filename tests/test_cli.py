@@ -235,9 +235,9 @@ def test_item10_debug_shows_a_failing_nodes_traceback(runner: CliRunner, tmp_pat
 def test_item10_debug_shows_a_failed_branchs_traceback(runner: CliRunner, tmp_path: Path) -> None:
     agent = write(tmp_path, BRANCH_FAILS)
     plain = runner.invoke(cli.app, ["run", agent])
-    assert plain.exit_code == 0 and "Traceback" not in plain.stderr
+    assert plain.exit_code == 3 and "Traceback" not in plain.stderr  # finished, a branch failed
     debug = runner.invoke(cli.app, ["run", agent, "--debug"])
-    assert debug.exit_code == 0, debug.stderr
+    assert debug.exit_code == 3, debug.stderr
     assert "branch 'bad' failed:" in debug.stderr and "Traceback" in debug.stderr
     assert 'raise ValueError("boom")' in debug.stderr
     assert json.loads(debug.stdout)["n"] == 2  # best effort: the run still succeeds

@@ -24,8 +24,8 @@ def test_cli_submit_wait_status_result(cluster: Any) -> None:
         app, ["submit", "tests.apps_graphs:quick", "--input", '{"value": 1}', "--wait"]
     )
     assert out.exit_code == 0, out.output
-    run_id, rest = out.stdout.split("\n", 1)
-    assert json.loads(rest)["total"] == 4
+    run_id = out.stderr.strip()  # the id on stderr: stdout is the result JSON alone
+    assert json.loads(out.stdout)["total"] == 4
     assert runner.invoke(app, ["status", run_id]).stdout.strip() == "succeeded"
     again = runner.invoke(app, ["result", run_id])
     assert again.exit_code == 0 and json.loads(again.stdout)["total"] == 4
@@ -69,7 +69,8 @@ def test_item6_cancel_unknown_or_finished_run_exits_non_zero(cluster: Any) -> No
     import redis
 
     out = runner.invoke(app, ["submit", "tests.apps_graphs:quick", "--wait"])
-    run_id = out.stdout.split("\n", 1)[0]
+    run_id = out.stderr.strip().splitlines()[0]  # the id on stderr, the state on stdout
+    assert json.loads(out.stdout)
     finished = runner.invoke(app, ["cancel", run_id])
     assert finished.exit_code == 1 and "already ended (succeeded)" in finished.stderr
     unknown = runner.invoke(app, ["cancel", "nosuch"])

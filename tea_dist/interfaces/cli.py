@@ -7,9 +7,11 @@
 stdout carries only JSON (the final state, or one event per line with ``--stream``); messages
 and the live branch table go to stderr. Every failure is one line ``error: ...`` on stderr
 (a traceback too with ``--debug``: a failing node's, and every failed branch's) and a non-zero
-exit: 2 for bad input (file, YAML, JSON, options), 1 for a run that failed, 128 + N when
-signal N (Ctrl-C, SIGTERM, SIGHUP) stopped it, after the same clean-up as on Ctrl-C. Each
-command is one ``@app.command()`` function built from the shared helpers below.
+exit: 2 for bad input (file, YAML, JSON, options), 1 for a run that failed, 3 for a run that
+finished with failed branches (one line per failed branch on stderr: branch, error type,
+message), 128 + N when signal N (Ctrl-C, SIGTERM, SIGHUP) stopped it, after the same clean-up
+as on Ctrl-C. Each command is one ``@app.command()`` function built from the shared helpers
+below.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from tea_dist.core.strategies import check_strategy
 from tea_dist.engine.walk import DEFAULT_RECURSION_LIMIT
 from tea_dist.interfaces import cli_ops  # noqa: F401 - registers the distributed commands
 from tea_dist.interfaces.common import (
+    EXIT_BRANCHES_FAILED,
     EXIT_RUN_FAILED,
     EXIT_USAGE,
     AgentArg,
     BranchProgress,
     BranchTracebacks,
     DebugOpt,
+    FailedBranches,
     app,
     fail,
     interruptible,
@@ -43,6 +47,29 @@ from tea_dist.interfaces.common import (
     stderr_is_terminal,
     to_json,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"tea-dist {version('tea-dist')}")
+        except PackageNotFoundError:
+            typer.echo("tea-dist (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Run workflow graphs whose parallel branches run on threads, processes or Celery."""
 
 
 @app.command()
@@ -73,7 +100,8 @@ def run(
         progress = None
         if not stream and stderr_is_terminal():
             progress = BranchProgress(Console(file=sys.stderr))
-        callbacks: list[Any] = [progress] if progress else []
+        failed = FailedBranches()
+        callbacks: list[Any] = [failed, progress] if progress else [failed]
         if debug:
             callbacks.append(
                 BranchTracebacks(progress.console if progress else Console(stderr=True))
@@ -92,6 +120,10 @@ def run(
         fail(_describe_error(last), EXIT_RUN_FAILED)
     if not stream:
         typer.echo(to_json(last.get("state", {}), indent=2))
+    if failed.failed:
+        for line in failed.lines():
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_BRANCHES_FAILED)
 
 
 def _drain(events: Iterable[Mapping[str, Any]], stream: bool) -> Mapping[str, Any] | None:

@@ -174,12 +174,16 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Wait and print the final state.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Enqueue a whole workflow run on the run workers; prints its run id."""
+    """Enqueue a whole workflow run on the run workers; prints its run id (with --wait: the
+    id on stderr, the final state alone on stdout). REF is imported from the working
+    directory."""
     from tea_dist.distributed.apps import submit as submit_run
 
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     with reporting(debug):
         run = submit_run(ref, parse_input(input_), parse_input(config, "--config"))
-    typer.echo(run.run_id)
+    typer.echo(run.run_id, err=wait)
     if wait:
         with interruptible(), reporting(debug, EXIT_RUN_FAILED):
             typer.echo(to_json(run.result(), indent=2))

@@ -26,12 +26,13 @@ from tea_dist.core.graph import StateGraph
 
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BRANCHES_FAILED = 3  # the run finished, but some branches failed
 
 app = typer.Typer(
     name="tea-dist",
     help="Run workflow graphs whose parallel branches run on threads, processes or Celery.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -163,6 +164,28 @@ class BranchTracebacks:
                 markup=False,
                 highlight=False,
             )
+
+
+class FailedBranches:
+    """Every branch that did not succeed (a callback): ``tea-dist run`` lists them on stderr
+    and exits 3, so a script sees failures that the fan-in absorbed."""
+
+    def __init__(self) -> None:
+        self.failed: list[Any] = []
+        self._lock = threading.Lock()
+
+    def on_flow_complete(self, context: Any, result: Any) -> None:
+        if not result.success:
+            with self._lock:
+                self.failed.append(result)
+
+    def lines(self) -> list[str]:
+        """One line per failed branch: ``branch 'b' failed: TimeoutError: ...``."""
+        lines = []
+        for result in self.failed:
+            message = " ".join(str(result.error or "").split())
+            lines.append(f"branch '{result.branch}' failed: {result.error_type}: {message}")
+        return lines
 
 
 # -- live progress ------------------------------------------------------------------------
