@@ -219,3 +219,41 @@ def test_i3a_oversize_message_is_refused_unread(cluster: Any, tmp_path: Path) ->
     assert not (tmp_path / "a.start").exists(), "the worker ran the oversize branch"
     assert broker_holds(cluster, queue, task_id) == 0
     serves()
+
+
+# -- a message that crashed its process twice is quarantined ----------------------------------
+
+
+@pytest.mark.parametrize("how", ["exit", "abort"])
+def test_i3a_branch_crashing_its_process_is_quarantined(
+    cluster: Any, tmp_path: Path, how: str
+) -> None:
+    """A node that kills its own pool process every time (``os._exit``, ``os.abort``): the
+    third start of the branch is not run; the run ends promptly with that branch failed,
+    naming the quarantine; the node ran twice; the worker serves the next branch."""
+    config = ParallelConfig(strategy="celery", timeout_total=60)
+    graph = fan_graph({"a": gn.crash}, config=config, fan_in=cn.collect, name="crashing")
+    started = time.monotonic()
+    state = final_state(
+        list(graph.compile().invoke({"value": 0}, {"marker_dir": str(tmp_path), "how": how}))
+    )
+    elapsed = time.monotonic() - started
+    (result,) = state["results"]
+    print(f"\ncrashing branch ({how}) ended after {elapsed:.1f}s, {runs(tmp_path, 'a')} runs")
+    assert not result["success"] and result["error_type"] == "QuarantinedError", result
+    assert "crashed its worker process twice" in result["error"], result["error"]
+    assert runs(tmp_path, "a") == 2
+    assert elapsed < 15, elapsed
+    serves()
+
+
+def test_i3a_branch_crashing_once_still_completes(cluster: Any, tmp_path: Path) -> None:
+    """A branch whose process died once (a lost worker, not a bad message) runs again and
+    succeeds: the crash count does not blame it."""
+    config = ParallelConfig(strategy="celery", timeout_total=60)
+    graph = fan_graph({"a": gn.crash}, config=config, fan_in=cn.collect, name="crashed")
+    run_config = {"marker_dir": str(tmp_path), "once": True}
+    state = final_state(list(graph.compile().invoke({"value": 0}, run_config)))
+    (result,) = state["results"]
+    assert result["success"] and result["state"]["survived"] == 2, result
+    assert runs(tmp_path, "a") == 2

@@ -158,6 +158,7 @@ class WorkerBranch:
     keys: Keys
     client: Any
     batch: Batch | None = None  # its events go out with those its batch still holds
+    starts: str = ""  # its count of starts that never ended, dropped when its attempt ends
 
     @classmethod
     def of(cls, message: BranchMessage, task_id: str, batch: Batch | None = None) -> WorkerBranch:
@@ -223,8 +224,12 @@ class WorkerBranch:
                 branch.publisher.queue(pipe, self.keys, self.message.run, int(settings.run_expires))
             if held is not None:
                 pipe.delete(self.keys.heartbeat(held.message.fanout, held.message.index))
+                if held.starts:
+                    pipe.delete(held.starts)
             if end:
                 pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
+                if self.starts:
+                    pipe.delete(self.starts)
             return list(pipe.execute())[: len(before)]
 
         replies = ride_out(once, settings.redis, settings.broker_grace)
@@ -442,6 +447,7 @@ class FlowTask(Task):  # type: ignore[misc]
             error = _killed_at(config.timeout_seconds)
         else:
             error = ErrorInfo.from_exception(exc)
+        branch.starts = starts_key(branch.keys, branch.message)  # it ended: not a crash
         branch.run.admission = Admission(True, branch.message.probe, CircuitState.CLOSED)
         branch.life.begin(branch.run)
         now = time.time()
@@ -597,9 +603,12 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
     )
     ttl = int(settings.heartbeat_ttl * 1000)
     life.begin(run, worker=worker_id())
+    starts = starts_key(keys, message)
     before: list[tuple[str, tuple[Any, ...]]] = [
         ("exists", (keys.fanout_finished(message.fanout),)),
         ("exists", (watch.lease,)),
+        ("incr", (starts,)),
+        ("expire", (starts, int(settings.run_expires))),
         ("set", (watch.heartbeats[0], worker_id(), None, ttl)),
     ]
     if batch is not None:
@@ -612,12 +621,20 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
             watch.kill = partial(_killed, branch, batch)
         inbox = keys.worker_inbox(worker_id())  # wakes the beater: it re-times its wait
         before += [("rpush", (inbox, "wake")), ("expire", (inbox, 60))]
-    finished, caller, *_ = branch.send(*before, end=False)
+    finished, caller, unended, *_ = branch.send(*before, end=False)
     if finished or not caller:  # a late delivery, or its caller is gone: do not run it
         why = "the run had already finished" if finished else "its caller went away"
         life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
+        branch.starts = starts
         branch.send()
         return None
+    if unended > MAX_CRASHES:  # its starts killed their process: this one is not run
+        logger.error("quarantined branch message %s: %s", message.describe(), QUARANTINED)
+        error = ErrorInfo("QuarantinedError", f"branch '{message.branch}' {QUARANTINED}")
+        _end(life, run, _ended(error))
+        branch.send()  # its count stays: a copy delivered later is refused the same way
+        return None
+    branch.starts = starts
     delay = _end(life, run, _attempt(message, run, watch, batch.specs if batch else {}))
     if batch is not None and delay is None:
         batch.hold(branch)
@@ -626,8 +643,18 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
     return None if delay is None else branch.again(delay)
 
 
-FINAL = frozenset({"SerializationError"})
+FINAL = frozenset({"SerializationError", "QuarantinedError"})
 """Attempt errors that another attempt would only repeat, whatever the retry policy says."""
+
+MAX_CRASHES = 2
+QUARANTINED = "crashed its worker process twice; not run again (quarantined)"  # MAX_CRASHES
+
+
+def starts_key(keys: Keys, message: BranchMessage) -> str:
+    """The count of a branch's attempts that started and never ended (their process died),
+    across every delivery of it: a redelivery of its message and its driver's re-dispatch
+    (a new task id and attempt number) alike. An attempt that ends drops it."""
+    return f"{keys.prefix}:fanout:{message.fanout}:starts:{message.index}"
 
 
 def _end(life: Lifecycle, run: BranchRun, outcome: AttemptOutcome) -> float | None:
