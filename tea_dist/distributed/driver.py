@@ -10,6 +10,19 @@ branches (a cooperative interrupt first, ``revoke(terminate=True)`` after a grac
 a branch whose worker died (its heartbeat lapsed), or whose retry was due long ago without
 starting, is sent again.
 
+A branch sent but never started is sent again too when its message was lost with a worker that
+took it and died before starting it (the broker keeps such a message unacknowledged for its
+whole visibility timeout): queues are first in, first out, so a branch of the same queue sent
+after it and started ``UNSTARTED_GRACE`` ago proves it left the queue; and when a worker
+consuming its queue vanishes (``presence``), the oldest unstarted messages of the queue, which
+it may have held, are sent again. Branches merely waiting behind busy live workers are never
+sent again. The superseded task id is revoked; its events are ignored.
+
+The caller's liveness lease is renewed by a thread of its own, whatever the driver is busy
+with, and branches are sent in slices between reads of the stream. A submitted run's lease
+lives as long as the run's retention: its branches wait for the run to be taken over, not for
+the process driving it (cancelling the run, or its end, deletes the lease).
+
 In a durable run (``submit()``) the fan-out's id is ``{run_id}.{steps}`` and each branch's task
 id ``{fanout}.{index}.{resends}``; the driver records every branch it sends on the stream
 (``on_flow_queued``, fenced by the run's owner). A driver that takes a run over finds there the
@@ -22,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -42,7 +56,6 @@ from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.connections import check_reachable, redis_for, ride_out
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
-from tea_dist.distributed.presence import live_consumers
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
 from tea_dist.engine.attempt import BranchTask, ErrorInfo, worker_id
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result, total_deadline
@@ -58,6 +71,9 @@ T = TypeVar("T")
 
 MAX_REDISPATCH = 3
 NO_WORKER_SECONDS = 5.0  # branches on a queue no live worker consumes end the run after this
+UNSTARTED_GRACE = 5.0  # s a branch may take to start after a later one of its queue started
+VANISHED_HOLD = 64  # unstarted messages a vanished worker may have held (its prefetch)
+SEND_SLICE = 500  # branches sent between two reads of the stream
 
 logger = logging.getLogger("tea_dist.driver")
 
@@ -130,6 +146,8 @@ class _Remote:
     retry_due: float | None = None  # monotonic: when its retry should start
     redispatched: int = 0
     stopping: float | None = None  # monotonic: when a stop was requested
+    seq: int = 0  # the order it was sent in (its queue is first in, first out)
+    fifo: bool = True  # False once a worker published it again itself (with a countdown)
 
 
 class _Driver:
@@ -157,6 +175,13 @@ class _Driver:
         self.window = min((c.max_workers for c in configs if c.max_workers), default=None)
         self.unconsumed: dict[str, float] = {}  # queue -> monotonic time it was seen unconsumed
         self.batches: dict[str, float | None] = {}  # batch started -> monotonic: silent since
+        self.sent = 0  # messages sent so far: the ``seq`` of the last one
+        self.starts: dict[str, deque[tuple[float, int]]] = {}  # queue -> (when, seq) started
+        self.passed: dict[str, int] = {}  # queue -> every message sent before this one left it
+        self.consumers: dict[str, set[str]] = {}  # queue -> live workers seen consuming it
+        ttl = self.settings.run_expires if self.owner is not None else self.settings.caller_lease
+        every = min(self.settings.heartbeat_seconds, self.settings.caller_lease / 4)
+        self.keeper = _LeaseKeeper(self.client, self.lease, self.fanout_id, ttl, every)
 
     def _redis(self, operation: Callable[[], T]) -> T:
         """A Redis operation that rides out an outage shorter than ``TEA_DIST_BROKER_GRACE``."""
@@ -199,14 +224,15 @@ class _Driver:
         check_reachable(self.settings.redis)
         if self.settings.broker != self.settings.redis:
             check_reachable(self.settings.broker, "the broker")
-        self._renew_lease()
+        self._redis(self.keeper.renew)  # the first time here: an unreachable Redis fails it
+        self.keeper.start()
         if self.runtime.adopting:
             self._adopt()
         self._top_up()
 
     def _top_up(self) -> None:
         """Send branches while fewer than ``max_workers`` are outstanding (every one, without
-        it): the rest wait here, not in the broker."""
+        it, ``SEND_SLICE`` at a time): the rest wait here, not in the broker."""
         if self.window is not None:
             self.in_flight = {r for r in self.in_flight if not r.done}
             if len(self.in_flight) >= self.window:
@@ -216,7 +242,11 @@ class _Driver:
         queued: list[BranchRun] = []
         with self.app.producer_or_acquire() as producer:  # one channel for all of them
             group: list[BranchRun] = []
-            while self.unsent and (self.window is None or len(self.in_flight) < self.window):
+            while (
+                self.unsent
+                and (self.window is None or len(self.in_flight) < self.window)
+                and len(queued) + len(group) < SEND_SLICE
+            ):
                 run = self.unsent.popleft()
                 # an open circuit resolves it, nothing is sent; the worker takes the permits
                 if run.done or not self.life.admit(run, permits=False):
@@ -230,7 +260,7 @@ class _Driver:
                     self._send(group, producer)
                     queued += group
                     group = []
-            if group:  # the window closed before the batch was full
+            if group:  # the window or the slice closed before the batch was full
                 self._send(group, producer)
                 queued += group
         self._record_queued(queued)
@@ -262,8 +292,10 @@ class _Driver:
 
         batch = f"{self.fanout_id}.batch.{uuid.uuid4().hex[:12]}" if len(runs) > 1 else None
         items = []
+        self.sent += 1
         for run in runs:
             remote: _Remote = run.handle
+            remote.seq, remote.fifo = self.sent, True
             remote.task_id = f"{self.fanout_id}.{run.index}.{remote.redispatched}"
             remote.message = remote.message.signed(self.settings.secret)
             remote.batch = batch
@@ -321,6 +353,8 @@ class _Driver:
             run.deadline = total_deadline(run.config, run.state.dispatched_at, self.life.clock)
             remote = _Remote(self._message(run), run.config.queue or self.settings.flows_queue)
             remote.task_id, remote.redispatched = event.task_id, _resends(event.task_id)
+            self.sent += 1  # sent in an order unknown here: only a vanished worker re-sends it
+            remote.seq, remote.fifo = self.sent, False
             run.handle = remote
             adopted.add(run)
             if self.window is not None:
@@ -334,7 +368,8 @@ class _Driver:
         stream, last = self.keys.events(self.runtime.run_id), "0-0"
         next_check = time.monotonic() + self.settings.heartbeat_seconds
         while life.pending:
-            read = partial(self.client.xread, {stream: last}, count=1000, block=100)
+            block = None if self.unsent and self._can_send() else 100  # more to send: no wait
+            read = partial(self.client.xread, {stream: last}, count=1000, block=block)
             reply: Any = self._redis(read)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
@@ -350,9 +385,15 @@ class _Driver:
                 life.cancel_all(cancel.why("cancelled: the run was cancelled"))
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.heartbeat_seconds
-                self._renew_lease()
                 self._check_lost()
+                self._check_unstarted()
                 self._check_queues()
+
+    def _can_send(self) -> bool:
+        """A branch may be sent now (``max_workers`` leaves room for it)."""
+        if self.window is None:
+            return True
+        return sum(not r.done for r in self.in_flight) < self.window
 
     def _on_event(self, event: BranchEvent) -> None:
         if event.fanout != self.fanout_id or event.event == "on_flow_queued":
@@ -364,11 +405,15 @@ class _Driver:
         run.state = event.attempt
         if event.event == "on_flow_requeued":  # out of its batch, into a task of its own or
             remote.batch = event.batch or None  # the rest of a batch cut short
+            remote.fifo = False  # published by the worker, maybe with a countdown
             return
         ctx = run.context(worker=event.worker)
         if event.event in ("on_flow_start", "on_attempt_start"):
             # the worker runs an attempt now, and owns its circuit accounting
             run.started, run.admission = time.monotonic(), None
+            if remote.fifo:  # every message of its queue sent before it has left the queue
+                starts = self.starts.setdefault(remote.queue, deque())
+                starts.append((run.started, remote.seq))
             remote.worker, remote.retry_due, remote.silent_since = event.worker, None, None
             remote.batch = event.batch or None
             if event.batch:
@@ -460,13 +505,9 @@ class _Driver:
 
     # -- stopping --
 
-    def _renew_lease(self) -> None:
-        """Tell workers this caller is alive; they stop the run's branches if it goes silent."""
-        ttl = int(self.settings.caller_lease * 1000)
-        self._redis(partial(self.client.set, self.lease, self.fanout_id, px=ttl))
-
     def _check_queues(self) -> None:
-        """Branches not started yet wait for a worker: fine while one consumes their queue."""
+        """Branches not started yet wait for a worker: fine while one consumes their queue. A
+        worker seen consuming it that vanished may have taken some with it (``_vanished``)."""
         waiting: dict[str, list[str]] = {}
         for run in self.life.runs:
             remote: _Remote | None = run.handle
@@ -476,8 +517,18 @@ class _Driver:
         for queue in list(self.unconsumed):
             if queue not in waiting:
                 del self.unconsumed[queue]
+        for queue in list(self.consumers):
+            if queue not in waiting:  # seen again from scratch when branches wait there
+                del self.consumers[queue]
         for queue, branches in waiting.items():
-            if self._redis(partial(live_consumers, self.client, self.keys, queue)):
+            key = self.keys.queue_workers(queue)
+            found = self._redis(partial(self.client.zrangebyscore, key, time.time(), "+inf"))
+            live = {_text(name) for name in found}
+            seen = self.consumers.get(queue)
+            self.consumers[queue] = live
+            if seen and seen - live:
+                self._vanished(queue, sorted(seen - live))
+            if live:
                 self.unconsumed.pop(queue, None)
                 continue
             since = self.unconsumed.setdefault(queue, time.monotonic())
@@ -487,6 +538,66 @@ class _Driver:
                     f"{', '.join(repr(b) for b in branches)} waited {NO_WORKER_SECONDS:g}s): "
                     f"start one with `tea-dist worker --queues {queue}`"
                 )
+
+    def _unstarted(self, queue: str | None = None) -> list[BranchRun]:
+        """Branches sent and not started, not waiting for a retry, nor in a batch that
+        started (its heartbeat covers them), of ``queue`` (every queue: None)."""
+        found = []
+        for run in self.life.runs:
+            remote: _Remote | None = run.handle
+            if run.done or remote is None or run.started is not None or remote.retry_due:
+                continue
+            if remote.batch in self.batches or (queue is not None and remote.queue != queue):
+                continue
+            found.append(run)
+        return found
+
+    def _check_unstarted(self) -> None:
+        """A queue is first in, first out: a branch sent before one that started
+        ``UNSTARTED_GRACE`` ago, and still not started, left the queue with a worker that never
+        started it (killed in between): its message is lost, it is sent again. Branches under
+        a ``ResourceLimit`` may wait for a permit on a worker, unseen: they are left alone."""
+        horizon = time.monotonic() - UNSTARTED_GRACE
+        for queue, starts in self.starts.items():
+            while starts and starts[0][0] <= horizon:
+                self.passed[queue] = max(self.passed.get(queue, 0), starts.popleft()[1])
+        if not any(self.passed.values()):
+            return
+        lost = [
+            run
+            for run in self._unstarted()
+            if run.handle.fifo
+            and not run.config.limits
+            and run.handle.seq < self.passed.get(run.handle.queue, 0)
+        ]
+        if lost:
+            logger.warning(
+                "%d branch(es) of fan-out %s left their queue and never started: sent again",
+                len(lost),
+                self.fanout_id,
+            )
+            self._redispatch(lost)
+
+    def _vanished(self, queue: str, workers: Sequence[str]) -> None:
+        """Workers consuming ``queue`` vanished (killed, or stopped): the oldest messages of
+        the queue not started yet, up to ``VANISHED_HOLD`` per worker (what one may have taken
+        and not started), are sent again; the superseded ones are revoked."""
+        unstarted = sorted(self._unstarted(queue), key=lambda r: r.handle.seq)
+        messages: dict[str, list[BranchRun]] = {}
+        for run in unstarted:
+            message = run.handle.batch or run.handle.task_id
+            if message not in messages and len(messages) >= VANISHED_HOLD * len(workers):
+                break
+            messages.setdefault(message, []).append(run)
+        again = [run for runs in messages.values() for run in runs]
+        if again:
+            logger.warning(
+                "worker(s) %s consuming queue '%s' vanished: %d branch(es) not started sent again",
+                ", ".join(workers),
+                queue,
+                len(again),
+            )
+            self._redispatch(again)
 
     def _stop(self, run: BranchRun) -> None:
         """The lifecycle's ``stop``: interrupt a branch cooperatively now; it is killed if still
@@ -533,12 +644,50 @@ class _Driver:
 
     def cleanup(self) -> None:
         """Tell late deliveries that the fan-out is over; the caller's lease goes."""
+        self.keeper.stop()  # first: it would set the lease again
         ttl = int(self.settings.run_expires)
         with _best_effort("ending the fan-out"):
             pipe = self.client.pipeline(transaction=False)
             pipe.set(self.keys.fanout_finished(self.fanout_id), 1, ex=ttl)
             pipe.delete(self.lease)
             pipe.execute()
+
+
+class _LeaseKeeper:
+    """The caller's liveness lease, renewed by a thread of its own every ``every`` seconds
+    (whatever the driver is busy with: sending thousands of messages, handling thousands of
+    events), so a live caller is never taken for dead. Workers stop the run's branches once
+    it lapses (``ttl`` after its last renewal)."""
+
+    def __init__(self, client: Any, key: str, value: str, ttl: float, every: float) -> None:
+        self.client, self.key, self.value = client, key, value
+        self.ttl_ms, self.every = max(1, int(ttl * 1000)), every
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def renew(self) -> None:
+        self.client.set(self.key, self.value, px=self.ttl_ms)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._keep, name="tea-dist-caller-lease", daemon=True)
+        self.thread.start()
+
+    def _keep(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self.renew()
+            except Exception as exc:  # an outage: the driver rides it out or ends the run
+                logger.debug("renewing the caller lease failed: %s", exc)
+
+    def stop(self) -> None:
+        """No renewal after this returns (idempotent)."""
+        self.stopped.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _resends(task_id: str) -> int:
