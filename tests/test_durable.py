@@ -26,7 +26,7 @@ import redis
 from typer.testing import CliRunner
 
 from tea_dist import WorkflowRun, submit
-from tea_dist.core.errors import GraphError, RunCancelledError
+from tea_dist.core.errors import GraphError, RunCancelledError, RunFailedError
 from tea_dist.distributed import durable
 from tea_dist.engine.runtime import Detached, Durable
 from tea_dist.interfaces.cli import app as cli
@@ -151,6 +151,7 @@ def test_i13_run_survives_three_sigkills_of_its_run_worker(cluster: Any) -> None
     assert statuses.seen[-1] == "succeeded" and "failed" not in statuses.seen
     assert statuses.seen[statuses.seen.index("running") :] == ["running", "succeeded"]
     assert run.handovers() == 3
+    assert "crashes" not in run._record()  # killed while the run waited on its branches
     resumed = resumed_events(run)
     assert [e["handovers"] for e in resumed] == [1, 2, 3]
     assert all(e["after"] == "prepare" for e in resumed)  # the checkpoint: prepare was done
@@ -290,6 +291,53 @@ def test_i13_cancel_works_while_the_run_is_handed_over(
         time.sleep(3)
         assert not resumed_events(run) and run.handovers() == 0
     assert run.status() == "cancelled"
+
+
+# -- a run that kills its run worker --
+
+
+def crash_worker(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A main-path node that kills the process driving it (counted first)."""
+    client = redis.Redis.from_url(config["redis"])
+    client.incr(f"{config['counter']}:crash")
+    client.expire(f"{config['counter']}:crash", 600)
+    os._exit(3)
+
+
+def poison() -> Any:
+    """prepare -> crash (kills its run worker) -> END."""
+    from tea_dist import StateGraph
+    from tests import durable_graphs
+
+    g = StateGraph({}, name="poison")
+    g.add_node("prepare", run=durable_graphs.prepare)
+    g.add_node("crash", run=crash_worker)
+    g.add_edge("prepare", "crash")
+    g.set_entry_point("prepare")
+    g.set_finish_point("crash")
+    return g
+
+
+def test_i3a_a_run_that_crashes_its_run_worker_twice_is_quarantined(cluster: Any) -> None:
+    """A node that kills its run worker's process is handed over once (the crash may have been
+    anything), then the run fails as quarantined: the third run worker lives on, the node ran
+    twice, and nobody resumes the run afterwards."""
+    queue = f"tea.runs.poison.{cluster.tag}"
+    counts = Counts(cluster)
+    workers = [run_worker(cluster, f"dur-poison-{i}", queue) for i in range(3)]
+    with submitting_to(queue):
+        run = submit("tests.test_durable:poison", {"value": 1}, counts.config)
+    wait_for(lambda: run.status() == "failed", 30, "the run to be quarantined")
+    error = run._record()["error"]
+    assert error.startswith("quarantined: it crashed its run worker twice"), error
+    assert "after node 'prepare'" in error and "not resumed again" in error
+    with pytest.raises(RunFailedError, match="quarantined"):
+        run.result(timeout=1)
+    assert counts["crash"] == 2 and counts["prepare"] == 1
+    time.sleep(3)  # a lease period and more: nobody takes it over again
+    assert counts["crash"] == 2 and run.status() == "failed" and run.handovers() == 1
+    dead = [w for w in workers if w.poll() is not None]
+    assert len(dead) == 2 and all(w.returncode == 3 for w in dead)
 
 
 # -- one owner at a time --

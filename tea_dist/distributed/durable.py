@@ -18,10 +18,22 @@ fan-out's id is ``{run_id}.{steps}``: a resumed run finds the branches of its fa
 looks for runs of its queue whose lease lapsed, claims them and resumes each on a thread of its
 own, from the last checkpoint. A worker shutting down (SIGTERM) hands its runs over at once: its
 drivers stop and release their runs, which the other run workers take over on their next look.
+
+**Quarantine.** A lease that lapsed (not released) means the driver's process died or froze.
+The run hash's ``busy`` field says whether one of the run's main-path nodes was running in that
+process when it went: set when a node starts after the driver waited (``on_node_start``, a
+listener of every run), cleared when the driver waits on remote branches (a celery fan-out's
+``check``) and by every claim. A lapsed lease while ``busy`` is a crash the run may have caused
+(``crashes``); the second one fails the run as quarantined instead of handing its poison to the
+next run worker. A run worker killed while its runs wait on their branches or are being resumed
+(an OOM kill, a lost host, a deploy's SIGKILL) counts against none of them, and a graceful
+release (``released``) never counts. Each transition is one fenced write, so a run pays one per
+fan-out, not one per node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -37,8 +49,14 @@ from tea_dist.distributed.keys import Keys
 from tea_dist.engine.attempt import worker_id
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Detached
+from tea_dist.observe.events import FlowContext, add_listener
 
 MAX_HANDOVERS = 20  # a run whose drivers keep dying (it kills them?) then fails
+MAX_CRASHES = 2  # a run whose driver died this many times while running its code: quarantined
+QUARANTINED = (
+    "quarantined: it crashed its run worker {times} (the process driving it died while running "
+    "the run's own nodes, {where}); not resumed again"
+)
 SCAN_BATCH = 16  # lapsed runs claimed per look, per queue
 LEAVE_GRACE = 2.0  # seconds a shutting-down worker's drivers have to release their runs
 
@@ -50,8 +68,10 @@ _OWNED = "redis.call('HGET', KEYS[1], 'token') == ARGV[1]"
 CLAIM = (
     _NOW_MS
     + """
--- KEYS: run hash, owner lease, running index
--- ARGV: 'start' or 'resume', worker, lease ms, run id, most hand-overs, epoch seconds
+-- KEYS: run hash, owner lease, running index, event stream
+-- ARGV: 'start' or 'resume', worker, lease ms, run id, most hand-overs, epoch seconds, most
+-- crashes, the quarantine error before and after where it crashed. Returns {token, previous};
+-- {0, ''}: not taken; {-1, ''}: failed, handed over too often; {-2, ''}: failed, quarantined
 local status = redis.call('HGET', KEYS[1], 'status')
 if ARGV[1] == 'start' then
   if status ~= 'pending' then return {0, ''} end
@@ -62,6 +82,30 @@ else
     return {0, ''}
   end
   if redis.call('EXISTS', KEYS[2]) == 1 then return {0, ''} end
+  -- released: a graceful hand-over; else the lease lapsed, and if the run's own code was
+  -- running in its driver's process then, the run may be what killed it
+  local released = redis.call('HDEL', KEYS[1], 'released') == 1
+  if not released and redis.call('HGET', KEYS[1], 'busy') == '1' then
+    local crashes = redis.call('HINCRBY', KEYS[1], 'crashes', 1)
+    if crashes >= tonumber(ARGV[7]) then
+      local where, checkpoint = 'in its first node', redis.call('HGET', KEYS[1], 'checkpoint')
+      local entry = checkpoint and redis.call('XRANGE', KEYS[4], checkpoint, checkpoint)[1]
+      if entry then
+        for j = 1, #entry[2], 2 do
+          if entry[2][j] == 'data' then
+            local ok, event = pcall(cjson.decode, entry[2][j + 1])
+            if ok and type(event) == 'table' and type(event.node) == 'string' then
+              where = "after node '" .. event.node .. "'"
+            end
+          end
+        end
+      end
+      redis.call('HSET', KEYS[1], 'status', 'failed', 'ended', ARGV[6], 'quarantined', 1,
+        'error', ARGV[8] .. where .. ARGV[9])
+      redis.call('ZREM', KEYS[3], ARGV[4])
+      return {-2, ''}
+    end
+  end
   local n = redis.call('HINCRBY', KEYS[1], 'handovers', 1)
   if n > tonumber(ARGV[5]) then
     redis.call('HSET', KEYS[1], 'status', 'failed', 'ended', ARGV[6], 'error',
@@ -72,7 +116,7 @@ else
 end
 local previous = redis.call('HGET', KEYS[1], 'worker') or ''
 local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
-redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'busy', 0)
 redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4])
 return {token, previous}
@@ -133,10 +177,19 @@ RELEASE = f"""
 -- KEYS: run hash, owner lease, running index; ARGV: token, run id
 if not ({_OWNED}) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('HSET', KEYS[1], 'released', 1)
 redis.call('DEL', KEYS[2])
 if redis.call('HGET', KEYS[1], 'status') == 'running' then
   redis.call('ZADD', KEYS[3], 0, ARGV[2])
 end
+return 1
+"""
+
+BUSY = f"""
+-- KEYS: run hash; ARGV: token, 1 (a node of the run runs in the driver's process now) or 0
+-- (the driver waits on remote branches: a crash now is not the run's doing)
+if not ({_OWNED}) then return 0 end
+redis.call('HSET', KEYS[1], 'busy', ARGV[2])
 return 1
 """
 
@@ -197,6 +250,7 @@ class RunLease:
         self._redis_url, self._grace = settings.redis, settings.broker_grace
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._busy = False  # a node of the run runs in this process (as the run hash says)
 
     def __repr__(self) -> str:
         return f"RunLease({self.run_id!r}, token={self.token})"
@@ -204,16 +258,36 @@ class RunLease:
     # -- RunOwner --
 
     def check(self) -> None:
-        """``Detached`` when another process drives the run, or this worker is leaving."""
+        """``Detached`` when another process drives the run, or this worker is leaving.
+
+        Called by a celery fan-out's driver while it sends and waits on the branches: the
+        first call after a node records that no node of the run runs here now."""
         if self.lost:
             raise Detached(f"run {self.run_id} is driven by another run worker now")
         if LEAVING.is_set():
             raise Detached(f"run {self.run_id} is handed over: this run worker shuts down")
+        if self._busy:
+            self._mark_busy(False)
+
+    def node_starts(self) -> None:
+        """A main-path node of the run is about to run in this process (a crash from now on
+        may be the run's doing): recorded unless it already is. Never raises: a lost run is
+        seen at the driver's next write."""
+        if not self._busy and not self.lost:
+            with contextlib.suppress(Detached):
+                self._mark_busy(True)
+
+    def _mark_busy(self, busy: bool) -> None:
+        if self._call(BUSY, [self.keys.run(self.run_id)], [self.token, int(busy)]) == 0:
+            self.lost = True
+            raise Detached(f"run {self.run_id} was taken over by another run worker")
+        self._busy = busy
 
     def append(self, entries: Sequence[Mapping[str, str]], steps: int | None = None) -> None:
         """Add ``entries`` to the run's stream, fenced; ``steps``: this is a checkpoint (a
         ``state`` event) with that many main-path nodes done."""
-        self.check()
+        if self.lost or LEAVING.is_set():
+            self.check()
         args: list[Any] = [self.token, self.retention, "" if steps is None else steps]
         for entry in entries:
             args.append(len(entry))
@@ -259,6 +333,7 @@ class RunLease:
     def __enter__(self) -> RunLease:
         with _DRIVING_LOCK:
             _DRIVING.add(self)
+            _BY_RUN[self.run_id] = self
         self._renew()
         self._thread = threading.Thread(target=self._keep, name="tea-dist-run-lease", daemon=True)
         self._thread.start()
@@ -274,6 +349,8 @@ class RunLease:
         finally:
             with _DRIVING_LOCK:
                 _DRIVING.discard(self)
+                if _BY_RUN.get(self.run_id) is self:
+                    del _BY_RUN[self.run_id]
 
     def _renew(self) -> None:
         keys = self._lease_keys(self.keys.run_cancelled(self.run_id), self.keys.events(self.run_id))
@@ -300,15 +377,21 @@ class RunLease:
 def claim(run_id: str, queue: str, how: str) -> RunLease | None:
     """Take run ``run_id`` of runs queue ``queue``: ``how="start"`` a pending run (its first
     driver), ``"resume"`` a running one whose lease lapsed. None when it is not to be taken (it
-    runs elsewhere, ended, or was handed over too often, which fails it)."""
+    runs elsewhere, ended, was handed over too often, or is quarantined: the last two fail it)."""
     settings = current_settings()
     client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
     args = [how, worker_id(), int(settings.heartbeat_ttl * 1000), run_id, MAX_HANDOVERS]
-    args.append(repr(time.time()))
+    times = "twice" if MAX_CRASHES == 2 else f"{MAX_CRASHES} times"
+    quarantined = QUARANTINED.format(times=times, where="\0").split("\0")
+    args += [repr(time.time()), MAX_CRASHES, *quarantined]
     run_keys = [keys.run(run_id), keys.run_owner(run_id), keys.runs_running(queue)]
+    run_keys.append(keys.events(run_id))
     token, previous = _script(client, CLAIM)(keys=run_keys, args=args)
-    if int(token) < 0:
+    if int(token) == -1:
         logger.error("run %s: its run worker stopped %d times; failed", run_id, MAX_HANDOVERS + 1)
+    elif int(token) == -2:
+        error = _text(client.hget(keys.run(run_id), "error") or "")
+        logger.error("run %s failed, %s", run_id, error)
     if int(token) <= 0:
         return None
     return RunLease(run_id, queue, int(token), _text(previous), client)
@@ -331,7 +414,21 @@ def cancel_unowned(client: Any, keys: Keys, run_id: str) -> bool:
 
 LEAVING = threading.Event()  # this worker shuts down: its drivers hand their runs over
 _DRIVING: set[RunLease] = set()
+_BY_RUN: dict[str, RunLease] = {}  # run id -> the lease this process drives it with
 _DRIVING_LOCK = threading.Lock()
+
+
+class _NodeWatch:
+    """A listener of every run in this process: a node of a run it drives is about to start."""
+
+    def on_node_start(self, run: FlowContext, node: str) -> None:
+        lease = _BY_RUN.get(run.run_id)
+        if lease is not None:
+            lease.node_starts()
+
+
+_WATCH = _NodeWatch()
+add_listener(lambda: _WATCH)
 
 
 class Adopter:
