@@ -120,7 +120,7 @@ def test_failed_run_result_raises_with_reason(cluster: Any) -> None:
 
 
 def test_submit_rejects_bad_input_before_sending(cluster: Any) -> None:
-    with pytest.raises(GraphError, match=r"cannot import graph 'tests\.nope:graph'"):
+    with pytest.raises(GraphError, match=r"cannot import 'tests\.nope:graph': ModuleNotFoundError"):
         submit("tests.nope:graph", {})
     with pytest.raises(SerializationError, match="state key 'f' of the run input"):
         submit("tests.apps_graphs:quick", {"f": object()})
@@ -139,7 +139,9 @@ def test_item9_a_cancel_landing_after_the_work_never_marks_a_succeeded_run_cance
     while not (tmp_path / "work.done").exists():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert run.cancel() is True  # the run is still running: the cancel is requested
+    # the run is still running: the cancel is requested, but the run ends succeeded, and
+    # cancel() says so (it said True here before, for a run that then succeeded)
+    assert run.cancel() is False
     assert run.result(timeout=30) == {"saw_cancel": True}  # the node saw the cancel land
     assert run.status() == "succeeded"
     assert not run.client.exists(run.keys.run_cancelled(run.run_id))  # the flag went too

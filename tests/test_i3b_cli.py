@@ -121,3 +121,40 @@ def test_i3b_submit_imports_the_graph_from_the_working_directory(
     )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip()) == 32  # a run id
+
+
+@pytest.mark.celery
+def test_i3b_runs_lists_recent_runs_and_events_follows_one_to_its_end(cluster: object) -> None:
+    from tea_dist.distributed.apps import submit
+
+    runner = CliRunner()
+    done = submit("tests.apps_graphs:quick", {"value": 1})
+    done.result(timeout=30)
+    failed = submit("tests.apps_graphs:failing", {})
+    listing = runner.invoke(cli.app, ["runs", "--limit", "5"])
+    assert listing.exit_code == 0, listing.stderr
+    rows = [line.split("\t") for line in listing.stdout.strip().splitlines()]
+    assert [r[0] for r in rows[:2]] == [failed.run_id, done.run_id]  # newest first
+    assert rows[1][1:3] == ["tests.apps_graphs:quick", "succeeded"]
+    assert rows[1][5] == "handovers=0" and rows[1][4].endswith("s")
+    followed = runner.invoke(cli.app, ["events", failed.run_id, "--follow"])  # until it ends
+    assert followed.exit_code == 0, followed.stderr
+    events = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert events[-1]["type"] == "error" and "remote boom" in events[-1]["error"]
+    assert failed.status() == "failed"
+    again = runner.invoke(cli.app, ["events", done.run_id])
+    assert json.loads(again.stdout.splitlines()[-1])["type"] == "final"
+
+
+@pytest.mark.celery
+def test_i3b_cancel_is_true_only_for_a_run_that_ends_cancelled(
+    cluster: object, tmp_path: Path
+) -> None:
+    from tea_dist.distributed.apps import submit
+
+    config = {"marker_dir": str(tmp_path), "sleep": {"a": 5, "b": 5}}
+    run = submit("tests.apps_graphs:two_branches", {}, config)
+    assert run.cancel() is True and run.status() == "cancelled"
+    quick = submit("tests.apps_graphs:quick", {"value": 1})
+    quick.result(timeout=30)
+    assert quick.cancel() is False

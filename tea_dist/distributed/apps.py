@@ -151,9 +151,13 @@ def submit(
         "signature": signature,  # a run worker resuming the run checks the record with it
     }
     with translated(settings):
+        index = run.keys.runs_index()
         pipe = run.client.pipeline()
         pipe.hset(run.key, mapping=record)
         pipe.expire(run.key, int(settings.run_expires))
+        pipe.zadd(index, {run.run_id: record["created"]})
+        pipe.zremrangebyscore(index, 0, record["created"] - settings.run_expires)
+        pipe.expire(index, int(settings.run_expires))
         pipe.execute()
         run_workflow.apply_async(
             (run.run_id, graph_ref, dict(state), dict(config or {})),
@@ -222,29 +226,51 @@ class WorkflowRun:
             )
         return json.loads(record["result"])  # type: ignore[no-any-return]
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        """Every event of the run so far, from the start: graph events and branch events.
+    def events(self, follow: bool = False) -> Iterator[dict[str, Any]]:
+        """Every event of the run so far, from the start: graph events and branch events;
+        with ``follow``, then every new one as it comes, until the run has ended.
 
         After a hand-over, a ``{"type": "resumed", "worker": ...}`` event; the graph events from
         the checkpoint on are then published again by the run worker that resumed the run.
         """
-        with translated(self.settings):
-            entries: Any = self.client.xrange(self.keys.events(self.run_id))
-        for _id, fields in entries:
-            data = {_text(k): _text(v) for k, v in fields.items()}
-            if "e" in data:  # a BranchEvent published by a flow worker
-                yield {"type": "branch", **json.loads(data["e"])}
-            else:
-                yield json.loads(data.get("data") or "{}")
+        stream, last = self.keys.events(self.run_id), "0-0"
+        while True:
+            ended = follow and self.status() in TERMINAL  # read before the last entries
+            with translated(self.settings):
+                if follow:
+                    reply: Any = self.client.xread({stream: last}, count=500, block=500)
+                    entries = reply[0][1] if reply else []
+                else:
+                    entries = self.client.xrange(stream)
+            for entry_id, fields in entries:
+                last = entry_id
+                data = {_text(k): _text(v) for k, v in fields.items()}
+                if "e" in data:  # a BranchEvent published by a flow worker
+                    yield {"type": "branch", **json.loads(data["e"])}
+                else:
+                    yield json.loads(data.get("data") or "{}")
+            if not follow or (ended and not entries):
+                return
 
-    def cancel(self) -> bool:
+    def cancel(self, wait: float = 10.0) -> bool:
         """Stop the run: queued, it never starts; running, its branches are stopped. A run
         being handed over (its run worker stopped) ends ``cancelled`` once its lease lapses,
         or is stopped by the run worker that takes it over, whichever comes first.
 
-        Returns False, writing nothing, when the run had already ended; raises
-        ``TeaDistError`` for an unknown run.
+        Returns True only if the run ended ``cancelled`` within ``wait`` seconds: False when
+        it had already ended (nothing is written then), when it ended otherwise (it finished
+        before its driver saw the cancel), or is still stopping; raises ``TeaDistError`` for
+        an unknown run.
         """
+        if not self._request_cancel():
+            return False
+        deadline = time.monotonic() + wait
+        while (status := self.status()) not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return status is RunStatus.CANCELLED
+
+    def _request_cancel(self) -> bool:
+        """Ask for the cancel; False (nothing written) when the run had already ended."""
         with translated(self.settings):
             status = self.client.eval(
                 CANCEL,
@@ -277,7 +303,10 @@ def run_workflow(
     ``TEA_DIST_SECRET`` set, a message not signed by a submitter holding it is refused before
     anything it names is resolved."""
     run = WorkflowRun(run_id)
-    record = run._record()
+    try:
+        record = run._record()
+    except TeaDistError:  # no record: a forged message, or one that outlived its run
+        record = {}
     queue = record.get("queue") or current_settings().runs_queue
     try:
         check_run_signature(run_body(run_id, graph_ref, state, config, trace), signature)
@@ -382,6 +411,35 @@ def resume_run(lease: RunLease) -> str:
     trace = json.loads(record.get("trace") or "{}")
     how = Durable(lease, node, steps)
     return _drive(run, lease, _Work(record["graph"], state, config, trace), how, resumed)
+
+
+def recent_runs(limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` submitted runs, newest first: id, graph, status, created and
+    ended (epoch seconds, ended None while it runs) and hand-overs."""
+    settings = client_settings()
+    client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
+    with translated(settings):
+        newest: Any = client.zrevrange(keys.runs_index(), 0, max(limit, 1) - 1)
+        ids = [_text(i) for i in newest]
+        pipe = client.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hmget(keys.run(run_id), "graph", "status", "created", "ended", "handovers")
+        rows = pipe.execute() if ids else []
+    runs = []
+    for run_id, (graph, status, created, ended, handovers) in zip(ids, rows, strict=True):
+        if status is None:
+            continue  # expired
+        runs.append(
+            {
+                "id": run_id,
+                "graph": _text(graph or b""),
+                "status": _text(status),
+                "created": float(created or 0),
+                "ended": float(ended) if ended else None,
+                "handovers": int(handovers or 0),
+            }
+        )
+    return runs
 
 
 @dataclass(frozen=True)

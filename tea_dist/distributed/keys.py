@@ -76,6 +76,11 @@ class Keys:
         """The hash of a submitted run: status, graph, timestamps, result or error."""
         return f"{self.prefix}:run:{run_id}"
 
+    def runs_index(self) -> str:
+        """Sorted set: every submitted run's id, scored by when it was submitted (epoch s);
+        ids older than the runs' retention are trimmed at each submit."""
+        return f"{self.prefix}:runs:index"
+
     def run_owner(self, run_id: str) -> str:
         """The lease of the run worker driving a run: its fencing token, with a short TTL
         (renewed while it drives the run; lapsed, another run worker takes the run over)."""

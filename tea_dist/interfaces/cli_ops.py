@@ -227,16 +227,62 @@ def result(
 def cancel(run_id: RunArg, debug: DebugOpt = False) -> None:
     """Cancel a run: a queued run never starts, a running one has its branches stopped.
 
-    Exits 2 for an unknown run, 1 for a run that already ended (nothing is written then)."""
-    from tea_dist.distributed.apps import WorkflowRun
+    Exits 0 once it ended cancelled; 2 for an unknown run; 1 for a run that already ended
+    (nothing is written then) or that ended otherwise (it finished before its driver saw the
+    cancel)."""
+    from tea_dist.distributed.apps import TERMINAL, WorkflowRun
 
     with reporting(debug):
         run = WorkflowRun(run_id)
         run.status()  # an unknown run fails here
     with reporting(debug, EXIT_RUN_FAILED):
-        if not run.cancel():
+        if run.status() in TERMINAL:
             fail(f"run {run_id} already ended ({run.status()}): nothing to cancel", EXIT_RUN_FAILED)
-    typer.echo(f"cancel requested for {run_id}")
+        if not run.cancel():
+            fail(f"run {run_id} was not cancelled: it is {run.status()}", EXIT_RUN_FAILED)
+    typer.echo(f"{run_id} cancelled")
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option(help="How many of the newest runs.")] = 20,
+    debug: DebugOpt = False,
+) -> None:
+    """List recent submitted runs: id, graph, status, start, duration, hand-overs."""
+    from tea_dist.distributed.apps import recent_runs
+
+    with reporting(debug):
+        found = recent_runs(limit)
+    now = time.time()
+    for run in found:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["created"]))
+        seconds = (run["ended"] or now) - run["created"]
+        typer.echo(
+            f"{run['id']}\t{run['graph']}\t{run['status']}\t{started}\t{seconds:.1f}s"
+            f"\thandovers={run['handovers']}"
+        )
+    if not found:
+        typer.echo("no runs", err=True)
+
+
+@app.command()
+def events(
+    run_id: RunArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events until it ends.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Print a run's events as JSON lines, from its start."""
+    from tea_dist.distributed.apps import WorkflowRun
+
+    with reporting(debug):
+        run = WorkflowRun(run_id)
+        run.status()  # an unknown run fails here
+    with interruptible(), reporting(debug, EXIT_RUN_FAILED):
+        for event in run.events(follow=follow):
+            sys.stdout.write(to_json(event) + "\n")
+            sys.stdout.flush()
 
 
 @app.command()
