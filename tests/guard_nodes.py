@@ -69,6 +69,14 @@ def crash(state: dict[str, Any], config: dict[str, Any], node: str) -> dict[str,
     return {"survived": runs}
 
 
+def crash_item(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A map item: item 0 exits its process every run, the others return at once."""
+    if state["index"] == 0:
+        _count(config, "item0")
+        os._exit(3)
+    return {"done": state["index"]}
+
+
 def quick(state: dict[str, Any]) -> dict[str, Any]:
     return {"pid": os.getpid()}
 

@@ -257,3 +257,24 @@ def test_i3a_branch_crashing_once_still_completes(cluster: Any, tmp_path: Path) 
     (result,) = state["results"]
     assert result["success"] and result["state"]["survived"] == 2, result
     assert runs(tmp_path, "a") == 2
+
+
+def test_i3a_batch_item_crashing_its_process_is_quarantined(cluster: Any, tmp_path: Path) -> None:
+    """The same for an item of a batched map (its batch is not redelivered; its driver sends
+    the unfinished items again): the crashing item is quarantined at its third start, the
+    other item succeeds."""
+    from tests.nodes import map_graph
+
+    config = ParallelConfig(strategy="celery", timeout_total=60)
+    graph = map_graph(gn.crash_item, cn.collect, config=config, batch_size=2, name="crashmap")
+    started = time.monotonic()
+    state = final_state(
+        list(graph.compile().invoke({"docs": [0, 1]}, {"marker_dir": str(tmp_path)}))
+    )
+    elapsed = time.monotonic() - started
+    first, second = state["results"]
+    print(f"\ncrashing item ended after {elapsed:.1f}s, {runs(tmp_path, 'item0')} runs")
+    assert not first["success"] and first["error_type"] == "QuarantinedError", first
+    assert second["success"], second
+    assert runs(tmp_path, "item0") == 2
+    assert elapsed < 20, elapsed
