@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -158,3 +159,34 @@ def test_i3b_cancel_is_true_only_for_a_run_that_ends_cancelled(
     quick = submit("tests.apps_graphs:quick", {"value": 1})
     quick.result(timeout=30)
     assert quick.cancel() is False
+
+
+def _readme_cli_block() -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## The command line", 1)[1].split("```", 2)[1]
+    return [line for line in block.splitlines() if line.startswith("tea-dist")]
+
+
+def test_i3b_the_readme_cli_block_matches_the_commands_and_their_options() -> None:
+    import re
+
+    import typer
+
+    group: Any = typer.main.get_command(cli.app)
+    lines = _readme_cli_block()
+    named = {w for line in lines for w in re.findall(r"(?:^tea-dist|\|) ([a-z][a-z-]+)", line)}
+    assert set(group.commands) <= named, set(group.commands) - named  # every command shown
+    for line in lines:
+        for command in re.findall(r"(?:^tea-dist|\|) ([a-z][a-z-]+)", line):
+            options = {o for p in group.commands[command].params for o in p.opts}
+            segment = line.split(command, 1)[1].split("|")[0].split("#")[0]
+            for option in re.findall(r"--[a-z-]+", segment):
+                assert option in options, f"README: tea-dist {command} {option}"
+
+
+def test_i3b_flags_show_no_value_in_help() -> None:
+    for args in (["run", "--help"], ["submit", "--help"], ["--help"]):
+        result = CliRunner().invoke(cli.app, args)
+        theirs = ("--help", "completion")  # typer's own options
+        ours = [ln for ln in result.stdout.splitlines() if not any(t in ln for t in theirs)]
+        assert not [ln for ln in ours if "<bool>" in ln], result.stdout

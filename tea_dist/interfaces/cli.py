@@ -33,6 +33,7 @@ from tea_dist.interfaces.common import (
     EXIT_BRANCHES_FAILED,
     EXIT_RUN_FAILED,
     EXIT_USAGE,
+    FLAG,
     AgentArg,
     BranchProgress,
     BranchTracebacks,
@@ -65,7 +66,11 @@ def _root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_print_version, is_eager=True, help="Print the version."
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version.",
+            metavar=FLAG,
         ),
     ] = False,
 ) -> None:
@@ -84,7 +89,7 @@ def run(
         typer.Option(help="Parallel strategy for the whole graph (edges that set one keep it)."),
     ] = None,
     stream: Annotated[
-        bool, typer.Option("--stream", help="Print every event as a JSON line.")
+        bool, typer.Option("--stream", help="Print every event as a JSON line.", metavar=FLAG)
     ] = False,
     debug: DebugOpt = False,
 ) -> None:

@@ -31,6 +31,7 @@ from tea_dist.distributed.settings import get_settings, redact
 from tea_dist.interfaces.common import (
     EXIT_RUN_FAILED,
     EXIT_USAGE,
+    FLAG,
     DebugOpt,
     app,
     fail,
@@ -171,7 +172,9 @@ def submit(
     ref: Annotated[str, typer.Argument(help="pkg.module:attr (graph or factory) or a YAML path.")],
     input_: Annotated[str, typer.Option("--input", "-i", help="JSON, @file or @-.")] = "{}",
     config: Annotated[str, typer.Option(help="Run config passed to nodes: JSON or @file.")] = "{}",
-    wait: Annotated[bool, typer.Option("--wait", help="Wait and print the final state.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait and print the final state.", metavar=FLAG)
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Enqueue a whole workflow run on the run workers; prints its run id (with --wait: the
@@ -207,7 +210,9 @@ def status(run_id: RunArg, debug: DebugOpt = False) -> None:
 @app.command()
 def result(
     run_id: RunArg,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run ends.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the run ends.", metavar=FLAG)
+    ] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -269,7 +274,10 @@ def runs(
 def events(
     run_id: RunArg,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new events until it ends.")
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Keep printing new events until it ends.", metavar=FLAG
+        ),
     ] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -288,7 +296,9 @@ def events(
 @app.command()
 def circuits(
     reset: Annotated[str | None, typer.Option(help="Close this circuit.")] = None,
-    reset_all: Annotated[bool, typer.Option("--reset-all", help="Close every circuit.")] = False,
+    reset_all: Annotated[
+        bool, typer.Option("--reset-all", help="Close every circuit.", metavar=FLAG)
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """List the shared circuits in Redis with their state, or reset them."""

@@ -36,8 +36,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+FLAG = ""  # a flag's metavar: help shows '--stream', not '--stream <bool>' (it takes no value)
 AgentArg = Annotated[Path, typer.Argument(help="A YAML agent file.", show_default=False)]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.", metavar=FLAG)]
 
 
 class InputError(Exception):
