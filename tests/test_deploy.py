@@ -64,3 +64,10 @@ def test_compose_worker_roles_match_the_cli() -> None:
     found = services()
     assert found["flow-worker"]["command"][2:4] == ["--role", "flows"]
     assert found["run-worker"]["command"][2:4] == ["--role", "runs"]
+
+
+def test_i3b_compose_publishes_flower_on_loopback_by_default() -> None:
+    """Flower's /metrics and /healthcheck answer without auth: not on every interface."""
+    flower = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["flower"]
+    (port,) = flower["ports"]
+    assert port.startswith("${FLOWER_BIND:-127.0.0.1}:"), port
