@@ -190,3 +190,10 @@ def test_i3b_flags_show_no_value_in_help() -> None:
         theirs = ("--help", "completion")  # typer's own options
         ours = [ln for ln in result.stdout.splitlines() if not any(t in ln for t in theirs)]
         assert not [ln for ln in ours if "<bool>" in ln], result.stdout
+
+
+def test_i3b_an_unnamed_submitted_graph_is_named_by_its_reference() -> None:
+    from tea_dist.distributed.apps import resolve_graph
+
+    assert resolve_graph("tests.boundary_nodes:graph").name == "tests.boundary_nodes:graph"
+    assert resolve_graph("tests.apps_graphs:quick").name == "quick"  # a given name stays

@@ -37,6 +37,9 @@ END = "__end__"
 NodeFn = Callable[..., Any]
 
 
+DEFAULT_NAME = "graph"  # an unnamed graph's: submit() names it by its reference
+
+
 @dataclass(frozen=True)
 class Node:
     """A node: a name, the callable it runs (None: passes state through), fan-in or not."""
@@ -244,7 +247,7 @@ class StateGraph:
     raise_exceptions: bool = False
     max_workers: int | None = None
     parallel_config: ParallelConfig | None = None
-    name: str = "graph"
+    name: str = DEFAULT_NAME
     origin: dict[str, str] | None = None
     failed_branches: Literal["fan_in", "tea"] = "fan_in"
     _compiled: CompiledGraph | None = field(default=None, repr=False, compare=False)

@@ -46,7 +46,7 @@ from tea_dist.core.errors import (
     RunFailedError,
     TeaDistError,
 )
-from tea_dist.core.graph import StateGraph
+from tea_dist.core.graph import DEFAULT_NAME, StateGraph
 from tea_dist.core.references import resolve
 from tea_dist.distributed import durable
 from tea_dist.distributed.celery_app import app, current_settings
@@ -112,6 +112,8 @@ def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGr
         obj = obj()
     if not isinstance(obj, StateGraph):
         raise GraphError(f"'{graph_ref}' is not a StateGraph or a factory returning one")
+    if obj.name == DEFAULT_NAME:  # unnamed: named by where it comes from, in Flower and metrics
+        obj.name = graph_ref
     return obj
 
 
