@@ -197,3 +197,25 @@ def test_i3b_an_unnamed_submitted_graph_is_named_by_its_reference() -> None:
 
     assert resolve_graph("tests.boundary_nodes:graph").name == "tests.boundary_nodes:graph"
     assert resolve_graph("tests.apps_graphs:quick").name == "quick"  # a given name stays
+
+
+def test_i3b_validate_reports_every_schema_problem(tmp_path: Path) -> None:
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(
+        "name: broken\n"
+        "settings:\n  parallel: {timeout_seconds: -1, max_workrs: 2}\n"
+        "nodes:\n  - {name: a, fan_in: maybe}\n  - {nme: b}\n"
+        "edges:\n  - {from: __start__, to: a}\n"
+    )
+    result = CliRunner().invoke(cli.app, ["validate", str(agent)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("error: ") for line in lines), lines
+    text = "\n".join(lines)
+    for place in (
+        "settings.parallel.max_workrs",
+        "settings.parallel.timeout_seconds",
+        "nodes[0].fan_in",
+        "nodes[1]",
+    ):
+        assert place in text, text

@@ -37,8 +37,13 @@ class GraphError(TeaDistError):
 class YAMLError(GraphError, ValueError):
     """Raised when a YAML agent file cannot be read, parsed or validated.
 
-    Also a ``ValueError``, which is what code written for The Edge Agent catches.
+    Also a ``ValueError``, which is what code written for The Edge Agent catches. Its message
+    is the first problem; ``problems`` lists every one found in the same pass (one line each).
     """
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems or (message,)
 
 
 class NotAllowedError(GraphError):

@@ -328,12 +328,19 @@ def _problem(error: Mapping[str, Any]) -> str:
 
 
 def _validation_error(source: _Source, exc: ValidationError) -> YAMLError:
-    """The first problem (unknown keys first: often a typo of a missing one), as one error.
-
-    Alternatives of a union at the same place are joined: ``must be a string or a list``.
-    """
+    """Every place's problem (unknown keys first: often a typo of a missing one), as one
+    error whose message is the first and whose ``problems`` are all of them."""
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    first = errors[0]
+    places = {source.locate(e["loc"])[0]: e for e in reversed(errors)}  # each place's first
+    ordered = [e for e in errors if places.get(source.locate(e["loc"])[0]) is e]
+    found = [_place_error(source, errors, e) for e in ordered]
+    cls = type(found[0])
+    return cls(str(found[0]), tuple(str(e) for e in found))
+
+
+def _place_error(source: _Source, errors: list[Any], first: Any) -> YAMLError:
+    """The problem at ``first``'s place. Alternatives of a union at the same place are
+    joined: ``must be a string or a list``."""
     place, _ = source.locate(first["loc"])
     problems = [_problem(e) for e in errors if source.locate(e["loc"])[0] == place]
     problem = problems[0] + "".join(

@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 
 from tea_dist.core.config import ParallelConfig
+from tea_dist.core.errors import YAMLError
 from tea_dist.core.graph import GraphSpec
 from tea_dist.core.strategies import check_strategy
 from tea_dist.engine.walk import DEFAULT_RECURSION_LIMIT
@@ -152,9 +153,15 @@ def _describe_error(event: Mapping[str, Any]) -> str:
 
 @app.command()
 def validate(agent: AgentArg, debug: DebugOpt = False) -> None:
-    """Check a YAML agent (schema, nodes, edges, strategies) without running it."""
+    """Check a YAML agent (schema, nodes, edges, strategies) without running it; every
+    problem the schema check finds is one line on stderr."""
     with reporting(debug, EXIT_USAGE):
-        graph = load_agent(agent)
+        try:
+            graph = load_agent(agent)
+        except YAMLError as exc:
+            for problem in exc.problems[:-1]:
+                typer.echo(f"error: {problem}", err=True)
+            raise YAMLError(exc.problems[-1]) from None
         spec = graph.to_spec()
     for cycle in spec.cycles_without_exit():
         path = " -> ".join((*cycle, cycle[0]))
