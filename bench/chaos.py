@@ -4,13 +4,19 @@ Each run is a caller process (``python -m bench.chaoscaller``) invoking a celery
 or three branches that sleep 1-4 s between a ``.start`` and a ``.done`` marker. At a random
 point a random signal goes to a random target: the caller, a flow worker's main process (then
 restarted), one of its pool processes, a ``tea-dist cluster`` started for that run (the caller
-uses its Redis), or nothing. Everything else runs on an embedded Redis on a port of its own and
-two flow workers the script starts; nothing touches another Redis or leaves loopback.
+uses its Redis), or nothing. A ``worker-dispatch`` run is a fan-out of four to eight short
+branches whose flow worker main process is SIGKILLed 0.02-0.15 s after the caller starts
+invoking, while the worker takes its messages: a message taken and not started yet must be
+sent again, every branch must succeed. Everything else runs on an embedded Redis on a port of
+its own and two flow workers the script starts; nothing touches another Redis or leaves
+loopback.
 
-It counts, as issue 10 asks:
+It counts:
 
 - runs that hung: a caller that had neither finished nor exited ``--hang-after`` s after it
   started;
+- runs that lost branches: a ``worker-dispatch`` run that did not end with every branch
+  successful;
 - processes left running: anything this session started (every process seen in the trees of
   its callers, workers and clusters, and any process carrying its tag) still running once it
   should be gone: a caller's tree after it exits, a signalled worker's or cluster's tree
@@ -23,6 +29,8 @@ It counts, as issue 10 asks:
 and, with them, the temporary folders and advertisements clusters left behind.
 
     python bench/chaos.py [--runs 50] [--seed S] [--quick] [--lease 3] [--hang-after 60]
+
+``--quick`` is 20 runs (about four minutes on two cores), the smoke run of CI.
 
 Exit status 1 when any count is not 0; 130 on Ctrl-C, after stopping everything it started.
 """
@@ -56,8 +64,9 @@ from bench.chaosprocs import TAG_ENV, Tracker, alive, describe, kill, wait_gone 
 from bench.common import command_line, progress, table  # noqa: E402
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-TARGETS = ("caller", "worker", "worker-child", "cluster", "none")
-WEIGHTS = (4, 2, 1, 2, 1)
+TARGETS = ("caller", "worker", "worker-child", "cluster", "none", "worker-dispatch")
+WEIGHTS = (4, 2, 1, 2, 1, 3)
+WORKER_TARGETS = ("worker", "worker-dispatch")  # a flow worker's main process is signalled
 WORKER_SLOTS = ("flows1", "flows2")
 GONE_WITHIN = 15.0  # s after a process exits (or is signalled) for its tree to be gone
 WORKER_STOP = 30.0  # s a signalled worker gets to exit (a warm shutdown finishes its tasks)
@@ -69,7 +78,7 @@ class Plan:
     index: int
     target: str
     signum: int | None
-    delay: float  # seconds after the caller started
+    delay: float  # seconds after the caller started (worker-dispatch: started invoking)
     sleeps: dict[str, float]
     flower: bool  # a cluster run: with Flower
     pick: float  # which worker or pool process
@@ -87,12 +96,17 @@ def make_plans(runs: int, seed: int) -> list[Plan]:
         target = rng.choices(TARGETS, WEIGHTS)[0]
         signum = None if target == "none" else rng.choice(SIGNALS)
         sleeps = {f"b{i}": round(rng.uniform(1.0, 4.0), 2) for i in range(rng.randint(2, 3))}
+        delay = round(rng.uniform(0.2, 2.5 + max(sleeps.values())), 2)
+        if target == "worker-dispatch":  # the worker dies while it takes the run's messages
+            signum = signal.SIGKILL
+            sleeps = {f"b{i}": round(rng.uniform(0.05, 0.3), 2) for i in range(rng.randint(4, 8))}
+            delay = round(rng.uniform(0.02, 0.15), 3)
         plans.append(
             Plan(
                 index=index,
                 target=target,
                 signum=int(signum) if signum else None,
-                delay=round(rng.uniform(0.2, 2.5 + max(sleeps.values())), 2),
+                delay=delay,
                 sleeps=sleeps,
                 flower=target == "cluster" and rng.random() < 0.3,
                 pick=rng.random(),
@@ -114,6 +128,7 @@ class Outcome:
     exit_code: int | None = None
     exit_after: float | None = None  # seconds from the signal (or the start) to the exit
     hung: bool = False
+    lost: bool = False  # a worker-dispatch run that did not end with every branch successful
     result: str = ""
     left: list[str] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
@@ -127,7 +142,13 @@ class Outcome:
     @property
     def bad(self) -> bool:
         return bool(
-            self.hung or self.left or self.folders or self.late or self.after_end or self.keys
+            self.hung
+            or self.lost
+            or self.left
+            or self.folders
+            or self.late
+            or self.after_end
+            or self.keys
         )
 
 
@@ -261,17 +282,25 @@ class Session:
         self.started.append(caller)
         label = f"caller {plan.index}"
         out.started, began = time.time(), time.monotonic()
-        signal_at = began + plan.delay
+        dispatch = plan.target == "worker-dispatch"
+        signal_at: float | None = None if dispatch else began + plan.delay
         sent_at: float | None = None  # monotonic
         victims: list[psutil.Process] = []
         while True:
-            self.tracker.snapshot(caller.pid, label)
-            self.snapshot_workers()
-            if cluster is not None:
-                self.tracker.snapshot(cluster.proc.pid, cluster.label)
+            aiming = dispatch and sent_at is None and signal_at is not None
+            if not aiming:  # a signal due within milliseconds is not delayed by snapshots
+                self.tracker.snapshot(caller.pid, label)
+                self.snapshot_workers()
+                if cluster is not None:
+                    self.tracker.snapshot(cluster.proc.pid, cluster.label)
             now = time.monotonic()
             ended = caller.poll() is not None
-            if plan.signum and sent_at is None and (now >= signal_at or ended):
+            if signal_at is None:
+                invoked = _invoked_at(folder / "caller.out")
+                if invoked is not None:  # the caller's clock: when it started invoking
+                    signal_at = began + (invoked - out.started) + plan.delay
+            due = signal_at is not None and now >= signal_at
+            if plan.signum and sent_at is None and (due or ended):
                 victims = self.send(plan, out, caller, cluster, folder)
                 sent_at = time.monotonic()
             if ended:
@@ -281,14 +310,14 @@ class Session:
                 out.notes.append(f"caller still running {self.args.hang_after:g}s after start")
                 kill([psutil.Process(caller.pid)])
                 break
-            time.sleep(POLL)
+            time.sleep(0.002 if dispatch and sent_at is None else POLL)
         caller.wait()
         ended_at, out.ended = time.monotonic(), time.time()
         out.exit_code = caller.returncode
         out.exit_after = ended_at - (sent_at if sent_at is not None else began)
         out.result = _result(folder / "caller.out", caller.returncode)
         self.expect_gone(out, self.tracker.of(label), GONE_WITHIN, "caller")
-        if plan.target == "worker" and plan.signum:
+        if plan.target in WORKER_TARGETS and plan.signum:
             self.end_worker(plan, out, victims)
         if cluster is not None:
             self.end_cluster(cluster, out, sent_at)
@@ -297,6 +326,7 @@ class Session:
             out.folders += [str(p) for p in tmp.iterdir()]
         if out.result != "final" and not (out.cancel or plan.target == "cluster"):
             out.notes.append(f"the run did not finish: {_tail(folder / 'caller.err', 2)}")
+            out.lost = dispatch
         if cluster is None:
             self.note_keys(out)
         return out
@@ -318,7 +348,7 @@ class Session:
                 os.kill(caller.pid, plan.signum)
                 out.cancel = out.phase != "ended"
             return []
-        if plan.target == "worker":
+        if plan.target in WORKER_TARGETS:
             slot = WORKER_SLOTS[int(plan.pick * len(WORKER_SLOTS))]
             proc, label = self.workers[slot]
             self.tracker.snapshot(proc.pid, label)
@@ -544,6 +574,17 @@ def _die_with_parent() -> Any:
     return die_with_parent()
 
 
+def _invoked_at(path: Path) -> float | None:
+    """When the caller started invoking (its first line), on its clock; None until then."""
+    try:
+        first = path.read_text().partition("\n")
+    except OSError:
+        return None
+    if not first[1]:
+        return None
+    return float(json.loads(first[0])["at"])
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     return " | ".join(line for line in text.strip().splitlines()[-lines:])
@@ -605,6 +646,7 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
                 len(outs),
                 sum(o.cancel for o in outs),
                 sum(o.hung for o in outs),
+                sum(o.lost for o in outs),
                 sum(len(o.left) for o in outs),
                 sum(len(o.late) for o in outs),
                 sum(len(o.after_end) for o in outs),
@@ -619,6 +661,7 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
         "runs",
         "cancels",
         "hung",
+        "lost",
         "left",
         "late",
         "after end",
@@ -629,7 +672,8 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
     ]
     print(table("Per case (signal -> target)", header, rows))
     print(
-        "cancels: a SIGINT/SIGTERM/SIGKILL reached a caller whose run was going; left: "
+        "cancels: a SIGINT/SIGTERM/SIGKILL reached a caller whose run was going; lost: a "
+        "worker-dispatch run that did not end with every branch successful; left: "
         "processes still running when they should be gone; late: .done after a cancel; after end: "
         ".done after the caller of a run that was not cancelled exited; keys: "
         "keys without TTL; folders: temporary folders left by a cluster or caller, or adverts; "
@@ -638,6 +682,7 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, int]:
     )
     return {
         "runs that hung": sum(o.hung for o in outcomes),
+        "runs that lost branches": sum(o.lost for o in outcomes),
         "processes left running": sum(len(o.left) for o in outcomes),
         "side effects after a cancel": sum(len(o.late) for o in outcomes),
         "keys left without a TTL": sum(len(o.keys) for o in outcomes),
@@ -648,7 +693,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="10 runs")
+    parser.add_argument("--quick", action="store_true", help="20 runs (the smoke run of CI)")
     parser.add_argument("--lease", type=float, default=3.0, help="TEA_DIST_CALLER_LEASE")
     parser.add_argument("--hang-after", type=float, default=60.0)
     parser.add_argument(
@@ -662,7 +707,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.quick:
-        args.runs = 10
+        args.runs = 20
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     plans = make_plans(args.runs, seed)
 
