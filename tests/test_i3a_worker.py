@@ -155,7 +155,8 @@ def forged_branch(tmp_path: Path, state: dict[str, Any]) -> Any:
     )
 
 
-def completions(cluster: Any, run: str) -> list[Any]:
+def completed(cluster: Any, run: str) -> list[Any]:
+    """The ``on_flow_complete`` events on the stream of ``run``."""
     from tea_dist.distributed.keys import Keys
     from tea_dist.distributed.messages import BranchEvent
 
@@ -165,7 +166,11 @@ def completions(cluster: Any, run: str) -> list[Any]:
         BranchEvent.model_validate_json(fields[b"e"])
         for _id, fields in client.xrange(Keys(settings.key_prefix).events(run))
     ]
-    return [e.result for e in events if e.event == "on_flow_complete" and e.result is not None]
+    return [e for e in events if e.event == "on_flow_complete" and e.result is not None]
+
+
+def completions(cluster: Any, run: str) -> list[Any]:
+    return [e.result for e in completed(cluster, run)]
 
 
 def broker_holds(cluster: Any, queue: str, task_id: str) -> int:
@@ -233,10 +238,9 @@ def test_i3a_branch_crashing_its_process_is_quarantined(
     naming the quarantine; the node ran twice; the worker serves the next branch."""
     config = ParallelConfig(strategy="celery", timeout_total=60)
     graph = fan_graph({"a": gn.crash}, config=config, fan_in=cn.collect, name="crashing")
+    run_id, run_config = uuid.uuid4().hex, {"marker_dir": str(tmp_path), "how": how}
     started = time.monotonic()
-    state = final_state(
-        list(graph.compile().invoke({"value": 0}, {"marker_dir": str(tmp_path), "how": how}))
-    )
+    state = final_state(list(graph.compile().invoke({"value": 0}, run_config, run_id=run_id)))
     elapsed = time.monotonic() - started
     (result,) = state["results"]
     print(f"\ncrashing branch ({how}) ended after {elapsed:.1f}s, {runs(tmp_path, 'a')} runs")
@@ -244,6 +248,13 @@ def test_i3a_branch_crashing_its_process_is_quarantined(
     assert "crashed its worker process twice" in result["error"], result["error"]
     assert runs(tmp_path, "a") == 2
     assert elapsed < 15, elapsed
+    time.sleep(1)  # nothing of it is delivered again
+    (reported,) = [
+        e for e in completed(cluster, run_id) if e.result.error_type == "QuarantinedError"
+    ]
+    queue = cluster.env["TEA_DIST_FLOWS_QUEUE"]
+    assert broker_holds(cluster, queue, reported.fanout) == 0
+    assert runs(tmp_path, "a") == 2
     serves()
 
 
