@@ -121,6 +121,38 @@ def test_i3a_result_json_cannot_carry_fails_once(
     assert elapsed < 5, elapsed
 
 
+def test_i3a_publisher_reports_a_result_it_cannot_serialise() -> None:
+    """Whatever the attempt's check let through, a result the publisher cannot serialise
+    still ends the branch: a failed ``SerializationError`` result goes out in its place."""
+    from types import SimpleNamespace
+
+    from tea_dist.core.results import ParallelFlowResult
+    from tea_dist.distributed.messages import BranchEvent, BranchMessage
+    from tea_dist.distributed.tasks import StreamPublisher
+    from tea_dist.engine.lifecycle import AttemptState
+
+    attempt = AttemptState(branch="a", dispatched_at=time.time())
+    message = BranchMessage(
+        run="r",
+        graph_name="g",
+        fanout="f",
+        index=0,
+        branch="a",
+        fan_in="m",
+        graph={},
+        state={},
+        run_config={},
+        config=ParallelConfig(strategy="celery"),
+        attempt=attempt,
+    )
+    publisher = StreamPublisher(message, SimpleNamespace(state=attempt), "t")  # type: ignore[arg-type]
+    result = ParallelFlowResult(branch="a", success=True, state={"handle": object()})
+    publisher.on_flow_complete(None, result)  # type: ignore[arg-type]
+    (sent,) = [BranchEvent.model_validate_json(e).result for e in publisher.events]
+    assert sent is not None and not sent.success and sent.error_type == "SerializationError"
+    assert "branch 'a'" in (sent.error or "")
+
+
 # -- workers enforce the size limit ------------------------------------------------------------
 
 
