@@ -70,6 +70,12 @@ class Keys:
         """Set when a fan-out's driver is done; a late delivery of its branches is skipped."""
         return f"{self.prefix}:fanout:{fanout_id}:finished"
 
+    def starts(self, fanout_id: str, index: int) -> str:
+        """Count of a branch's attempts that started and never ended (their process died),
+        across every delivery of it: a redelivery of its message and its driver's re-dispatch
+        alike; an attempt that ends drops it (workers quarantine a branch at its third)."""
+        return f"{self.prefix}:fanout:{fanout_id}:starts:{index}"
+
     # -- submitted workflow runs --
 
     def run(self, run_id: str) -> str:

@@ -447,7 +447,8 @@ class FlowTask(Task):  # type: ignore[misc]
             error = _killed_at(config.timeout_seconds)
         else:
             error = ErrorInfo.from_exception(exc)
-        branch.starts = starts_key(branch.keys, branch.message)  # it ended: not a crash
+        message = branch.message  # it ended: not a crash
+        branch.starts = branch.keys.starts(message.fanout, message.index)
         branch.run.admission = Admission(True, branch.message.probe, CircuitState.CLOSED)
         branch.life.begin(branch.run)
         now = time.time()
@@ -603,7 +604,7 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
     )
     ttl = int(settings.heartbeat_ttl * 1000)
     life.begin(run, worker=worker_id())
-    starts = starts_key(keys, message)
+    starts = keys.starts(message.fanout, message.index)
     before: list[tuple[str, tuple[Any, ...]]] = [
         ("exists", (keys.fanout_finished(message.fanout),)),
         ("exists", (watch.lease,)),
@@ -631,11 +632,11 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
     if unended > MAX_CRASHES:  # its starts killed their process: this one is not run
         logger.error("quarantined branch message %s: %s", message.describe(), QUARANTINED)
         error = ErrorInfo("QuarantinedError", f"branch '{message.branch}' {QUARANTINED}")
-        _end(life, run, _ended(error))
+        life.end(run, _ended(error))
         branch.send()  # its count stays: a copy delivered later is refused the same way
         return None
     branch.starts = starts
-    delay = _end(life, run, _attempt(message, run, watch, batch.specs if batch else {}))
+    delay = life.end(run, _attempt(message, run, watch, batch.specs if batch else {}))
     if batch is not None and delay is None:
         batch.hold(branch)
         return None
@@ -643,31 +644,8 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
     return None if delay is None else branch.again(delay)
 
 
-FINAL = frozenset({"SerializationError", "QuarantinedError"})
-"""Attempt errors that another attempt would only repeat, whatever the retry policy says."""
-
 MAX_CRASHES = 2
 QUARANTINED = "crashed its worker process twice; not run again (quarantined)"  # MAX_CRASHES
-
-
-def starts_key(keys: Keys, message: BranchMessage) -> str:
-    """The count of a branch's attempts that started and never ended (their process died),
-    across every delivery of it: a redelivery of its message and its driver's re-dispatch
-    (a new task id and attempt number) alike. An attempt that ends drops it."""
-    return f"{keys.prefix}:fanout:{message.fanout}:starts:{message.index}"
-
-
-def _end(life: Lifecycle, run: BranchRun, outcome: AttemptOutcome) -> float | None:
-    """``life.end``; an attempt that failed with one of the ``FINAL`` errors ends its branch."""
-    if outcome.error is None or outcome.error.type_name not in FINAL:
-        return life.end(run, outcome)
-    config = run.config
-    no_retry = config.retry().model_copy(update={"max_retries": 0})
-    run.config = config.model_copy(update={"retry_policy": no_retry})
-    try:
-        return life.end(run, outcome)
-    finally:
-        run.config = config
 
 
 def uncarried(state: dict[str, Any] | None, branch: str) -> SerializationError | None:

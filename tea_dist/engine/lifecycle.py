@@ -86,9 +86,17 @@ class AttemptState(BaseModel):
         del self.errors[: max(len(self.errors) - keep, 0)]
 
 
-# Failures that another attempt would only repeat: the code or the message is what is wrong.
+# Failures that another attempt would only repeat: the code or the message is what is wrong
+# (a result that cannot be carried back, a message that crashed its worker twice, too).
 NEVER_RETRIED = frozenset(
-    {"GraphRecursionError", "NotAllowedError", "CodeMismatchError", "SignatureError"}
+    {
+        "GraphRecursionError",
+        "NotAllowedError",
+        "CodeMismatchError",
+        "SignatureError",
+        "SerializationError",
+        "QuarantinedError",
+    }
 )
 
 
