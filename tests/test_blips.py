@@ -112,6 +112,7 @@ def test_i10_redis_outage_past_the_grace_ends_the_run_naming_the_url(
     assert not thread.is_alive(), "the run hung on a Redis outage"
     assert out[-1]["type"] == "error" and out[-1]["error_type"] == "BrokerError"
     assert f"127.0.0.1:{server.port}" in out[-1]["error"]
+    assert out[-1]["node"] is None  # never blamed on the node whose fan-out it was
     assert ended_after < 10
     # once Redis is back, the branches of the ended run stop instead of doing their work
     time.sleep(6)

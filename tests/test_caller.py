@@ -123,6 +123,7 @@ def test_i10_queue_nobody_reads_ends_the_run_naming_it(cluster: Any) -> None:
     assert events[-1]["type"] == "error"
     assert events[-1]["error_type"] == "NoWorkerError"
     assert "tea.nobody-reads-this" in events[-1]["error"]
+    assert events[-1]["node"] is None  # not blamed on the node before the fan-out
     assert took < 10
 
 

@@ -24,7 +24,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any, Literal
 
-from tea_dist.core.errors import BranchError, ConfigError, GraphError, NodeError, TeaDistError
+from tea_dist.core.errors import (
+    BranchError,
+    BrokerError,
+    ConfigError,
+    GraphError,
+    NodeError,
+    NoWorkerError,
+    TeaDistError,
+)
 from tea_dist.core.graph import END, FanOut, GraphSpec, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import SharesStores, check_strategy, get_executor
@@ -209,8 +217,12 @@ class CompiledGraph:
             runtime.emit("on_invoke_end", run, exc)
             runtime.close()
             tea = self.failed_branches == "tea"
-            node = exc.branch if tea and isinstance(exc, _FailedBranch) else cursor.node
+            node: str | None = exc.branch if tea and isinstance(exc, _FailedBranch) else cursor.node
+            if isinstance(exc, BrokerError | NoWorkerError):
+                node = None  # the infrastructure failed, not a node (the last one had ended)
             if raise_exceptions:
+                if node is None:
+                    raise
                 if tea:
                     raise NodeError(f"Error in node '{node}': {exc}") from exc
                 if isinstance(exc, TeaDistError):
@@ -326,7 +338,7 @@ def _branch_event(result: ParallelFlowResult, state: dict[str, Any]) -> Event:
     }
 
 
-def _error_event(node: str, exc: BaseException, state: dict[str, Any]) -> Event:
+def _error_event(node: str | None, exc: BaseException, state: dict[str, Any]) -> Event:
     error_type = exc.error_type if isinstance(exc, BranchError) else type(exc).__name__
     event: Event = {
         "type": "error",

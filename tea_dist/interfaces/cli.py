@@ -144,11 +144,14 @@ def _drain(events: Iterable[Mapping[str, Any]], stream: bool) -> Mapping[str, An
 
 
 def _describe_error(event: Mapping[str, Any]) -> str:
+    kind = event.get("error_type")
+    what = f"{kind + ': ' if kind else ''}{event.get('error', 'unknown error')}"
+    if event.get("node") is None:  # the broker or Redis, not a node
+        return f"the run failed: {what}"
     where = f"node '{event.get('node')}'"
     if event.get("branch"):
         where += f" (branch '{event['branch']}')"
-    kind = event.get("error_type")
-    return f"{where} failed: {kind + ': ' if kind else ''}{event.get('error', 'unknown error')}"
+    return f"{where} failed: {what}"
 
 
 @app.command()
