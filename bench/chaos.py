@@ -4,7 +4,7 @@ Each run is a caller process (``python -m bench.chaoscaller``) invoking a celery
 or three branches that sleep 1-4 s between a ``.start`` and a ``.done`` marker. At a random
 point a random signal goes to a random target: the caller, a flow worker's main process (then
 restarted), one of its pool processes, a ``tea-dist cluster`` started for that run (the caller
-uses its Redis), or nothing. A ``worker-dispatch`` run is a fan-out of four to eight short
+uses its Redis), or nothing. A ``worker-dispatch`` run is a fan-out of six to ten short
 branches whose flow worker main process is SIGKILLed 0.02-0.15 s after the caller starts
 invoking, while the worker takes its messages: a message taken and not started yet must be
 sent again, every branch must succeed. Everything else runs on an embedded Redis on a port of
@@ -30,7 +30,8 @@ and, with them, the temporary folders and advertisements clusters left behind.
 
     python bench/chaos.py [--runs 50] [--seed S] [--quick] [--lease 3] [--hang-after 60]
 
-``--quick`` is 20 runs (about four minutes on two cores), the smoke run of CI.
+``--quick`` is 20 runs, half of them worker-dispatch (about three minutes on two cores), the
+smoke run of CI.
 
 Exit status 1 when any count is not 0; 130 on Ctrl-C, after stopping everything it started.
 """
@@ -89,17 +90,23 @@ class Plan:
         return name, self.target
 
 
-def make_plans(runs: int, seed: int) -> list[Plan]:
+def make_plans(runs: int, seed: int, dispatch_share: float | None = None) -> list[Plan]:
+    """``dispatch_share``: the share of worker-dispatch runs (else as ``WEIGHTS`` say)."""
     rng = random.Random(seed)
     plans = []
     for index in range(runs):
-        target = rng.choices(TARGETS, WEIGHTS)[0]
+        if dispatch_share is None:
+            target = rng.choices(TARGETS, WEIGHTS)[0]
+        elif rng.random() < dispatch_share:
+            target = "worker-dispatch"
+        else:  # the others, by their weights (worker-dispatch is the last target)
+            target = rng.choices(TARGETS[:-1], WEIGHTS[:-1])[0]
         signum = None if target == "none" else rng.choice(SIGNALS)
         sleeps = {f"b{i}": round(rng.uniform(1.0, 4.0), 2) for i in range(rng.randint(2, 3))}
         delay = round(rng.uniform(0.2, 2.5 + max(sleeps.values())), 2)
         if target == "worker-dispatch":  # the worker dies while it takes the run's messages
             signum = signal.SIGKILL
-            sleeps = {f"b{i}": round(rng.uniform(0.05, 0.3), 2) for i in range(rng.randint(4, 8))}
+            sleeps = {f"b{i}": round(rng.uniform(0.03, 0.2), 2) for i in range(rng.randint(6, 10))}
             delay = round(rng.uniform(0.02, 0.15), 3)
         plans.append(
             Plan(
@@ -693,7 +700,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="20 runs (the smoke run of CI)")
+    parser.add_argument(
+        "--quick", action="store_true", help="20 runs, half worker-dispatch (the smoke of CI)"
+    )
+    parser.add_argument(
+        "--dispatch-share",
+        type=float,
+        default=None,
+        help="share of worker-dispatch runs (default: by the targets' weights)",
+    )
     parser.add_argument("--lease", type=float, default=3.0, help="TEA_DIST_CALLER_LEASE")
     parser.add_argument("--hang-after", type=float, default=60.0)
     parser.add_argument(
@@ -708,8 +723,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.runs = 20
+        args.dispatch_share = 0.5 if args.dispatch_share is None else args.dispatch_share
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    plans = make_plans(args.runs, seed)
+    plans = make_plans(args.runs, seed, args.dispatch_share)
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
