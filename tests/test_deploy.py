@@ -71,3 +71,10 @@ def test_i3b_compose_publishes_flower_on_loopback_by_default() -> None:
     flower = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["flower"]
     (port,) = flower["ports"]
     assert port.startswith("${FLOWER_BIND:-127.0.0.1}:"), port
+
+
+def test_i3a_compose_gives_workers_a_warm_shutdown() -> None:
+    """Compose's default 10 s would SIGKILL a flow worker in the middle of its branches."""
+    found = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert found["flow-worker"]["stop_grace_period"] == "${FLOW_STOP_GRACE:-60s}"
+    assert found["run-worker"]["stop_grace_period"] == "15s"
