@@ -62,17 +62,17 @@ def test_i3a_a_branch_lost_before_it_started_is_sent_again(cluster: Any, tmp_pat
     visibility timeout of an hour)."""
     queue = f"tea.flows.i3a-lost.{cluster.tag}"
     config = ParallelConfig(strategy="celery", queue=queue)
-    branches = {f"b{i}": cn.sleep_then_mark for i in range(8)}
+    branches = {f"b{i}": cn.sleep_then_mark for i in range(12)}
     app = fan_graph(branches, config=config, fan_in=cn.collect).compile()
     rng = random.Random(3)
     survivor = cluster.start_worker("i3a-survivor", concurrency=1, flows_queue=queue)
     victim = cluster.start_worker("i3a-victim-0", concurrency=2, flows_queue=queue)
     killed: list[Any] = []
     try:
-        for trial in range(10):
+        for trial in range(12):
             markers = tmp_path / f"trial{trial}"
             markers.mkdir()
-            run_config = {"marker_dir": str(markers), "sleep": dict.fromkeys(branches, 0.05)}
+            run_config = {"marker_dir": str(markers), "sleep": dict.fromkeys(branches, 0.02)}
             began = time.monotonic()
             thread, box = invoke_in_thread(app, {"value": trial}, run_config)
             time.sleep(rng.uniform(0.02, 0.15))

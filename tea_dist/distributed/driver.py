@@ -14,9 +14,10 @@ A branch sent but never started is sent again too when its message was lost with
 took it and died before starting it (the broker keeps such a message unacknowledged for its
 whole visibility timeout): queues are first in, first out, so a branch of the same queue sent
 after it and started ``UNSTARTED_GRACE`` ago proves it left the queue; and when a worker
-consuming its queue vanishes (``presence``), the oldest unstarted messages of the queue, which
-it may have held, are sent again. Branches merely waiting behind busy live workers are never
-sent again. The superseded task id is revoked; its events are ignored.
+consuming its queue vanishes without stopping (its ``presence`` lapses), the oldest unstarted
+messages of the queue, which it may have held, are sent again. Branches merely waiting behind
+busy live workers are never sent again. The superseded task id is revoked; its events are
+ignored.
 
 The caller's liveness lease is renewed by a thread of its own, whatever the driver is busy
 with, and branches are sent in slices between reads of the stream. A submitted run's lease
@@ -56,6 +57,7 @@ from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.connections import check_reachable, redis_for, ride_out
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
+from tea_dist.distributed.presence import PRESENCE_TTL as TTL
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
 from tea_dist.engine.attempt import BranchTask, ErrorInfo, worker_id
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result, total_deadline
@@ -178,7 +180,7 @@ class _Driver:
         self.sent = 0  # messages sent so far: the ``seq`` of the last one
         self.starts: dict[str, deque[tuple[float, int]]] = {}  # queue -> (when, seq) started
         self.passed: dict[str, int] = {}  # queue -> every message sent before this one left it
-        self.consumers: dict[str, set[str]] = {}  # queue -> live workers seen consuming it
+        self.consumers: dict[str, dict[str, float]] = {}  # queue -> live worker -> alive until
         ttl = self.settings.run_expires if self.owner is not None else self.settings.caller_lease
         every = min(self.settings.heartbeat_seconds, self.settings.caller_lease / 4)
         self.keeper = _LeaseKeeper(self.client, self.lease, self.fanout_id, ttl, every)
@@ -507,7 +509,8 @@ class _Driver:
 
     def _check_queues(self) -> None:
         """Branches not started yet wait for a worker: fine while one consumes their queue. A
-        worker seen consuming it that vanished may have taken some with it (``_vanished``)."""
+        worker seen consuming it whose presence lapsed (killed: a worker that stops removes
+        itself, long before) may have taken some with it (``_vanished``)."""
         waiting: dict[str, list[str]] = {}
         for run in self.life.runs:
             remote: _Remote | None = run.handle
@@ -522,12 +525,17 @@ class _Driver:
                 del self.consumers[queue]
         for queue, branches in waiting.items():
             key = self.keys.queue_workers(queue)
-            found = self._redis(partial(self.client.zrangebyscore, key, time.time(), "+inf"))
-            live = {_text(name) for name in found}
-            seen = self.consumers.get(queue)
+            now = time.time()
+            found: Any = self._redis(
+                partial(self.client.zrangebyscore, key, now, "+inf", withscores=True)
+            )
+            live = {_text(name): float(until) for name, until in found}
+            seen = self.consumers.get(queue, {})
             self.consumers[queue] = live
-            if seen and seen - live:
-                self._vanished(queue, sorted(seen - live))
+            # lapsed, not removed by a worker stopping (it gives its messages back itself)
+            lost = [w for w, until in seen.items() if w not in live and now >= until - TTL / 2]
+            if lost:
+                self._vanished(queue, sorted(lost))
             if live:
                 self.unconsumed.pop(queue, None)
                 continue
@@ -579,7 +587,7 @@ class _Driver:
             self._redispatch(lost)
 
     def _vanished(self, queue: str, workers: Sequence[str]) -> None:
-        """Workers consuming ``queue`` vanished (killed, or stopped): the oldest messages of
+        """Workers consuming ``queue`` vanished (killed): the oldest messages of
         the queue not started yet, up to ``VANISHED_HOLD`` per worker (what one may have taken
         and not started), are sent again; the superseded ones are revoked."""
         unstarted = sorted(self._unstarted(queue), key=lambda r: r.handle.seq)
