@@ -392,6 +392,8 @@ def claim(run_id: str, queue: str, how: str) -> RunLease | None:
     elif int(token) == -2:
         error = _text(client.hget(keys.run(run_id), "error") or "")
         logger.error("run %s failed, %s", run_id, error)
+    if int(token) < 0:  # failed: its branches in flight stop (their caller's lease goes)
+        client.delete(keys.run_lease(run_id))
     if int(token) <= 0:
         return None
     return RunLease(run_id, queue, int(token), _text(previous), client)
