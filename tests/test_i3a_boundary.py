@@ -390,3 +390,22 @@ def test_i3a_submitted_runs_are_signed_and_unsigned_ones_refused(
         assert genuine.result(timeout=30)["results"][0]["success"]
     finally:
         configure(previous)
+
+
+@pytest.mark.celery
+def test_i3a_a_run_config_over_the_size_limit_fails_before_anything_is_sent(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers refuse a branch message whose run config is over TEA_DIST_MAX_STATE_BYTES: the
+    caller says so first, naming it, instead of sending what will be refused."""
+    from tea_dist import ParallelConfig
+    from tea_dist.core.errors import StateTooLargeError
+    from tea_dist.distributed import local_cluster
+    from tests import celery_nodes as cn
+    from tests.nodes import fan_graph
+
+    settings = cluster.settings().with_overrides(max_state_bytes=1000)
+    monkeypatch.setattr(local_cluster, "driver_settings", lambda: settings)
+    graph = fan_graph({"a": cn.whoami}, config=ParallelConfig(strategy="celery"))
+    with pytest.raises(StateTooLargeError, match=r"run config of 'a'.*TEA_DIST_MAX_STATE_BYTES"):
+        list(graph.compile().invoke({"value": 1}, {"blob": "x" * 2000}, raise_exceptions=True))

@@ -34,7 +34,6 @@ the stream from its start brings back their events and results.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -51,7 +50,6 @@ from tea_dist.core.errors import (
     ConfigError,
     GraphError,
     NoWorkerError,
-    SerializationError,
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
@@ -195,13 +193,9 @@ class _Driver:
         """Every check that must pass before the first message is published."""
         for run in self.life.runs:
             task, config = run.task, run.config
-            check_json_state(task.state, f"branch '{task.branch}'", self.settings.max_state_bytes)
-            try:
-                json.dumps(dict(task.run_config))
-            except (TypeError, ValueError) as exc:
-                raise SerializationError(
-                    f"the run config of branch '{task.branch}' cannot be sent as JSON: {exc}"
-                ) from exc
+            limit = self.settings.max_state_bytes  # workers refuse a larger state or config
+            check_json_state(task.state, f"branch '{task.branch}'", limit)
+            check_json_state(dict(task.run_config), f"the run config of '{task.branch}'", limit)
             worst = self._longest_hold(config)
             if worst >= self.settings.visibility_timeout:
                 raise ConfigError(

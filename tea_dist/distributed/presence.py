@@ -1,6 +1,6 @@
 """Which queues live workers consume: how a driver tells "no worker" from "workers busy".
 
-Every worker's consumer (``Presence``, a Celery bootstep) adds itself, every
+Every worker's consumer (``Presence``, a Celery bootstep) adds itself (``name#pid``), every
 ``PRESENCE_SECONDS``, to one sorted set per queue it consumes, scored by the epoch time until
 which it counts as alive; it removes itself when it stops. ``live_consumers`` is the driver's
 side: how many workers counted as alive for a queue now.
@@ -9,6 +9,7 @@ side: how many workers counted as alive for a queue now.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from typing import Any
@@ -42,7 +43,9 @@ class Presence(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = c.app.tea_settings
         self.client = redis_for(settings.redis)
         self.keys = Keys(settings.key_prefix)
-        self.name = getattr(c, "hostname", None) or socket.gethostname()
+        # one member per process: a worker killed and restarted under the same name within
+        # PRESENCE_TTL is a new member, and the old one lapses (the driver notices the loss)
+        self.name = f"{getattr(c, 'hostname', None) or socket.gethostname()}#{os.getpid()}"
         self.queues = [q.name for q in c.task_consumer.queues] if c.task_consumer else []
         self._announce()
         self.timer_ref = c.timer.call_repeatedly(PRESENCE_SECONDS, self._announce)
