@@ -9,6 +9,7 @@ Redis and real worker processes (tests/cluster.py).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
@@ -234,8 +235,9 @@ def _pool(cluster: Any) -> set[int]:
     """Every process of the session's workers (main processes and pool children)."""
     pids = set()
     for proc in cluster.workers:
-        root = psutil.Process(proc.pid)
-        pids |= {root.pid, *(c.pid for c in root.children(recursive=True))}
+        with contextlib.suppress(psutil.NoSuchProcess):  # one an earlier test stopped
+            root = psutil.Process(proc.pid)
+            pids |= {root.pid, *(c.pid for c in root.children(recursive=True))}
     return pids
 
 

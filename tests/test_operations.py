@@ -235,6 +235,7 @@ def advertised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Advertised]
     """A ``tea-dist cluster`` (no Flower) advertised in a runtime directory of its own."""
     base = tmp_path_factory.mktemp("advertised")
     env = clean_env(base / "runtime")
+    env["TEA_DIST_AGENTS_DIR"] = str(base)  # its workers find agents written there
     proc = subprocess.Popen(
         tea_dist("cluster", "--flower-port", "0"),
         env=env,
@@ -271,8 +272,8 @@ def one_error_line(done: subprocess.CompletedProcess[str], code: int, *fragments
 def test_item6_commands_find_the_advertised_cluster(advertised: Advertised) -> None:
     done = advertised.run("submit", "tests.apps_graphs:quick", "--input", '{"value": 1}', "--wait")
     assert done.returncode == 0, done.stderr
-    run_id, final = done.stdout.split("\n", 1)
-    assert json.loads(final)["total"] == 4
+    run_id = done.stderr.strip()  # the id on stderr: stdout is the result JSON alone
+    assert json.loads(done.stdout)["total"] == 4
     assert advertised.run("status", run_id).stdout.strip() == "succeeded"
     assert json.loads(advertised.run("result", run_id).stdout)["total"] == 4
     assert advertised.run("circuits").returncode == 0
@@ -288,7 +289,7 @@ def test_item6_cancel_of_a_finished_or_unknown_run_says_so(advertised: Advertise
     import redis
 
     done = advertised.run("submit", "tests.apps_graphs:quick", "--wait")
-    run_id = done.stdout.split("\n", 1)[0]
+    run_id = done.stderr.strip()
     one_error_line(advertised.run("cancel", run_id), 1, run_id, "already ended (succeeded)")
     one_error_line(advertised.run("cancel", "nosuch"), 2, "no run 'nosuch'")
     client = redis.Redis.from_url(advertised.broker)
@@ -320,7 +321,7 @@ def test_item6_app_submit_uses_the_advertised_cluster(advertised: Advertised) ->
 def test_item6_run_uses_the_advertised_cluster_not_a_private_one(
     advertised: Advertised, tmp_path: Path
 ) -> None:
-    agent = tmp_path / "slow.yaml"
+    agent = Path(advertised.env["TEA_DIST_AGENTS_DIR"]) / "slow.yaml"
     agent.write_text(ops_nodes.SLOW_AGENT)
     state = json.dumps({"marker_dir": str(tmp_path), "sleep": 0.2})
     proc = subprocess.Popen(
