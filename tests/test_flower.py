@@ -66,11 +66,13 @@ def flower(cluster: Any, tmp_path: Path) -> Iterator[str]:
 
 
 def flower_tasks(url: str, host: str) -> list[dict[str, Any]]:
-    """The ``tea_dist.run_flow`` tasks Flower lists from the worker whose name starts ``host``."""
-    status, body = get(f"{url}/api/tasks?taskname=tea_dist.run_flow")
+    """The branch tasks Flower lists from the worker whose name starts ``host``: named
+    ``tea_dist.run_flow[graph/branch]`` (Celery's shadow name)."""
+    status, body = get(f"{url}/api/tasks")
     tasks = json.loads(body) if status == 200 else {}
-    assert all(t["name"] == "tea_dist.run_flow" for t in tasks.values())
-    return [t for t in tasks.values() if str(t.get("worker") or "").startswith(host)]
+    found = [t for t in tasks.values() if str(t.get("worker") or "").startswith(host)]
+    assert all(str(t["name"]).startswith("tea_dist.run_flow[") for t in found), found
+    return found
 
 
 def has_branch(args: list[str], branch: str) -> bool:
@@ -99,12 +101,16 @@ def test_flower_lists_tea_dist_tasks_of_a_run(cluster: Any, tmp_path: Path) -> N
             assert get(f"{flower}/api/tasks", auth=None)[0] == 401  # the API is not open
             deadline = time.monotonic() + 30
             args: list[str] = []
+            seen: list[dict[str, Any]] = []
             while not (has_branch(args, "alpha") and has_branch(args, "beta")):
                 assert time.monotonic() < deadline, f"Flower saw {args}"
                 final_state(list(app.invoke({"value": 1})))  # the first enable_events goes
                 time.sleep(1.0)  # out 5 s after Flower starts; runs before it stay unseen
-                args = [t.get("args") or "" for t in flower_tasks(flower, host)]
+                seen = flower_tasks(flower, host)
+                args = [t.get("args") or "" for t in seen]
     assert all("graph=flowergraph" in a and "run=" in a for a in args)
+    names = {t["name"] for t in seen}  # the list says which graph and branch a task is
+    assert {"tea_dist.run_flow[flowergraph/alpha]", "tea_dist.run_flow[flowergraph/beta]"} <= names
 
 
 def test_flower_metrics_endpoint_answers(cluster: Any, flower: str) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import redis
 from celery import signals
+from celery.exceptions import Ignore
 from kombu.exceptions import OperationalError
 
 from tea_dist.core.errors import (
@@ -291,7 +292,7 @@ class WorkflowRun:
         return _text(status) in (RunStatus.PENDING, RunStatus.RUNNING)
 
 
-@app.task(bind=True, name="tea_dist.run_workflow", acks_late=False)
+@app.task(bind=True, name="tea_dist.run_workflow", acks_late=False, throws=(RunFailedError,))
 def run_workflow(
     self: Any,
     run_id: str,
@@ -317,7 +318,14 @@ def run_workflow(
     lease = durable.claim(run_id, queue, "start")
     if lease is None:  # cancelled while queued, or already taken
         return "skipped"
-    return _drive(run, lease, _Work(graph_ref, state, config, trace), Durable(lease))
+    status = _drive(run, lease, _Work(graph_ref, state, config, trace), Durable(lease))
+    # the task's Celery state (what Flower shows) is the run's outcome
+    if status == RunStatus.FAILED:
+        raise RunFailedError(f"run {run_id} failed: {run._record().get('error', '?')}")
+    if status == RunStatus.CANCELLED:
+        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore()
+    return status
 
 
 def run_body(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -493,11 +494,23 @@ class _Driver:
             self.runtime.emit("on_branch_redispatched", run.context())
             remote.message = remote.message.retried(run.state, None)  # signed when sent
             again.append(run)
-        stale = {r.handle.batch or r.handle.task_id for r in runs}
-        self.app.control.revoke(sorted(stale), terminate=True, signal="SIGKILL")
+        stale = sorted({r.handle.batch or r.handle.task_id for r in runs})
+        self.app.control.revoke(stale, terminate=True, signal="SIGKILL")
+        self._close_lost(stale)
         if again:
             self._send(again)
             self._record_queued(again)
+
+    def _close_lost(self, task_ids: Sequence[str]) -> None:
+        """A task lost with its worker would show ``STARTED`` in Flower forever (its worker
+        can no longer say how it ended): the driver says it failed, as a ``task-failed``
+        event from ``tea-dist-driver@host``, once it has sent the branch again."""
+        why = "WorkerLostError('the worker holding this branch was lost; it was sent again')"
+        with _best_effort("closing lost tasks"):
+            host = f"tea-dist-driver@{socket.gethostname()}"
+            with self.app.events.default_dispatcher(hostname=host) as events:
+                for task_id in task_ids:
+                    events.send("task-failed", uuid=task_id, exception=why, traceback="")
 
     # -- stopping --
 

@@ -33,7 +33,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
@@ -43,6 +43,7 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from billiard.pool import soft_timeout_sighandler
 from celery import Task, signals
+from celery.exceptions import Ignore
 
 from tea_dist.core.errors import GraphError, SerializationError
 from tea_dist.core.graph import GraphSpec
@@ -431,12 +432,39 @@ def _guard_soft_limit() -> bool:
 # -- the task -------------------------------------------------------------------------------
 
 
+class BranchFailed(Exception):
+    """Raised by a branch task after its failed result went to the run's stream, so that the
+    task's Celery state (what Flower shows) is its outcome: ``FAILURE`` with the error's type
+    and message, never the state. Expected (``Task.throws``): logged without a traceback."""
+
+
+def report(task: Any, results: Sequence[ParallelFlowResult | None]) -> None:
+    """End a branch task in the Celery state of its branches' outcome (already published):
+    ``SUCCESS`` when every one succeeded; ``REVOKED`` (a ``task-revoked`` event) when they were
+    cancelled; ``FAILURE`` (``BranchFailed``) when one failed or timed out."""
+    ended = [r for r in results if r is not None and not r.success]
+    if not ended:
+        return
+    failed = [r for r in ended if r.error_type != "CancelledError"]
+    if not failed:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore()  # acknowledged; no success or failure event after the revoked one
+    first = failed[0]
+    message = " ".join(str(first.error or "").split())
+    more = f" (and {len(failed) - 1} more of {len(results)} items)" if len(failed) > 1 else ""
+    raise BranchFailed(f"branch '{first.branch}' {first.error_type}: {message}{more}")
+
+
 class FlowTask(Task):  # type: ignore[misc]
     """``run_flow``'s task class: an attempt that ended outside the attempt runner (killed at
     its hard time limit, or a failure of tea_dist itself) ends through the lifecycle here, in
     the worker's main process."""
 
+    throws = (BranchFailed,)
+
     def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, BranchFailed):
+            return  # its outcome, reported already
         if not args or not isinstance(args[0], BranchMessage) or isinstance(exc, WorkerLostError):
             return  # a lost child's message is delivered again (reject_on_worker_lost)
         branch = WorkerBranch.of(args[0], task_id)
@@ -465,6 +493,8 @@ def message_options(message: BranchMessage) -> dict[str, Any]:
     config = message.config
     options: dict[str, Any] = {
         "queue": config.queue or settings.flows_queue,
+        # the name Flower's task list shows: which graph and branch (the task is run_flow)
+        "shadow": f"tea_dist.run_flow[{message.graph_name}/{message.branch}]",
         "argsrepr": message.describe(),
         "kwargsrepr": "{}",
         "ignore_result": True,
@@ -491,6 +521,7 @@ def batch_options(items: list[tuple[str, BranchMessage]]) -> dict[str, Any]:
     config = first.config
     options: dict[str, Any] = {
         "queue": config.queue or settings.flows_queue,
+        "shadow": f"tea_dist.run_batch[{first.graph_name}/{first.branch}+{len(items) - 1}]",
         "argsrepr": f"{len(items)} items from {first.describe()}",
         "kwargsrepr": "{}",
         "ignore_result": True,
@@ -568,10 +599,12 @@ class Batch:
             branch.publisher.events.extend(other.publisher.events)
 
 
-def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None) -> Again | None:
+def run_branch(
+    message: BranchMessage, task_id: str, batch: Batch | None = None
+) -> Again | ParallelFlowResult | None:
     """Run one attempt of one branch (alone, or an item of ``batch``); its events and result
-    go to the run's stream. Returns what must be published again: a retry, or a branch
-    waiting for a limit's permit (it holds no worker slot meanwhile)."""
+    go to the run's stream. Returns what must be published again (a retry, or a branch
+    waiting for a limit's permit: it holds no worker slot meanwhile), else its result."""
     branch = WorkerBranch.of(message, task_id, batch)
     life, run = branch.life, branch.run
     settings = current_settings()
@@ -581,12 +614,12 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
         logger.warning("refused branch message %s: %s", message.describe(), exc)
         life.resolve(run, build_result(run.state, run.config, error=ErrorInfo.from_exception(exc)))
         branch.send()
-        return None
+        return run.result
     first = not message.attempt.attempts  # the driver asked the first attempt's circuit
     if not life.admit(run, circuit=not first):
         if run.done:  # past its deadline, or its circuit is open
             branch.send()
-            return None
+            return run.result
         countdown = max(run.wait or 0.0, PERMIT_RECHECK_SECONDS) * (1 + random.random() / 2)
         if batch is not None:  # it leaves the batch: its driver must know
             branch.publisher.requeued(delay=countdown)
@@ -628,20 +661,20 @@ def run_branch(message: BranchMessage, task_id: str, batch: Batch | None = None)
         life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
         branch.starts = starts
         branch.send()
-        return None
+        return run.result
     if unended > MAX_CRASHES:  # its starts killed their process: this one is not run
         logger.error("quarantined branch message %s: %s", message.describe(), QUARANTINED)
         error = ErrorInfo("QuarantinedError", f"branch '{message.branch}' {QUARANTINED}")
         life.end(run, _ended(error))
         branch.send()  # its count stays: a copy delivered later is refused the same way
-        return None
+        return run.result
     branch.starts = starts
     delay = life.end(run, _attempt(message, run, watch, batch.specs if batch else {}))
     if batch is not None and delay is None:
         batch.hold(branch)
-        return None
+        return run.result
     branch.send()
-    return None if delay is None else branch.again(delay)
+    return run.result if delay is None else branch.again(delay)
 
 
 MAX_CRASHES = 2
@@ -691,12 +724,16 @@ def _killed(branch: WorkerBranch, batch: Batch) -> None:
     max_retries=None,  # the branch's RetryPolicy decides, not Celery's default of 3
 )
 def run_flow(self: Any, message: BranchMessage) -> None:
-    """Run one attempt of one branch; its events and result go to the run's stream."""
-    again = run_branch(message, self.request.id)
-    if again is not None:
+    """Run one attempt of one branch; its events and result go to the run's stream. The
+    task ends in the Celery state of its outcome (``report``)."""
+    outcome = run_branch(message, self.request.id)
+    if isinstance(outcome, Again):
         raise self.retry(
-            args=(again.message,), countdown=again.countdown, argsrepr=again.message.describe()
+            args=(outcome.message,),
+            countdown=outcome.countdown,
+            argsrepr=outcome.message.describe(),
         )
+    report(self, [outcome])
 
 
 @app.task(
@@ -715,21 +752,25 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
     first = items[0][1]
     keys = Keys(settings.key_prefix)
     batch = Batch(self.request.id, list(items), keys.batch_heartbeat(first.fanout, self.request.id))
+    results: list[ParallelFlowResult | None] = []
     try:
         for position, (item, message) in enumerate(batch.items):
             batch.position = position
             context = tracing.attach(message.trace)
             try:
-                again = run_branch(message, item, batch)
+                outcome = run_branch(message, item, batch)
             finally:
                 tracing.detach(context)
-            if again is not None:
-                again.send(item)
+            if isinstance(outcome, Again):
+                outcome.send(item)
+            else:
+                results.append(outcome)
     except BaseException:  # the batch is over: its driver sends the unstarted items again
         with suppress(redis.RedisError):
             redis_for(settings.redis).delete(batch.heartbeat)
         raise
     batch.flush()
+    report(self, results)
 
 
 def _attempt(
