@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -162,6 +163,9 @@ class EmbeddedRedis:
             self.reaper = None
 
 
+RELOAD_GRACE = 30.0  # seconds a reloading worker has to finish the branches it runs
+
+
 @dataclass
 class LocalCluster:
     """Redis + flow workers + a run worker (+ Flower) as child processes of this one.
@@ -236,29 +240,7 @@ class LocalCluster:
             self.reaper = Reaper()
             self.reaper.tell(path=str(self.workdir))
             self._start_redis()
-            scratch = self.workdir / "tmp"  # the workers' temporary files go with the cluster's
-            scratch.mkdir(exist_ok=True)  # folder, which the reaper removes even after a SIGKILL
-            extra = {
-                "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-                "TMPDIR": str(scratch),
-            }
-            roles: list[tuple[str, str, int, int | None]] = [
-                ("flows", "flow worker", self.flow_workers, self.concurrency),
-                ("runs", "run worker", self.run_workers, None),
-            ]
-            for role, title, count, concurrency in roles:
-                for i in range(1, count + 1):
-                    name = f"{role}{i}-{self.redis_port}@%h"
-                    log = self.logs[f"{title} {i}"] = self.workdir / f"{role}{i}.log"
-                    self.processes[f"{title} {i}"] = proc = spawn_worker(
-                        self.settings,
-                        role,
-                        concurrency=concurrency,
-                        name=name,
-                        log_path=log,
-                        extra_env=extra,
-                    )
-                    self.reaper.tell(group=proc.pid)
+            self._start_workers()
             if self.flower_port:
                 self._start_flower()
             if self.advertise:
@@ -268,6 +250,52 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def _start_workers(self) -> None:
+        assert self.reaper is not None
+        scratch = self.workdir / "tmp"  # the workers' temporary files go with the cluster's
+        scratch.mkdir(exist_ok=True)  # folder, which the reaper removes even after a SIGKILL
+        extra = {
+            "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+            "TMPDIR": str(scratch),
+        }
+        for role, title, count, concurrency in self._roles():
+            for i in range(1, count + 1):
+                name = f"{role}{i}-{self.redis_port}@%h"
+                log = self.logs[f"{title} {i}"] = self.workdir / f"{role}{i}.log"
+                self.processes[f"{title} {i}"] = proc = spawn_worker(
+                    self.settings,
+                    role,
+                    concurrency=concurrency,
+                    name=name,
+                    log_path=log,
+                    extra_env=extra,
+                )
+                self.reaper.tell(group=proc.pid)
+
+    def _roles(self) -> list[tuple[str, str, int, int | None]]:
+        return [
+            ("flows", "flow worker", self.flow_workers, self.concurrency),
+            ("runs", "run worker", self.run_workers, None),
+        ]
+
+    def restart_workers(self) -> None:
+        """Stop every worker (a warm shutdown: running branches finish, queued ones wait in
+        the broker, runs are handed over) and start them again, with the code as it is on
+        disk now. Redis, Flower and the advertisement stay."""
+        titles = [
+            f"{title} {i}" for _, title, count, _ in self._roles() for i in range(1, count + 1)
+        ]
+        workers = [self.processes.pop(t) for t in titles if t in self.processes]
+        for proc in workers:  # its main process only: a signalled pool child dies mid-branch
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + RELOAD_GRACE
+        for proc in workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        stop_groups(workers, 1.0)  # what outlived the grace, and any pool child left
+        self._start_workers()
 
     def _start_redis(self) -> None:
         self.redis = EmbeddedRedis(

@@ -164,7 +164,8 @@ def check_fingerprint(code: Mapping[str, Any] | None, allowlist: Allowlist) -> N
             raise CodeMismatchError(
                 f"module '{name}' on this worker differs from the caller's (sha256 "
                 f"{mine[:12]} here, {str(sent)[:12]} sent); refusing to run other code: deploy "
-                "the same code to callers and workers and restart the workers after a change"
+                "the same code to callers and workers and restart the workers after a change "
+                "('tea-dist cluster --reload' restarts its workers by itself)"
             )
 
 

@@ -365,11 +365,19 @@ def cluster(
         ),
     ] = None,
     allow: AllowOpt = None,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help="Restart the workers when an allowed module or a YAML agent changes.",
+            metavar=FLAG,
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Start a local cluster (embedded Redis, workers, Flower) and keep it up until Ctrl-C.
 
-    The other commands (and apps' ``submit()``) on this machine find it by themselves; any
+    The other commands (and apps' submit()) on this machine find it by themselves; any
     signal stops it, and even a SIGKILL leaves no process or folder behind."""
     from tea_dist.distributed.advert import advert_path
     from tea_dist.distributed.local_cluster import LocalCluster
@@ -399,9 +407,29 @@ def cluster(
             typer.echo(f"found:   by tea-dist commands and submit() here ({advert_path()})")
             typer.echo(f"use it:  export TEA_DIST_BROKER_URL={local.redis_url}")
             typer.echo("ready; Ctrl-C (or any signal) stops the cluster.", err=True)
-            while (why := local.exited()) is None:
-                time.sleep(0.5)
+            with _reloader(reload, local.settings) as reloader:
+                while (why := local.exited()) is None:
+                    time.sleep(0.5)
+                    if reloader is not None and (changed := reloader.changed()):
+                        shown = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+                        typer.echo(f"reloading: {shown} changed; restarting the workers", err=True)
+                        local.restart_workers()
+                        typer.echo("reloaded", err=True)
             typer.echo(f"error: a cluster process exited: {why}; stopping the cluster", err=True)
             raise typer.Exit(EXIT_RUN_FAILED)
         finally:
             local.stop()
+
+
+def _reloader(enabled: bool, settings: Any) -> Any:
+    """What ``cluster --reload`` watches (or nothing without it), as a context manager."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from tea_dist.distributed.reload import Reloader, watched_paths
+
+    agents = Path(settings.agents_dir or os.getcwd())
+    paths = watched_paths(settings.allowed, agents)
+    typer.echo(f"watching: {', '.join(str(p) for p in paths)}", err=True)
+    return Reloader(paths)
