@@ -219,3 +219,13 @@ def test_i3b_validate_reports_every_schema_problem(tmp_path: Path) -> None:
         "nodes[1]",
     ):
         assert place in text, text
+
+
+def test_i3b_an_empty_progress_table_says_why() -> None:
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=120).print(cli.BranchProgress(Console()).table())
+    assert "no branch yet" in out.getvalue() and "local cluster" in out.getvalue()

@@ -241,6 +241,11 @@ class BranchProgress:
         now = self.clock()
         with self._lock:
             rows = [(key, dict(row)) for key, row in self._rows.items()]
+        if not rows:  # main-path nodes run, or a local cluster starts: say so, not nothing
+            table.caption = (
+                "no branch yet (a celery run with no broker configured starts a local cluster "
+                "first: a few seconds)"
+            )
         if len(rows) > SUMMARY_ABOVE:  # a large map: one line of counts, not a row per item
             counts = Counter(str(row.get("status", "")) for _, row in rows)
             line = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
