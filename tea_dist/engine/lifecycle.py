@@ -323,21 +323,29 @@ class Lifecycle:
             for limit in limits:
                 self.runtime.limit_store().release(limit, holder)
 
-    def begin(self, run: BranchRun, worker: str | None = None) -> None:
-        """An attempt of ``run`` starts now (``worker``: where, when not this process)."""
+    def begin(self, run: BranchRun, worker: str | None = None, timed: bool = True) -> None:
+        """An attempt of ``run`` starts now (``worker``: where, when not this process).
+        ``timed=False``: its ``timeout_seconds`` runs from ``timing``, when the backend says
+        the attempt really began (a child process that had to start first)."""
         state = run.state
         state.attempts += 1
         run.started = self.clock.monotonic()
         state.first_start = state.first_start or self.clock.time()
-        deadline, timeout = run.deadline, run.config.timeout_seconds
-        if timeout is not None:
-            ends = run.started + timeout
-            deadline = ends if deadline is None else min(deadline, ends)
-        run.attempt_deadline = deadline
+        run.attempt_deadline = run.deadline
+        if timed:
+            self.timing(run, run.started)
         ctx = run.context(worker=worker) if worker else run.context()
         if state.attempts == 1:
             self.runtime.emit("on_flow_start", ctx)
         self.runtime.emit("on_attempt_start", ctx)
+
+    def timing(self, run: BranchRun, began: float) -> None:
+        """The running attempt of ``run`` began at ``began`` (monotonic): its
+        ``timeout_seconds`` counts from there (``timeout_total`` from dispatch, as ever)."""
+        timeout = run.config.timeout_seconds
+        if timeout is not None and run.running:
+            ends = began + timeout
+            run.attempt_deadline = ends if run.deadline is None else min(run.deadline, ends)
 
     def end(self, run: BranchRun, outcome: AttemptOutcome) -> float | None:
         """An attempt of ``run`` ended: record, tell, decide. Returns the retry delay, or None."""

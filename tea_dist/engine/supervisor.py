@@ -13,8 +13,9 @@ import heapq
 import queue
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from tea_dist.core.config import ParallelConfig
@@ -30,10 +31,20 @@ if TYPE_CHECKING:
 class Backend(Protocol):
     """Where an in-process strategy runs one attempt, and how it stops one."""
 
+    # Whether ``start`` calls its ``began`` when the attempt really begins (a child process
+    # that must start first): its timeout then counts from there, not from ``start``.
+    reports_start: bool
+
     def start(
-        self, task: BranchTask, token: CancelToken, runtime: Runtime
+        self,
+        task: BranchTask,
+        token: CancelToken,
+        runtime: Runtime,
+        began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
-        """Begin an attempt; the future resolves to its outcome (never raises)."""
+        """Begin an attempt; the future resolves to its outcome (never raises). A backend
+        that ``reports_start`` calls ``began(time.monotonic())``, from any thread, once the
+        attempt runs."""
         ...
 
     def stop(self, future: Future[AttemptOutcome], token: CancelToken) -> None:
@@ -73,6 +84,7 @@ class _Supervisor:
         self.timers: list[tuple[float, int, BranchRun]] = []
         self.running: dict[Future[AttemptOutcome], BranchRun] = {}
         self.finished: queue.SimpleQueue[Future[AttemptOutcome]] = queue.SimpleQueue()
+        self.began: queue.SimpleQueue[tuple[BranchRun, int, float]] = queue.SimpleQueue()
         self.limited = any(c.limits for c in configs)
         self.next_renewal = time.monotonic() + RENEW_SECONDS
 
@@ -99,6 +111,7 @@ class _Supervisor:
                 run = self.running.pop(future, None)
                 if run is not None:  # else a deadline or fail-fast stopped it just before
                     self._retry_later(run, life.end(run, future.result()))
+            self._time_began()
             self._expire(time.monotonic())
             if self.limited and time.monotonic() >= self.next_renewal:
                 self.next_renewal = time.monotonic() + RENEW_SECONDS
@@ -141,12 +154,28 @@ class _Supervisor:
                     self._retry_later(run, run.wait)
                 continue
             token = CancelToken()
-            future = self.backend.start(run.task, token, self.runtime)
-            # the attempt's clock starts once the backend has it (a process start is not its time)
-            self.life.begin(run)
+            attempt = run.state.attempts + 1
+            began = partial(self._began, run, attempt)
+            future = self.backend.start(run.task, token, self.runtime, began)
+            # the attempt's clock starts once the backend has it, or (a child process that
+            # must start first) once it says the attempt began: a pool's start is not its time
+            self.life.begin(run, timed=not self.backend.reports_start)
             run.handle = (future, token)
             self.running[future] = run
             future.add_done_callback(self.finished.put)
+
+    def _began(self, run: BranchRun, attempt: int, at: float) -> None:
+        self.began.put((run, attempt, at))  # any thread: timed in the supervisor's own
+
+    def _time_began(self) -> None:
+        """Attempts that began in their process since the last look: timed from then."""
+        while True:
+            try:
+                run, attempt, at = self.began.get_nowait()
+            except queue.Empty:
+                return
+            if run.state.attempts == attempt:  # not a later attempt's by now
+                self.life.timing(run, at)
 
     def _retry_later(self, run: BranchRun, delay: float | None) -> None:
         if delay is not None:

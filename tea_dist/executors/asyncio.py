@@ -93,8 +93,14 @@ class AsyncioExecutor:
 
     # -- Backend --
 
+    reports_start = False  # an attempt begins when it is started
+
     def start(
-        self, task: BranchTask, token: CancelToken, runtime: Runtime
+        self,
+        task: BranchTask,
+        token: CancelToken,
+        runtime: Runtime,
+        began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
         return asyncio.run_coroutine_threadsafe(
             arun_attempt(task, runtime.fanout, token), self.loop

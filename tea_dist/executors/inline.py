@@ -8,7 +8,7 @@ cannot stop it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -34,8 +34,14 @@ class InlineExecutor:
     ) -> list[ParallelFlowResult]:
         return supervise(tasks, configs, runtime, self, slots=1)
 
+    reports_start = False  # an attempt begins when it is started
+
     def start(
-        self, task: BranchTask, token: CancelToken, runtime: Runtime
+        self,
+        task: BranchTask,
+        token: CancelToken,
+        runtime: Runtime,
+        began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
         future: Future[AttemptOutcome] = Future()
         future.set_result(run_attempt(task, runtime.fanout, token))

@@ -137,6 +137,10 @@ def _culprit(task: BranchTask, exc: Exception) -> str:
     return f"branch '{task.branch}' cannot be pickled for the process strategy: {error}"
 
 
+BEGAN = b"\x00began"  # a worker process's word that it begins the attempt it was sent
+Job = tuple[bytes, str, "Future[AttemptOutcome]", Callable[[float], None]]
+
+
 # -- the worker process --
 
 
@@ -147,8 +151,9 @@ def _failure(
     return AttemptOutcome(False, None, started, time.time(), error=error)
 
 
-def _run_payload(data: bytes) -> bytes:
-    """Run one pickled task in this (worker) process; the pickled outcome."""
+def _run_payload(data: bytes, began: Callable[[], None] = lambda: None) -> bytes:
+    """Run one pickled task in this (worker) process; the pickled outcome. ``began`` is
+    called when the attempt begins (its code imported and its task unpickled)."""
     from tea_dist.engine.runtime import Runtime  # the worker's own runtime, for nested fan-outs
 
     started = time.time()
@@ -158,6 +163,7 @@ def _run_payload(data: bytes) -> bytes:
     except Exception as exc:
         message = f"the branch could not be unpickled in the worker: {type(exc).__name__}: {exc}"
         return pickle.dumps(_failure(started, "SerializationError", message, serialization))
+    began()
     outcome = run_attempt(task, Runtime(graph_name=task.spec.name).fanout, CancelToken())
     try:
         return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
@@ -182,7 +188,7 @@ def _worker_main(conn: Connection) -> None:
             return
         if not data:
             return
-        conn.send_bytes(_run_payload(data))
+        conn.send_bytes(_run_payload(data, functools.partial(conn.send_bytes, BEGAN)))
 
 
 # -- the parent side --
@@ -205,7 +211,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.conn = parent
-        self.jobs: queue.SimpleQueue[tuple[bytes, str, Future[AttemptOutcome]] | None]
+        self.jobs: queue.SimpleQueue[Job | None]
         self.jobs = queue.SimpleQueue()
         self.future: Future[AttemptOutcome] | None = None  # the attempt running (pool lock)
         self.killed = False
@@ -218,8 +224,8 @@ class _Worker:
 
     def _serve(self) -> None:
         while (job := self.jobs.get()) is not None:
-            payload, branch, future = job
-            outcome = self._exchange(payload)
+            payload, branch, future, began = job
+            outcome = self._exchange(payload, began)
             if outcome is None:
                 self.pool.discard(self)
                 _resolve(future, self._crashed(branch))
@@ -232,14 +238,21 @@ class _Worker:
         self.conn.close()
         self.process.join(timeout=5)
 
-    def _exchange(self, payload: bytes) -> AttemptOutcome | None:
-        """Send a task and wait for its outcome; None when the process died meanwhile."""
+    def _exchange(
+        self, payload: bytes, began: Callable[[float], None]
+    ) -> AttemptOutcome | None:
+        """Send a task and wait for its outcome (telling ``began`` when the process begins
+        the attempt); None when the process died meanwhile."""
         started = time.time()
         try:
             self.conn.send_bytes(payload)
-            if self.conn not in wait([self.conn, self.process.sentinel]):
-                return None
-            data = self.conn.recv_bytes()
+            while True:
+                if self.conn not in wait([self.conn, self.process.sentinel]):
+                    return None
+                data = self.conn.recv_bytes()
+                if data != BEGAN:
+                    break
+                began(time.monotonic())
         except (EOFError, OSError):
             return None
         try:
@@ -302,8 +315,11 @@ class WorkerPool:
         for worker in started:
             self.release(worker)
 
-    def submit(self, payload: bytes, branch: str) -> Future[AttemptOutcome]:
-        """Run a pickled task on a worker; the future resolves to its outcome, never raises."""
+    def submit(
+        self, payload: bytes, branch: str, began: Callable[[float], None] = lambda at: None
+    ) -> Future[AttemptOutcome]:
+        """Run a pickled task on a worker; the future resolves to its outcome, never raises.
+        ``began(monotonic)`` is called once the worker process begins the attempt."""
         future: Future[AttemptOutcome] = Future()
         future.set_running_or_notify_cancel()
         with self._lock:
@@ -319,7 +335,7 @@ class WorkerPool:
         with self._lock:
             worker.future = future
             self._busy[future] = worker
-        worker.jobs.put((payload, branch, future))
+        worker.jobs.put((payload, branch, future, began))
         return future
 
     def kill(self, future: Future[AttemptOutcome]) -> None:
@@ -388,10 +404,16 @@ class _Session:
     pool: WorkerPool
     payloads: dict[int, bytes]
 
+    reports_start = True  # a worker process may still be starting: timed from its word
+
     def start(
-        self, task: BranchTask, token: CancelToken, runtime: Runtime
+        self,
+        task: BranchTask,
+        token: CancelToken,
+        runtime: Runtime,
+        began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
-        return self.pool.submit(self.payloads[id(task)], task.branch)
+        return self.pool.submit(self.payloads[id(task)], task.branch, began)
 
     def stop(self, future: Future[AttemptOutcome], token: CancelToken) -> None:
         token.cancel()

@@ -161,8 +161,14 @@ class ThreadExecutor:
 
     # -- Backend --
 
+    reports_start = False  # an attempt begins when it is started
+
     def start(
-        self, task: BranchTask, token: CancelToken, runtime: Runtime
+        self,
+        task: BranchTask,
+        token: CancelToken,
+        runtime: Runtime,
+        began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
         return self.pool.submit(lambda: run_attempt(task, runtime.fanout, token))
 
