@@ -55,7 +55,7 @@ from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.limits_redis import RedisLimitStore
 from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
 from tea_dist.distributed.signing import SignatureError
-from tea_dist.distributed.wire import decode_branch
+from tea_dist.distributed.wire import decode_branch, first_unjsonable
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
 from tea_dist.engine.lifecycle import (
     SYSTEM_CLOCK,
@@ -691,17 +691,14 @@ def uncarried(state: dict[str, Any] | None, branch: str) -> SerializationError |
         json.dumps(state)
         return None
     except (TypeError, ValueError):
-        pass
-    for key, value in state.items():
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            return SerializationError(
-                f"state key '{key}' returned by branch '{branch}' cannot be carried back to "
-                f"the caller as JSON ({type(value).__name__}): {exc}",
-                key=str(key),
-            )
-    return SerializationError(f"the state returned by branch '{branch}' is not JSON")
+        key, exc = first_unjsonable(state)
+    if not key:
+        return SerializationError(f"the state returned by branch '{branch}' is not JSON")
+    return SerializationError(
+        f"state key '{key}' returned by branch '{branch}' cannot be carried back to the "
+        f"caller as JSON ({type(state[key]).__name__}): {exc}",
+        key=key,
+    )
 
 
 def _killed(branch: WorkerBranch, batch: Batch) -> None:

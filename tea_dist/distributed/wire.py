@@ -243,6 +243,17 @@ def _load_yaml_spec(path: str, digest: str) -> GraphSpec:
     return load_yaml(path).to_spec()
 
 
+def first_unjsonable(state: Mapping[str, Any]) -> tuple[str, Exception]:
+    """The first key of ``state`` (known not to be JSON) whose value JSON cannot carry, and
+    why; the whole state's own error when each value alone can."""
+    for key, value in state.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            return str(key), exc
+    return "", ValueError("the state is not JSON as a whole")
+
+
 def check_json_state(state: Mapping[str, Any], where: str, limit: int) -> str:
     """The state as JSON text; ``SerializationError`` naming the key, or size over ``limit``.
 
@@ -251,14 +262,10 @@ def check_json_state(state: Mapping[str, Any], where: str, limit: int) -> str:
     try:
         text = json.dumps(state)
     except (TypeError, ValueError):
-        for key, value in state.items():
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError) as exc:
-                raise SerializationError(
-                    f"state key '{key}' of {where} cannot be sent to a Celery worker as JSON: {exc}"
-                ) from exc
-        raise
+        key, exc = first_unjsonable(state)
+        raise SerializationError(
+            f"state key '{key}' of {where} cannot be sent to a Celery worker as JSON: {exc}"
+        ) from exc
     size = len(text.encode())
     if size > limit:
         raise StateTooLargeError(
