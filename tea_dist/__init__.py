@@ -11,6 +11,12 @@ Grouped by concept:
 - strategies: ``get_executor``, ``register_executor``, ``ParallelExecutor``
 - apps: ``submit``, ``WorkflowRun`` (enqueue whole workflows on run workers)
 - errors: ``TeaDistError`` and its subclasses in ``tea_dist.core.errors``
+
+Importing ``tea_dist`` (which importing any of its modules does first) wires the layers that
+do not know one another: ``StateGraph.compile()`` builds the engine's ``CompiledGraph``; the
+built-in strategies are registered by name (each executor imported on first use, so that
+threads never import Celery); every ``Dispatcher`` gets the logging, metrics and tracing
+listeners.
 """
 
 from __future__ import annotations
@@ -24,12 +30,26 @@ from tea_dist.core.config import (
     RetryPolicy,
 )
 from tea_dist.core.errors import TeaDistError
-from tea_dist.core.graph import END, START, StateGraph
+from tea_dist.core.graph import END, START, StateGraph, set_compiler
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.core.strategies import ParallelExecutor, get_executor, register_executor
-from tea_dist.engine import runner as _runner  # noqa: F401 - installs StateGraph.compile()
+from tea_dist.core.strategies import register_executor
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.observe.events import FlowContext, ParallelFlowCallback
+from tea_dist.engine.runner import CompiledGraph
+from tea_dist.engine.runtime import ParallelExecutor, get_executor
+from tea_dist.observe import logs, metrics, tracing
+from tea_dist.observe.events import FlowContext, ParallelFlowCallback, add_listener
+
+set_compiler(CompiledGraph)
+for _name, _path in (
+    ("thread", "tea_dist.executors.thread:ThreadExecutor"),
+    ("inline", "tea_dist.executors.inline:InlineExecutor"),
+    ("process", "tea_dist.executors.process:ProcessExecutor"),
+    ("asyncio", "tea_dist.executors.asyncio:AsyncioExecutor"),
+    ("celery", "tea_dist.distributed.driver:CeleryExecutor"),
+):
+    register_executor(_name, _path)
+for _listener in (logs.LogListener, metrics.listener, tracing.listener):
+    add_listener(_listener)
 
 __all__ = [
     "END",

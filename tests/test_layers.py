@@ -1,8 +1,9 @@
 """The package's import graph: layers import only downward, and nothing imports in a cycle.
 
-Every ``import`` counts, at module level or inside a function; only imports under
-``if TYPE_CHECKING:`` (which never run) are left out. ``tea_dist/__init__.py`` is the public
-facade above every layer and is not part of the graph.
+Every ``import`` counts: at module level, inside a function, and under ``if TYPE_CHECKING:``
+too (a type a layer names is a dependency on the layer that defines it, even if it never
+runs). ``tea_dist/__init__.py`` is the public facade above every layer and is not part of the
+graph.
 """
 
 from __future__ import annotations
@@ -19,15 +20,6 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.body:
-                skipped.update(id(n) for n in ast.walk(child))
-    return skipped
-
-
 def import_graph() -> dict[str, set[str]]:
     """``module -> tea_dist modules it imports`` for every module of the package."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
@@ -36,12 +28,9 @@ def import_graph() -> dict[str, set[str]]:
         if name == "tea_dist":
             continue
         tree = ast.parse(path.read_text())
-        skipped = _type_checking_nodes(tree)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets: set[str] = set()
         for node in ast.walk(tree):
-            if id(node) in skipped:
-                continue
             if isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):

@@ -1,32 +1,76 @@
 """Building a graph: ``StateGraph`` and the immutable ``GraphSpec`` that ``compile()`` checks.
 
-``StateGraph`` is the builder users call (names compatible with The Edge Agent). ``compile()``
-validates the topology, naming the culprit of every problem, and freezes it into a
-``GraphSpec``: plain data that can be pickled to another process. Running a graph is the
-business of ``tea_dist.engine.runner``; as in The Edge Agent, the builder also runs itself
-(``graph.compile(...); graph.invoke(state)``) through the graph its last ``compile()`` made.
+``StateGraph`` is the builder users call (names compatible with The Edge Agent). It validates
+the topology, naming the culprit of every problem, and freezes it into a ``GraphSpec``
+(``to_spec``): plain data that can be pickled to another process. Running a graph is the
+engine's business: ``compile()`` hands the spec to the compiler ``tea_dist`` installs when it
+is imported (``set_compiler``: the engine's ``CompiledGraph``), and returns what it makes, a
+``Runnable``. As in The Edge Agent, the builder also runs itself (``graph.compile(...);
+graph.invoke(state)``) through the graph its last ``compile()`` made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from tea_dist.core.config import ParallelConfig, resolve_config
 from tea_dist.core.errors import GraphError
 
-if TYPE_CHECKING:
-    from tea_dist.engine.runner import CompiledGraph, Event
-    from tea_dist.observe.events import ParallelFlowCallback
-
-# What ``compile()`` builds: set by the engine (``tea_dist.engine.runner``), which sits above
-# this module, when the package is imported.
-_compiler: Callable[..., CompiledGraph] | None = None
+Event = dict[str, Any]
 
 
-def set_compiler(compiler: Callable[..., CompiledGraph]) -> None:
-    """Install the engine's ``CompiledGraph`` as what ``StateGraph.compile()`` returns."""
+class Runnable(Protocol):
+    """What ``compile()`` returns: a validated graph, ready to run any number of times (the
+    engine's ``CompiledGraph``, ``tea_dist.engine.runner``)."""
+
+    @property
+    def name(self) -> str:
+        """The graph's name."""
+        ...
+
+    @property
+    def breakers(self) -> Any:
+        """Where the graph's circuits live (a ``BreakerStore``)."""
+        ...
+
+    def invoke(
+        self,
+        state: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        cancel_token: Any = None,
+        raise_exceptions: bool | None = None,
+    ) -> Iterator[Event]:
+        """Run the graph; yields the ``final`` event (or an ``error`` event)."""
+        ...
+
+    def stream(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
+    ) -> Iterator[Event]:
+        """Run the graph, yielding an event after every node and every branch."""
+        ...
+
+    def reset_circuit(self, name: str | None = None) -> None:
+        """Close one circuit (by name or branch name), or every circuit when None."""
+        ...
+
+    def get_circuit_states(self) -> Mapping[str, Any]:
+        """Every known circuit and its state."""
+        ...
+
+
+Compiler = Callable[..., Runnable]
+"""``compiler(spec, *, raise_exceptions, callbacks, failed_branches, **options)``."""
+
+_compiler: Compiler | None = None
+
+
+def set_compiler(compiler: Compiler) -> None:
+    """Install what ``StateGraph.compile()`` builds from its ``GraphSpec`` (``tea_dist`` installs
+    the engine's ``CompiledGraph`` when it is imported)."""
     global _compiler
     _compiler = compiler
 
@@ -250,7 +294,7 @@ class StateGraph:
     name: str = DEFAULT_NAME
     origin: dict[str, str] | None = None
     failed_branches: Literal["fan_in", "tea"] = "fan_in"
-    _compiled: CompiledGraph | None = field(default=None, repr=False, compare=False)
+    _compiled: Runnable | None = field(default=None, repr=False, compare=False)
     _compile_args: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _stale: bool = field(default=False, repr=False, compare=False)
     _nodes: dict[str, Node] = field(default_factory=dict, repr=False)
@@ -346,13 +390,14 @@ class StateGraph:
     def compile(
         self,
         parallel_config: ParallelConfig | None = None,
-        parallel_callbacks: Iterable[ParallelFlowCallback] | None = None,
+        parallel_callbacks: Iterable[Any] | None = None,
         **options: Any,
-    ) -> CompiledGraph:
-        """Validate the graph and return a runnable ``CompiledGraph``.
+    ) -> Runnable:
+        """Validate the graph and return it compiled: a ``Runnable`` (``CompiledGraph``).
 
         Raises ``GraphError`` naming the culprit: unknown node, no entry point, a branch
         that cannot reach its fan-in, a node with both parallel and normal successors.
+        ``parallel_callbacks``: ``ParallelFlowCallback`` objects.
         Options: ``callback_timeout`` (seconds, default 5), ``breaker_store``,
         ``raise_exceptions`` (this compiled graph's, instead of the builder's).
 
@@ -364,9 +409,9 @@ class StateGraph:
     def _compile(
         self,
         parallel_config: ParallelConfig | None = None,
-        parallel_callbacks: Iterable[ParallelFlowCallback] | None = None,
+        parallel_callbacks: Iterable[Any] | None = None,
         **options: Any,
-    ) -> CompiledGraph:
+    ) -> Runnable:
         if _compiler is None:
             raise GraphError("no graph engine is loaded: import tea_dist")
         spec = self.to_spec(parallel_config)
@@ -386,7 +431,7 @@ class StateGraph:
 
     # -- running the builder itself, as The Edge Agent does --
 
-    def compiled(self) -> CompiledGraph:
+    def compiled(self) -> Runnable:
         """The graph the last ``compile()`` made (compiled with defaults if there was none).
 
         When the builder changed since, it is compiled again with the same arguments, keeping

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,9 +34,42 @@ from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
 from tea_dist.observe.events import FlowContext
 from tea_dist.policies.breaker import Admission
 from tea_dist.policies.limits import DEFAULT_LEASE_SECONDS as LEASE_SECONDS
+from tea_dist.policies.limits import LimitStore
 
-if TYPE_CHECKING:
-    from tea_dist.engine.runtime import Runtime
+
+class Host(Protocol):
+    """What a lifecycle asks of the run its branches belong to (``engine.runtime.Runtime``):
+    contexts and events, circuit admission and accounting, the store of limit permits."""
+
+    run_id: str
+
+    def context(self, task: BranchTask, config: ParallelConfig, attempt: int = 1) -> FlowContext:
+        """The callback context of a branch."""
+        ...
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Fire a lifecycle event."""
+        ...
+
+    def admit(self, ctx: FlowContext, config: ParallelConfig) -> Admission | None:
+        """Ask the branch's circuit for admission (None: no breaker configured)."""
+        ...
+
+    def record(
+        self, ctx: FlowContext, config: ParallelConfig, success: bool, admission: Admission | None
+    ) -> CircuitState | None:
+        """Record an attempt's outcome on its circuit; the circuit's state after it."""
+        ...
+
+    def release(
+        self, ctx: FlowContext, config: ParallelConfig, admission: Admission | None
+    ) -> None:
+        """An admitted attempt ended with no outcome: free its probe slot."""
+        ...
+
+    def limit_store(self) -> LimitStore:
+        """Where the permits of ``ResourceLimit``s are kept."""
+        ...
 
 
 class Clock(Protocol):
@@ -217,7 +250,7 @@ class Lifecycle:
     def __init__(
         self,
         runs: Sequence[BranchRun],
-        runtime: Runtime,
+        runtime: Host,
         *,
         stop: Callable[[BranchRun], None] = _ignore,
         clock: Clock = SYSTEM_CLOCK,
@@ -233,7 +266,7 @@ class Lifecycle:
         cls,
         tasks: Sequence[BranchTask],
         configs: Sequence[ParallelConfig],
-        runtime: Runtime,
+        runtime: Host,
         *,
         stop: Callable[[BranchRun], None] = _ignore,
         clock: Clock = SYSTEM_CLOCK,

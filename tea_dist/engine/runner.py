@@ -33,18 +33,17 @@ from tea_dist.core.errors import (
     NoWorkerError,
     TeaDistError,
 )
-from tea_dist.core.graph import END, FanOut, GraphSpec, set_compiler
+from tea_dist.core.graph import END, Event, FanOut, GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.core.strategies import SharesStores, check_strategy, get_executor
+from tea_dist.core.strategies import check_strategy
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.engine.runtime import Detached, Durable, Runtime
+from tea_dist.engine.runtime import Detached, Durable, Runtime, SharesStores, get_executor
 from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, walk
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
 from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
 
-Event = dict[str, Any]
 FailedBranches = Literal["fan_in", "tea"]
 
 
@@ -350,6 +349,3 @@ def _error_event(node: str | None, exc: BaseException, state: dict[str, Any]) ->
     if isinstance(exc, BranchError):
         event["branch"] = exc.branch
     return event
-
-
-set_compiler(CompiledGraph)

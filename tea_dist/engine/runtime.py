@@ -10,6 +10,11 @@ A durable run (``submit()``) has an ``owner``, its process's hold on the run: it
 named ``{run_id}.{steps}`` (``steps``: main-path nodes done before the fan-out), so that the
 process that takes the run over finds the branches its predecessor sent, and an executor that
 writes for the run checks it still owns it (``Detached`` when not).
+
+``ParallelExecutor`` is what a strategy's executor is (the protocol the built-in ones and
+``register_executor``'s classes follow); ``get_executor(name)`` gives the shared instance of a
+strategy registered by name (``tea_dist.core.strategies``). An executor whose branches run in
+other processes also ``SharesStores``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast, runtime_checkable
 
+from tea_dist.core import strategies
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.errors import (
     BranchError,
@@ -32,16 +38,53 @@ from tea_dist.core.errors import (
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.core.strategies import get_executor
 from tea_dist.engine.attempt import BranchTask
 from tea_dist.engine.lifecycle import stops_siblings
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.observe import logs as _logs  # noqa: F401 - installs the logging listener
-from tea_dist.observe import metrics as _metrics  # noqa: F401 - installs the metrics listener
-from tea_dist.observe import tracing as _tracing  # noqa: F401 - installs the tracing listener
 from tea_dist.observe.events import Dispatcher, FlowContext
 from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStore
 from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
+
+
+@runtime_checkable
+class ParallelExecutor(Protocol):
+    """Runs the branches of one fan-out and returns one result per branch, in order."""
+
+    def check(self, spec: GraphSpec, fanout: FanOut) -> None:
+        """Refuse, at compile time, a graph this strategy cannot run (raise ``GraphError``)."""
+        ...
+
+    def execute(
+        self,
+        tasks: Sequence[BranchTask],
+        configs: Sequence[ParallelConfig],
+        runtime: Runtime,
+    ) -> list[ParallelFlowResult]:
+        """Run every task (honouring its config) and return results in task order."""
+        ...
+
+
+@runtime_checkable
+class SharesStores(Protocol):
+    """An executor whose branches run in other processes, which must share its circuits and
+    its limits' permits."""
+
+    def shared_breakers(self) -> BreakerStore:
+        """The store every process running its branches records circuits in."""
+        ...
+
+    def check_breakers(self, graph: str, store: BreakerStore) -> None:
+        """Refuse (``GraphError``) a store its branches' processes cannot reach."""
+        ...
+
+    def shared_limits(self) -> LimitStore:
+        """The store of ``ResourceLimit`` permits every process running its branches uses."""
+        ...
+
+
+def get_executor(strategy: str) -> ParallelExecutor:
+    """The shared executor instance of a registered strategy."""
+    return cast(ParallelExecutor, strategies.get_executor(strategy))
 
 
 class Detached(TeaDistError):

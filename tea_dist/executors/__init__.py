@@ -1,3 +1,3 @@
 """Where a branch attempt runs and how it is stopped: ``thread``, ``process``, ``asyncio``,
-``inline``. Each is registered by name in ``tea_dist.core.strategies`` and imported lazily.
+``inline``. ``tea_dist`` registers each by name (``tea_dist.core.strategies``), imported lazily.
 """

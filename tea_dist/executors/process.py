@@ -238,9 +238,7 @@ class _Worker:
         self.conn.close()
         self.process.join(timeout=5)
 
-    def _exchange(
-        self, payload: bytes, began: Callable[[float], None]
-    ) -> AttemptOutcome | None:
+    def _exchange(self, payload: bytes, began: Callable[[float], None]) -> AttemptOutcome | None:
         """Send a task and wait for its outcome (telling ``began`` when the process begins
         the attempt); None when the process died meanwhile."""
         started = time.time()

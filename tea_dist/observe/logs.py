@@ -1,6 +1,7 @@
 """The logging listener: one log record per lifecycle event, naming its run and branch.
 
-Installed on every ``Dispatcher`` (``add_listener``), on the caller and on workers alike.
+Installed on every ``Dispatcher`` (``tea_dist`` adds it with ``add_listener`` when imported),
+on the caller and on workers alike.
 Records go to the ``tea_dist.events`` logger and carry ``event``, ``run_id``, ``branch``,
 ``attempt`` and ``circuit`` as attributes, for handlers and formatters that correlate a run's
 events. They never carry branch state, inputs or results: only names, outcomes and timing.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.observe.events import FlowContext, add_listener
+from tea_dist.observe.events import FlowContext
 
 logger = logging.getLogger("tea_dist.events")
 
@@ -95,6 +96,3 @@ class LogListener:
             result.timing_ms,
             extra=_extra("on_flow_complete", ctx),
         )
-
-
-add_listener(LogListener)

@@ -47,7 +47,7 @@ from typing import Any
 from tea_dist.core.errors import BranchTimeoutError
 from tea_dist.core.processes import pid_alive
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.observe.events import FlowContext, add_listener
+from tea_dist.observe.events import FlowContext
 
 logger = logging.getLogger("tea_dist.metrics")
 
@@ -356,9 +356,8 @@ class MetricsListener:
         self.m.circuit_state.labels(name).set(CIRCUIT_VALUES[new])
 
 
-def _listener() -> MetricsListener | None:
+def listener() -> MetricsListener | None:
+    """A new dispatcher's metrics listener (None while metrics are off); ``tea_dist``
+    installs it on every ``Dispatcher`` (``add_listener``)."""
     metrics = current()
     return None if metrics is None else MetricsListener(metrics)
-
-
-add_listener(_listener)

@@ -36,7 +36,7 @@ from typing import Any
 from tea_dist.core.errors import BranchTimeoutError
 from tea_dist.core.graph import FanOut
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.observe.events import FlowContext, add_listener
+from tea_dist.observe.events import FlowContext
 from tea_dist.observe.metrics import outcome
 
 _FANOUT = "tea_dist.fanout"  # the context key of the running fan-out's ``_Fanout``
@@ -319,9 +319,8 @@ class TracingListener:
         span.end()
 
 
-def _listener() -> TracingListener | None:
+def listener() -> TracingListener | None:
+    """A new dispatcher's tracing listener (None while nothing is traced); ``tea_dist``
+    installs it on every ``Dispatcher`` (``add_listener``)."""
     tracer = _tracer()
     return None if tracer is None else TracingListener(tracer)
-
-
-add_listener(_listener)
