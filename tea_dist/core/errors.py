@@ -4,9 +4,16 @@
     ├── GraphError               building or compiling a graph went wrong
     │   ├── YAMLError            (also a ValueError) a YAML agent file is malformed or invalid
     │   │   └── UnknownStrategyError   (also a ConfigError) a YAML agent names no known strategy
-    │   └── NotAllowedError      a worker refuses a callable, module or agent it was not allowed
+    │   └── NotAllowedError      (final) a worker refuses a callable, module or agent it was
+    │                            not allowed
     ├── ConfigError              (also a ValueError) a strategy, policy or setting is invalid
-    ├── SerializationError       a state value cannot cross to another process
+    ├── FinalError               a branch failure another attempt would only repeat: never
+    │                            retried, whatever the RetryPolicy says; the errors marked
+    │                            (final) here, and on workers CodeMismatchError
+    │                            (``tea_dist.distributed.trust``) and SignatureError
+    │                            (``tea_dist.distributed.signing``)
+    │   └── QuarantinedError     a branch message crashed its worker process too often
+    ├── SerializationError       (final) a state value cannot cross to another process
     │   └── StateTooLargeError   a branch state exceeds the configured size limit
     ├── BranchError              a branch failed (raised only with fail_fast/raise_exceptions)
     │   ├── BranchTimeoutError   a branch exceeded its timeout
@@ -14,13 +21,17 @@
     │   └── RemoteError          an error from another process, as type name and message
     ├── MergeError               a fan-in merge helper cannot merge the results
     ├── NodeError                (also a RuntimeError) a node raised outside any branch
-    ├── GraphRecursionError      a run took more node steps than its recursion_limit
+    ├── GraphRecursionError      (final) a run took more node steps than its recursion_limit
     ├── BrokerError              the broker or Redis cannot be reached, refused, or stayed away
     ├── NoWorkerError            branches were sent to a queue no live worker consumes
     ├── RunCancelledError        a submitted workflow run was cancelled
     └── RunFailedError           a submitted workflow run failed
 
 Celery, Redis and pickle errors are translated at the boundary (``raise ... from exc``).
+
+Errors cross processes as data: type name, message, and the names of every class the error
+is an instance of (``exception_names``). What is decided on another process than the one that
+raised the error is decided on those names: a failure is final when ``"FinalError"`` is one.
 """
 
 from __future__ import annotations
@@ -46,7 +57,19 @@ class YAMLError(GraphError, ValueError):
         self.problems = problems or (message,)
 
 
-class NotAllowedError(GraphError):
+class FinalError(TeaDistError):
+    """The base of branch failures that another attempt would only repeat, because the code,
+    the message or the state is what is wrong: a branch that raises one is never retried,
+    whatever its ``RetryPolicy`` says (decided by name, ``"FinalError"``, where the error is
+    only known by the names of its classes)."""
+
+
+class QuarantinedError(FinalError):
+    """Raised (recorded) on a worker for a branch message whose earlier deliveries crashed
+    their worker process: it is not run again."""
+
+
+class NotAllowedError(GraphError, FinalError):
     """Raised when a reference names what its module does not define, or (on a worker) a
     callable, module or YAML agent that the worker's operator did not allow (``--allow`` /
     ``TEA_DIST_ALLOWED`` / ``TEA_DIST_AGENTS_DIR``)."""
@@ -63,7 +86,7 @@ class UnknownStrategyError(YAMLError, ConfigError):
     """Raised when a YAML agent names a parallel strategy that is not registered."""
 
 
-class SerializationError(TeaDistError):
+class SerializationError(FinalError):
     """Raised before dispatch when a state value cannot be serialised for another process.
 
     ``key`` names the state key at fault and ``flow_index`` the branch's position in its
@@ -126,7 +149,7 @@ class NoWorkerError(TeaDistError):
     """Raised when a branch waits on a queue that no live worker consumes (the queue named)."""
 
 
-class GraphRecursionError(TeaDistError):
+class GraphRecursionError(FinalError):
     """Raised when a walk (the main path, or one branch) would take more node steps than
     ``config["recursion_limit"]`` (default 1000): a cycle without an exit never hangs.
 

@@ -37,12 +37,12 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from tea_dist.core.errors import TeaDistError
+from tea_dist.core.errors import FinalError
 
 Secret = str | bytes | SecretStr
 
 
-class SignatureError(TeaDistError):
+class SignatureError(FinalError):
     """Raised when a message that must be signed is unsigned, forged or altered, or cannot
     be put in canonical form (a value JSON cannot carry)."""
 

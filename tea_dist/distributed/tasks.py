@@ -45,7 +45,7 @@ from billiard.pool import soft_timeout_sighandler
 from celery import Task, signals
 from celery.exceptions import Ignore
 
-from tea_dist.core.errors import GraphError, SerializationError
+from tea_dist.core.errors import GraphError, QuarantinedError, SerializationError
 from tea_dist.core.graph import GraphSpec
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.distributed.breaker_redis import RedisBreakerStore
@@ -664,7 +664,9 @@ def run_branch(
         return run.result
     if unended > MAX_CRASHES:  # its starts killed their process: this one is not run
         logger.error("quarantined branch message %s: %s", message.describe(), QUARANTINED)
-        error = ErrorInfo("QuarantinedError", f"branch '{message.branch}' {QUARANTINED}")
+        error = ErrorInfo.from_exception(
+            QuarantinedError(f"branch '{message.branch}' {QUARANTINED}")
+        )
         life.end(run, _ended(error))
         branch.send()  # its count stays: a copy delivered later is refused the same way
         return run.result

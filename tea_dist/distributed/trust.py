@@ -31,13 +31,13 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from tea_dist.core.errors import GraphError, NotAllowedError
+from tea_dist.core.errors import FinalError, GraphError, NotAllowedError
 
 ALWAYS_ALLOWED = ("tea_dist.policies.merge",)
 NO_SOURCE = "no-source"
 
 
-class CodeMismatchError(GraphError):
+class CodeMismatchError(GraphError, FinalError):
     """Raised on a worker when its copy of a module, or its tea_dist version, differs from
     the caller's fingerprint in the message."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tea_dist.core.config import exception_names
-from tea_dist.core.errors import BranchTimeoutError, CircuitOpenError
+from tea_dist.core.errors import BranchTimeoutError, CircuitOpenError, FinalError
 from tea_dist.core.graph import GraphSpec
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, awalk, walk
@@ -77,6 +77,12 @@ class ErrorInfo:
     def lost(cls, reason: str) -> ErrorInfo:
         """An attempt that ended without a word (its process died, its task vanished)."""
         return cls("WorkerLostError", reason)
+
+    @property
+    def final(self) -> bool:
+        """A ``FinalError``: another attempt would only repeat it (known by the names of its
+        classes, which cross processes with it)."""
+        return FinalError.__name__ in self.names
 
     def as_exception(self) -> BaseException:
         """An exception to hand to callbacks when the original is not at hand."""

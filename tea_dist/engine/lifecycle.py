@@ -119,30 +119,17 @@ class AttemptState(BaseModel):
         del self.errors[: max(len(self.errors) - keep, 0)]
 
 
-# Failures that another attempt would only repeat: the code or the message is what is wrong
-# (a result that cannot be carried back, a message that crashed its worker twice, too).
-NEVER_RETRIED = frozenset(
-    {
-        "GraphRecursionError",
-        "NotAllowedError",
-        "CodeMismatchError",
-        "SignatureError",
-        "SerializationError",
-        "QuarantinedError",
-    }
-)
-
-
 def retry_delay(
     policy: RetryPolicy, state: AttemptState, error: ErrorInfo, deadline: float | None, now: float
 ) -> float | None:
     """Seconds until the next attempt, or None when the branch is done.
 
-    The policy decides whether the error is retried; a retry that would start past the
-    branch's ``deadline`` (monotonic, ``now`` too) is not made.
+    A ``FinalError`` (the code, the message or the state is what is wrong) is never retried;
+    otherwise the policy decides whether the error is retried; a retry that would start past
+    the branch's ``deadline`` (monotonic, ``now`` too) is not made.
     """
     retry = state.attempts - 1
-    if error.type_name in NEVER_RETRIED:
+    if error.final:
         return None
     if not policy.should_retry(error.names, retry, timeout=error.timeout):
         return None

@@ -257,7 +257,8 @@ class _Worker:
             outcome: AttemptOutcome = pickle.loads(data)
         except Exception as exc:
             message = f"the outcome could not be unpickled: {type(exc).__name__}: {exc}"
-            return _failure(started, "SerializationError", message)
+            names = exception_names(SerializationError)
+            return _failure(started, "SerializationError", message, names)
         return outcome
 
     def _crashed(self, branch: str) -> AttemptOutcome:
