@@ -1,8 +1,11 @@
-"""What a branch produces: ``ParallelFlowResult`` and ``CircuitState``.
+"""What a branch produces: ``ParallelFlowResult``, its ``Outcome``, and ``CircuitState``.
 
 Results are data: errors travel as type name, message and optional traceback, never as
 pickled exceptions. ``ParallelFlowResult`` is also the wire format (JSON) and reads like the
 branch state dict it replaces, so fan-in code written for plain dicts keeps working.
+
+A result's ``outcome`` says how its branch ended, once, where the result is built; metrics,
+tracing, fail-fast and the Celery task states read it rather than guess from ``error_type``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import traceback as tb
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class CircuitState(StrEnum):
@@ -20,6 +23,34 @@ class CircuitState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+class Outcome(StrEnum):
+    """How a branch ended."""
+
+    SUCCESS = "success"
+    ERROR = "error"  # its node raised (or its result could not be carried back)
+    TIMEOUT = "timeout"  # an attempt or the whole branch passed its timeout
+    CIRCUIT_OPEN = "circuit_open"  # refused by its open circuit: nothing ran
+    CANCELLED = "cancelled"  # stopped by the caller, a sibling's failure or the end of the run
+    LOST = "lost"  # its attempt ended without a word (its process died, its task vanished)
+
+    @classmethod
+    def implied(cls, success: bool, error_type: str | None, timeout: bool) -> Outcome:
+        """The outcome that a result's other fields imply: what a result made without one (by
+        an older tea_dist, or by The Edge Agent's builders) is read as."""
+        if success:
+            return cls.SUCCESS
+        if timeout:
+            return cls.TIMEOUT
+        return _IMPLIED.get(error_type or "", cls.ERROR)
+
+
+_IMPLIED = {
+    "CircuitOpenError": Outcome.CIRCUIT_OPEN,
+    "CancelledError": Outcome.CANCELLED,
+    "WorkerLostError": Outcome.LOST,
+}
 
 
 RESERVED = frozenset(
@@ -65,6 +96,26 @@ class ParallelFlowResult(BaseModel):
     circuit_state: CircuitState | None = None
     attempt_errors: list[dict[str, Any]] = Field(default_factory=list)
     worker: str | None = None
+    outcome: Outcome = Outcome.SUCCESS  # when not given: implied by the fields above
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_outcome(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("outcome") is None:
+            implied = Outcome.implied(
+                bool(data.get("success")), data.get("error_type"), bool(data.get("timeout"))
+            )
+            data = {**data, "outcome": implied}
+        return data
+
+    @model_validator(mode="after")
+    def _outcome_agrees(self) -> ParallelFlowResult:
+        if self.success != (self.outcome is Outcome.SUCCESS):
+            raise ValueError(
+                f"outcome '{self.outcome}' contradicts success={self.success} "
+                f"(branch '{self.branch}')"
+            )
+        return self
 
     # -- dict-like access (backwards compatible with plain branch-state dicts) --
 

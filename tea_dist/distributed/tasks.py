@@ -47,7 +47,7 @@ from celery.exceptions import Ignore
 
 from tea_dist.core.errors import GraphError, QuarantinedError, SerializationError
 from tea_dist.core.graph import GraphSpec
-from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.distributed.breaker_redis import RedisBreakerStore
 from tea_dist.distributed.celery_app import app, current_settings
 from tea_dist.distributed.connections import redis_for, ride_out
@@ -131,6 +131,7 @@ class StreamPublisher:
         except ValueError as exc:  # a value ``uncarried`` let through: the branch still ends
             why = f"the result of branch '{result.branch}' cannot be carried as JSON: {exc}"
             update = {"success": False, "state": None, "error_type": "SerializationError"}
+            update["outcome"] = Outcome.ERROR
             self._add("on_flow_complete", result=result.model_copy(update={**update, "error": why}))
 
     def requeued(self, batch: str = "", delay: float | None = None) -> None:
@@ -445,7 +446,7 @@ def report(task: Any, results: Sequence[ParallelFlowResult | None]) -> None:
     ended = [r for r in results if r is not None and not r.success]
     if not ended:
         return
-    failed = [r for r in ended if r.error_type != "CancelledError"]
+    failed = [r for r in ended if r.outcome is not Outcome.CANCELLED]
     if not failed:
         task.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore()  # acknowledged; no success or failure event after the revoked one

@@ -20,6 +20,7 @@ from typing import Any
 from tea_dist.core.config import exception_names
 from tea_dist.core.errors import BranchTimeoutError, CircuitOpenError, FinalError
 from tea_dist.core.graph import GraphSpec
+from tea_dist.core.results import Outcome
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, awalk, walk
 
@@ -35,6 +36,7 @@ class ErrorInfo:
     timeout: bool = False
     node: str = ""
     seconds: float | None = None  # the limit that a timeout passed
+    outcome: Outcome = Outcome.ERROR  # what a branch ending with this error ended as
 
     @classmethod
     def from_exception(
@@ -49,6 +51,7 @@ class ErrorInfo:
             traceback=text,
             timeout=isinstance(exc, BranchTimeoutError),
             node=node,
+            outcome=Outcome.TIMEOUT if isinstance(exc, BranchTimeoutError) else Outcome.ERROR,
         )
 
     @classmethod
@@ -61,22 +64,24 @@ class ErrorInfo:
             names=exception_names(BranchTimeoutError),
             timeout=True,
             seconds=seconds,
+            outcome=Outcome.TIMEOUT,
         )
 
     @classmethod
     def circuit_open(cls, circuit: str) -> ErrorInfo:
         """A branch refused by its open circuit (nothing ran)."""
-        return cls(CircuitOpenError.__name__, f"circuit '{circuit}' is open")
+        message = f"circuit '{circuit}' is open"
+        return cls(CircuitOpenError.__name__, message, outcome=Outcome.CIRCUIT_OPEN)
 
     @classmethod
     def cancelled(cls, reason: str) -> ErrorInfo:
         """An attempt stopped by the caller, a sibling's failure or the end of the run."""
-        return cls("CancelledError", reason)
+        return cls("CancelledError", reason, outcome=Outcome.CANCELLED)
 
     @classmethod
     def lost(cls, reason: str) -> ErrorInfo:
         """An attempt that ended without a word (its process died, its task vanished)."""
-        return cls("WorkerLostError", reason)
+        return cls("WorkerLostError", reason, outcome=Outcome.LOST)
 
     @property
     def final(self) -> bool:

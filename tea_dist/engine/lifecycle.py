@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from tea_dist.core.config import ParallelConfig, ResourceLimit, RetryPolicy
-from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
 from tea_dist.observe.events import FlowContext
 from tea_dist.policies.breaker import Admission
@@ -141,7 +141,7 @@ def retry_delay(
 
 def stops_siblings(config: ParallelConfig, result: ParallelFlowResult) -> bool:
     """The fail-fast rule: a branch's own failure (not its cancellation) ends the fan-out."""
-    return config.fail_fast and not result.success and result.error_type != "CancelledError"
+    return config.fail_fast and result.outcome not in (Outcome.SUCCESS, Outcome.CANCELLED)
 
 
 def build_result(
@@ -169,9 +169,12 @@ def build_result(
     }
     if error is None:  # the error fields keep their defaults (validating them costs)
         state_after = None if outcome is None else outcome.state
-        return ParallelFlowResult(success=True, state=state_after, **fields)
+        return ParallelFlowResult(
+            success=True, state=state_after, outcome=Outcome.SUCCESS, **fields
+        )
     return ParallelFlowResult(
         success=False,
+        outcome=error.outcome,
         error=error.message,
         error_type=error.type_name,
         traceback=error.traceback if config.include_traceback else None,
@@ -377,7 +380,7 @@ class Lifecycle:
         error = outcome.error
         exception = None if error is None else outcome.exception or error.as_exception()
         self.runtime.emit("on_attempt_end", ctx, exception, max(outcome.ended - outcome.started, 0))
-        if error is not None and error.type_name == "CancelledError":
+        if error is not None and error.outcome is Outcome.CANCELLED:
             self._release(run)
             self.resolve(run, build_result(run.state, run.config, error=error, outcome=outcome))
             return None

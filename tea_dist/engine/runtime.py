@@ -37,7 +37,7 @@ from tea_dist.core.errors import (
     TeaDistError,
 )
 from tea_dist.core.graph import FanOut, GraphSpec
-from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.engine.attempt import BranchTask
 from tea_dist.engine.lifecycle import stops_siblings
 from tea_dist.engine.nodes import CancelToken
@@ -346,8 +346,8 @@ def _raise_for_fail_fast(
             raise GraphRecursionError(f"branch '{result.branch}': {result.error}")
     for result, config in zip(results, configs, strict=True):
         if stops_siblings(config, result):
-            cls = {"TimeoutError": BranchTimeoutError, "CircuitOpenError": CircuitOpenError}.get(
-                result.error_type or "", BranchError
+            cls = {Outcome.TIMEOUT: BranchTimeoutError, Outcome.CIRCUIT_OPEN: CircuitOpenError}.get(
+                result.outcome, BranchError
             )
             raise cls(
                 f"branch '{result.branch}' failed ({result.error_type}: {result.error}); "

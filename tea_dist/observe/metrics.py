@@ -10,7 +10,7 @@ Names are stable; labels stay bounded (graph, branch: the branch's target node, 
 outcome, error type, circuit, limit, queue; never a run id or an item index):
 
 - ``tea_dist_branches_total{graph,branch,strategy,outcome}``: branches resolved; outcome is
-  success, error, timeout, circuit_open, cancelled or lost;
+  the result's ``outcome``: success, error, timeout, circuit_open, cancelled or lost;
 - ``tea_dist_branch_duration_seconds{graph,branch,strategy}``: histogram, dispatch to result;
 - ``tea_dist_attempts_total{graph,branch,strategy,outcome,error_type}`` and
   ``tea_dist_attempt_duration_seconds{graph,branch,strategy}``: every attempt;
@@ -46,7 +46,7 @@ from typing import Any
 
 from tea_dist.core.errors import BranchTimeoutError
 from tea_dist.core.processes import pid_alive
-from tea_dist.core.results import CircuitState, ParallelFlowResult
+from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.observe.events import FlowContext
 
 logger = logging.getLogger("tea_dist.metrics")
@@ -57,20 +57,7 @@ QUEUE_DEPTH = "tea_dist_queue_depth"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BRANCH = ("graph", "branch", "strategy")
 CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
-CALLER_OUTCOMES = ("circuit_open", "lost")  # celery outcomes that no worker reports
-
-
-def outcome(result: ParallelFlowResult) -> str:
-    """A result's outcome: success, error, timeout, circuit_open, cancelled or lost."""
-    if result.success:
-        return "success"
-    if result.timeout:
-        return "timeout"
-    return {
-        "CircuitOpenError": "circuit_open",
-        "CancelledError": "cancelled",
-        "WorkerLostError": "lost",
-    }.get(result.error_type or "", "error")
+CALLER_OUTCOMES = (Outcome.CIRCUIT_OPEN, Outcome.LOST)  # celery outcomes no worker reports
 
 
 @dataclass(frozen=True)
@@ -282,7 +269,7 @@ def counted_here(ctx: FlowContext, result: ParallelFlowResult | None = None) -> 
     worker = ctx.worker or (result.worker if result is not None else None)
     if worker:
         return worker == _here()
-    return result is not None and outcome(result) in CALLER_OUTCOMES
+    return result is not None and result.outcome in CALLER_OUTCOMES
 
 
 def relayed(ctx: FlowContext) -> bool:
@@ -316,15 +303,12 @@ class MetricsListener:
             return
         labels = _labels(ctx)
         if error is None:
-            kind, error_type = "success", ""
+            kind, error_type = Outcome.SUCCESS, ""
         else:
             error_type = getattr(error, "error_type", None) or type(error).__name__
-            kind = "error"
-            if isinstance(error, BranchTimeoutError):
-                kind = "timeout"
-            elif error_type == "CancelledError":
-                kind = "cancelled"
-        self.m.attempts.labels(*labels, kind, error_type).inc()
+            timeout = isinstance(error, BranchTimeoutError)
+            kind = Outcome.implied(False, error_type, timeout)
+        self.m.attempts.labels(*labels, kind.value, error_type).inc()
         self.m.attempt_seconds.labels(*labels).observe(seconds)
 
     def on_flow_retry(
@@ -336,9 +320,8 @@ class MetricsListener:
     def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
         if not counted_here(ctx, result):
             return
-        kind = outcome(result)
         labels = _labels(ctx)
-        self.m.branches.labels(*labels, kind).inc()
+        self.m.branches.labels(*labels, result.outcome.value).inc()
         self.m.branch_seconds.labels(*labels).observe(result.timing_ms / 1000.0)
         if result.success and result.retry_count:
             self.m.succeeded_after_retry.labels(*labels).inc()

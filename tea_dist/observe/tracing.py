@@ -37,7 +37,6 @@ from tea_dist.core.errors import BranchTimeoutError
 from tea_dist.core.graph import FanOut
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.observe.events import FlowContext
-from tea_dist.observe.metrics import outcome
 
 _FANOUT = "tea_dist.fanout"  # the context key of the running fan-out's ``_Fanout``
 _provider: Any = None  # set_tracer_provider's: tea_dist's spans go there instead of the global
@@ -305,7 +304,7 @@ class TracingListener:
         span.set_attributes(
             {
                 "tea_dist.success": result.success,
-                "tea_dist.outcome": outcome(result),
+                "tea_dist.outcome": result.outcome.value,
                 "tea_dist.timeout": result.timeout,
                 "tea_dist.retry_count": result.retry_count,
             }
