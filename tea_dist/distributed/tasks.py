@@ -622,6 +622,7 @@ def run_branch(
             branch.send()
             return run.result
         countdown = max(run.wait or 0.0, PERMIT_RECHECK_SECONDS) * (1 + random.random() / 2)
+        life.stop_waiting(run)  # it waits in the broker, not here
         if batch is not None:  # it leaves the batch: its driver must know
             branch.publisher.requeued(delay=countdown)
             branch.send(end=False)

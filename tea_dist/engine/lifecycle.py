@@ -5,7 +5,10 @@ it is stopped. The local supervisor, the celery driver and the celery worker tas
 ``Lifecycle``:
 
 - ``admit``: before an attempt takes a slot, its deadline and its circuit are asked (an open
-  circuit resolves the branch with a circuit-open result; nothing runs);
+  circuit resolves the branch with a circuit-open result; nothing runs), then its limits for
+  a permit each (``on_limit_waiting`` when refused, ``on_limit_acquired`` with the seconds
+  waited, ``on_limit_released`` when the attempt ends, ``on_limit_wait_ended`` when a branch
+  stops waiting without a permit);
 - ``begin``: an attempt starts, its clock and per-attempt deadline with it;
 - ``end``: an attempt ended; the circuit records it, listeners hear of it, and the branch's
   ``RetryPolicy`` decides (``retry_delay``) between a retry after a delay and a final result;
@@ -208,6 +211,7 @@ class BranchRun:
     handle: Any = None
     permits: tuple[str, tuple[ResourceLimit, ...]] | None = None  # holder id, limits held
     wait: float | None = None  # refused a permit: seconds until asking again
+    waiting: tuple[str, float] | None = None  # the limit it waits for, since (monotonic)
 
     @property
     def done(self) -> bool:
@@ -328,9 +332,27 @@ class Lifecycle:
                 for taken in limits[:i]:
                     store.release(taken, holder, started=False)
                 store.waiting(limit, holder, self.clock.time() + wait)
+                if run.waiting is None or run.waiting[0] != limit.name:
+                    self.stop_waiting(run)
+                    run.waiting = (limit.name, self.clock.monotonic())
+                    self.runtime.emit("on_limit_waiting", run.context(), limit.name)
                 return wait
         run.permits = (holder, tuple(limits))
+        waited, run.waiting = run.waiting, None
+        ctx = run.context()
+        for limit in limits:
+            seconds = None
+            if waited is not None and waited[0] == limit.name:
+                seconds = max(self.clock.monotonic() - waited[1], 0.0)
+            self.runtime.emit("on_limit_acquired", ctx, limit.name, seconds)
         return None
+
+    def stop_waiting(self, run: BranchRun) -> None:
+        """``run`` no longer waits for a permit here without having got it: it ended, or it
+        waits elsewhere (a celery branch sent again with a countdown)."""
+        if run.waiting is not None:
+            (limit, _), run.waiting = run.waiting, None
+            self.runtime.emit("on_limit_wait_ended", run.context(), limit)
 
     def renew_permits(self) -> None:
         """Keep the permits of running attempts (a holder that stops renewing loses them)."""
@@ -345,6 +367,7 @@ class Lifecycle:
             (holder, limits), run.permits = run.permits, None
             for limit in limits:
                 self.runtime.limit_store().release(limit, holder)
+                self.runtime.emit("on_limit_released", run.context(), limit.name)
 
     def begin(self, run: BranchRun, worker: str | None = None, timed: bool = True) -> None:
         """An attempt of ``run`` starts now (``worker``: where, when not this process).
@@ -431,6 +454,7 @@ class Lifecycle:
             return
         run.result, run.started = result, None
         self.pending -= 1
+        self.stop_waiting(run)
         self.runtime.emit("on_flow_complete", run.context(), result)
         if stops_siblings(run.config, result):
             self.cancel_all(f"cancelled: fail_fast after branch '{result.branch}' failed")

@@ -21,8 +21,10 @@ outcome, error type, circuit, limit, queue; never a run id or an item index):
 - ``tea_dist_circuit_state{circuit}`` (0 closed, 1 half-open, 2 open) and
   ``tea_dist_circuit_transitions_total{circuit,state}`` (state: the new one);
 - ``tea_dist_limit_permits_held{limit}``, ``tea_dist_limit_permits_waiting{limit}`` and
-  ``tea_dist_limit_wait_seconds{limit}``: through ``limit_waiting``, ``limit_acquired`` and
-  ``limit_released``, for whatever holds a ``ResourceLimit``'s permits to call;
+  ``tea_dist_limit_wait_seconds{limit}`` (every permit taken, 0 when it was free at once):
+  the lifecycle's ``on_limit_*`` events, where the permits are taken (the caller for
+  in-process strategies, the worker for celery), through ``limit_waiting``,
+  ``limit_acquired``, ``limit_wait_ended`` and ``limit_released``;
 - ``tea_dist_runs_resumed_total{graph}``: submitted runs taken over by a run worker after the
   one driving them stopped (``run_resumed``, called by the worker that resumes the run);
 - ``tea_dist_queue_depth{queue}``: messages waiting in a worker's queues (served by the worker,
@@ -230,12 +232,20 @@ def limit_waiting(limit: str) -> None:
         m.permits_waiting.labels(limit).inc()
 
 
-def limit_acquired(limit: str, waited_seconds: float) -> None:
-    """A branch got a permit of ``limit`` after ``waited_seconds`` (it was ``limit_waiting``)."""
+def limit_acquired(limit: str, waited_seconds: float, waited: bool = True) -> None:
+    """A branch got a permit of ``limit`` after ``waited_seconds`` (``waited``: it was
+    ``limit_waiting``; else it got the permit at once, and waited 0 s)."""
     if (m := current()) is not None:
-        m.permits_waiting.labels(limit).dec()
+        if waited:
+            m.permits_waiting.labels(limit).dec()
         m.permits_held.labels(limit).inc()
         m.permit_wait_seconds.labels(limit).observe(waited_seconds)
+
+
+def limit_wait_ended(limit: str) -> None:
+    """A branch that was ``limit_waiting`` stopped waiting without a permit."""
+    if (m := current()) is not None:
+        m.permits_waiting.labels(limit).dec()
 
 
 def limit_released(limit: str) -> None:
@@ -325,6 +335,18 @@ class MetricsListener:
         self.m.branch_seconds.labels(*labels).observe(result.timing_ms / 1000.0)
         if result.success and result.retry_count:
             self.m.succeeded_after_retry.labels(*labels).inc()
+
+    def on_limit_waiting(self, ctx: FlowContext, limit: str) -> None:
+        limit_waiting(limit)
+
+    def on_limit_acquired(self, ctx: FlowContext, limit: str, waited: float | None) -> None:
+        limit_acquired(limit, waited or 0.0, waited=waited is not None)
+
+    def on_limit_wait_ended(self, ctx: FlowContext, limit: str) -> None:
+        limit_wait_ended(limit)
+
+    def on_limit_released(self, ctx: FlowContext, limit: str) -> None:
+        limit_released(limit)
 
     def on_branch_redispatched(self, ctx: FlowContext) -> None:
         self.m.redispatched.labels(ctx.graph_name, ctx.branch).inc()
