@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,20 @@ from tea_dist.distributed.worker import spawn_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Where worker logs go. The test session points it at a folder under pytest's basetemp (kept
+# after the run, as pytest keeps its last few basetemps); elsewhere a temporary folder of its
+# own, made on first use. Never the repository.
+LOG_DIR: Path | None = None
+KEEP_LOGS = False  # the test session keeps them; a bench removes its own when it stops
+
+
+def log_dir() -> Path:
+    global LOG_DIR
+    if LOG_DIR is None:
+        LOG_DIR = Path(tempfile.mkdtemp(prefix="tea-dist-worker-logs-"))
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    return LOG_DIR
+
 
 @dataclass
 class TestCluster:
@@ -25,6 +40,7 @@ class TestCluster:
     agents_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: Path = field(default_factory=log_dir)
 
     @property
     def env(self) -> dict[str, str]:
@@ -38,6 +54,13 @@ class TestCluster:
             **({"TEA_DIST_AGENTS_DIR": self.agents_dir} if self.agents_dir else {}),
         }
 
+    def log_path(self, name: str) -> Path:
+        """The log file of this cluster's worker ``name`` (under ``logs``, never the repository)."""
+        return self.logs / f"worker-{self.tag}-{name}.log"
+
+    def log_files(self) -> list[Path]:
+        return sorted(self.logs.glob(f"worker-{self.tag}-*.log"))
+
     def settings(self) -> Settings:
         return Settings(**{k.removeprefix("TEA_DIST_").lower(): v for k, v in self.env.items()})
 
@@ -49,7 +72,7 @@ class TestCluster:
             role,
             concurrency=concurrency,
             name=f"{name}-{self.tag}@%h",
-            log_path=ROOT / f".worker-{self.tag}-{name}.log",
+            log_path=self.log_path(name),
             extra_env={"PYTHONPATH": str(ROOT)},
         )
         self.workers.append(proc)
@@ -68,5 +91,6 @@ class TestCluster:
     def stop_all(self) -> None:
         stop_groups(self.workers, 10)
         self.workers.clear()
-        for log in ROOT.glob(f".worker-{self.tag}-*.log"):
-            log.unlink()
+        if not KEEP_LOGS:
+            for log in self.log_files():
+                log.unlink(missing_ok=True)

@@ -176,7 +176,7 @@ def metered_run_worker(cluster: Any, queue: str, port: int) -> Iterator[subproce
     settings = cluster.settings().with_overrides(runs_queue=queue)
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
     argv = ["worker", "--role", "runs", "--concurrency", "2", "--name", name]
-    log = ROOT / f".worker-{cluster.tag}-dur-metered.log"
+    log = cluster.log_path("dur-metered")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tea_dist", *argv, "--metrics-port", str(port)],
         env=env,

@@ -96,7 +96,7 @@ class Deployment:
         return f"{name}-{self.cluster.tag}@%h"
 
     def log(self, name: str) -> Any:
-        return ROOT / f".worker-{self.cluster.tag}-{name}.log"
+        return self.cluster.log_path(name)
 
     def launch(self, name: str) -> subprocess.Popen[bytes]:
         """``tea-dist worker --role ROLE --name NAME`` (it execs into the Celery worker)."""

@@ -171,7 +171,7 @@ def test_i11_no_branch_state_in_worker_logs(cluster: Any, tmp_path: Path) -> Non
         markers.mkdir()
         final_state(list(graph.compile().invoke(state, {**run, "marker_dir": str(markers)})))
     time.sleep(0.5)
-    logs = list(Path(__file__).resolve().parent.parent.glob(f".worker-{cluster.tag}-*.log"))
+    logs = cluster.log_files()
     assert logs
     for log in logs:
         assert SECRET_MARKER not in log.read_text(errors="replace"), log.name

@@ -199,7 +199,7 @@ def metrics_worker(cluster: Any) -> Iterator[tuple[int, str]]:
     env = {**os.environ, **settings_env(cluster.settings()), "PYTHONPATH": str(ROOT)}
     env.pop(metrics.PORT_ENV, None)
     argv = ["worker", "--role", "flows", "--concurrency", "2", "--queues", queue, "--name", name]
-    log = open(ROOT / f".worker-{cluster.tag}-metrics.log", "ab")
+    log = open(cluster.log_path("metrics"), "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tea_dist", *argv, "--metrics-port", str(port)],
         env=env,
@@ -212,7 +212,7 @@ def metrics_worker(cluster: Any) -> Iterator[tuple[int, str]]:
         yield port, queue
     finally:
         stop_groups([proc], 15)
-        (ROOT / f".worker-{cluster.tag}-metrics.log").unlink(missing_ok=True)
+        cluster.log_path("metrics").unlink(missing_ok=True)
 
 
 @pytest.mark.celery
