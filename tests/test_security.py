@@ -294,6 +294,7 @@ def test_submitted_graph_outside_the_allowlist_is_refused(cluster: Any) -> None:
     assert "NotAllowedError" in str(info.value) and "tests.apps_graphs:quick" in str(info.value)
 
 
+@pytest.mark.celery
 def test_local_cluster_of_tea_dist_run_allows_the_agent_it_runs(tmp_path: Path) -> None:
     """``tea-dist run AGENT --strategy celery`` with no broker: its own cluster runs the
     agent's ``uses:`` modules and inline code, and nothing else was allowed."""
@@ -584,6 +585,7 @@ def test_compose_puts_no_password_on_a_command_line() -> None:
     assert "FLOWER_PASSWORD" in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
 
 
+@pytest.mark.celery
 def test_compose_redis_takes_a_password_with_special_characters(tmp_path: Path) -> None:
     """The compose file's own Redis command, run here: the password goes in on stdin, works
     with ``@ / : # " \\``, and tea_dist reaches it through TEA_DIST_REDIS_PASSWORD, a real
@@ -661,6 +663,7 @@ def test_flower_auth_from_environment_not_command_line(cluster: Any, tmp_path: P
         stop_group(proc)
 
 
+@pytest.mark.celery
 def test_cluster_flower_auth_from_a_file(tmp_path: Path) -> None:
     """``tea-dist cluster --flower-auth @FILE``: no process of the cluster shows the password;
     Flower answers with it and 401 without; the password itself as a value is refused."""
