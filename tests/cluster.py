@@ -36,6 +36,8 @@ def log_dir() -> Path:
 class TestCluster:
     """Settings shared by the test process and the worker processes it starts."""
 
+    __test__ = False  # not a test class, though test modules import it
+
     redis_url: str
     agents_dir: str = ""
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
