@@ -70,11 +70,15 @@ class Keys:
         """Set when a fan-out's driver is done; a late delivery of its branches is skipped."""
         return f"{self.prefix}:fanout:{fanout_id}:finished"
 
-    def starts(self, fanout_id: str, index: int) -> str:
-        """Count of a branch's attempts that started and never ended (their process died),
-        across every delivery of it: a redelivery of its message and its driver's re-dispatch
-        alike; an attempt that ends drops it (workers quarantine a branch at its third)."""
-        return f"{self.prefix}:fanout:{fanout_id}:starts:{index}"
+    def crashes(self, fanout_id: str, index: int) -> str:
+        """How many times a branch's attempt died with the worker process running it while
+        the worker itself lived on (its node aborted, exited, segfaulted), across every
+        delivery of it: workers quarantine a branch at its third start after two."""
+        return f"{self.prefix}:fanout:{fanout_id}:crashes:{index}"
+
+    def batch_item(self, batch: str) -> str:
+        """The index of the item a batch task is running: whom a crash of its process blames."""
+        return f"{self.prefix}:batch:{batch}:item"
 
     # -- submitted workflow runs --
 

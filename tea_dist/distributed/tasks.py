@@ -44,6 +44,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, Worker
 from billiard.pool import soft_timeout_sighandler
 from celery import Task, signals
 from celery.exceptions import Ignore
+from celery.worker.request import Request
 
 from tea_dist.core.errors import GraphError, QuarantinedError, SerializationError
 from tea_dist.core.graph import GraphSpec
@@ -160,7 +161,6 @@ class WorkerBranch:
     keys: Keys
     client: Any
     batch: Batch | None = None  # its events go out with those its batch still holds
-    starts: str = ""  # its count of starts that never ended, dropped when its attempt ends
 
     @classmethod
     def of(cls, message: BranchMessage, task_id: str, batch: Batch | None = None) -> WorkerBranch:
@@ -226,12 +226,8 @@ class WorkerBranch:
                 branch.publisher.queue(pipe, self.keys, self.message.run, int(settings.run_expires))
             if held is not None:
                 pipe.delete(self.keys.heartbeat(held.message.fanout, held.message.index))
-                if held.starts:
-                    pipe.delete(held.starts)
             if end:
                 pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
-                if self.starts:
-                    pipe.delete(self.starts)
             return list(pipe.execute())[: len(before)]
 
         replies = ride_out(once, settings.redis, settings.broker_grace)
@@ -462,6 +458,7 @@ class FlowTask(Task):  # type: ignore[misc]
     the worker's main process."""
 
     throws = (BranchFailed,)
+    Request = "tea_dist.distributed.tasks:BranchRequest"  # below: counts crashes
 
     def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         if isinstance(exc, BranchFailed):
@@ -476,8 +473,6 @@ class FlowTask(Task):  # type: ignore[misc]
             error = _killed_at(config.timeout_seconds)
         else:
             error = ErrorInfo.from_exception(exc)
-        message = branch.message  # it ended: not a crash
-        branch.starts = branch.keys.starts(message.fanout, message.index)
         branch.run.admission = Admission(True, branch.message.probe, CircuitState.CLOSED)
         branch.life.begin(branch.run)
         now = time.time()
@@ -639,17 +634,17 @@ def run_branch(
     )
     ttl = int(settings.heartbeat_ttl * 1000)
     life.begin(run, worker=worker_id())
-    starts = keys.starts(message.fanout, message.index)
     before: list[tuple[str, tuple[Any, ...]]] = [
         ("exists", (keys.fanout_finished(message.fanout),)),
         ("exists", (watch.lease,)),
-        ("incr", (starts,)),
-        ("expire", (starts, int(settings.run_expires))),
+        ("get", (keys.crashes(message.fanout, message.index),)),
         ("set", (watch.heartbeats[0], worker_id(), None, ttl)),
     ]
     if batch is not None:
         watch.heartbeats += (batch.heartbeat,)
         before.append(("set", (batch.heartbeat, worker_id(), None, ttl)))
+        # whom the worker's main process blames if this process dies (BranchRequest)
+        before.append(("set", (keys.batch_item(batch.id), message.index, CRASH_MEMORY)))
     if message.config.timeout_seconds is not None:
         assert run.started is not None
         watch.deadline = run.started + message.config.timeout_seconds
@@ -657,14 +652,13 @@ def run_branch(
             watch.kill = partial(_killed, branch, batch)
         inbox = keys.worker_inbox(worker_id())  # wakes the beater: it re-times its wait
         before += [("rpush", (inbox, "wake")), ("expire", (inbox, 60))]
-    finished, caller, unended, *_ = branch.send(*before, end=False)
+    finished, caller, crashed, *_ = branch.send(*before, end=False)
     if finished or not caller:  # a late delivery, or its caller is gone: do not run it
         why = "the run had already finished" if finished else "its caller went away"
         life.end(run, _ended(ErrorInfo.cancelled(f"cancelled: {why}; branch not run")))
-        branch.starts = starts
         branch.send()
         return run.result
-    if unended > MAX_CRASHES:  # its starts killed their process: this one is not run
+    if int(crashed or 0) >= MAX_CRASHES:  # it killed its process twice: not run again
         logger.error("quarantined branch message %s: %s", message.describe(), QUARANTINED)
         error = ErrorInfo.from_exception(
             QuarantinedError(f"branch '{message.branch}' {QUARANTINED}")
@@ -672,7 +666,6 @@ def run_branch(
         life.end(run, _ended(error))
         branch.send()  # its count stays: a copy delivered later is refused the same way
         return run.result
-    branch.starts = starts
     delay = life.end(run, _attempt(message, run, watch, batch.specs if batch else {}))
     if batch is not None and delay is None:
         batch.hold(branch)
@@ -683,6 +676,43 @@ def run_branch(
 
 MAX_CRASHES = 2
 QUARANTINED = "crashed its worker process twice; not run again (quarantined)"  # MAX_CRASHES
+CRASH_MEMORY = 3600  # seconds a crash counts against its branch (and a batch's current item)
+
+
+class BranchRequest(Request):  # type: ignore[misc]
+    """Celery's request of a branch task, in the worker's main process: a pool process that
+    died while running a branch (``WorkerLostError``: its node aborted, exited, crashed; not
+    a time limit, a revoke or a kill of the whole worker, which nobody would live to count)
+    counts a crash against that branch, so that its third start is quarantined instead of
+    crashing processes in a loop. Celery's documented hook for custom request handling."""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WorkerLostError):
+            with suppress(Exception):  # counting is best effort; the failure's handling is not
+                _count_crash(self.task.name, self.id, self.args)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+def _count_crash(task: str, task_id: str, args: Any) -> None:
+    settings = current_settings()
+    client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
+    if task == "tea_dist.run_flow" and args and isinstance(args[0], BranchMessage):
+        fanout, index = args[0].fanout, args[0].index
+    elif task == "tea_dist.run_batch" and args and args[0]:
+        item = client.get(keys.batch_item(task_id))
+        if item is None:  # between items, or killed at an item's timeout: nobody to blame
+            return
+        fanout, index = args[0][0][1].fanout, int(item)
+    else:
+        return
+    key = keys.crashes(fanout, index)
+    pipe = client.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, CRASH_MEMORY)
+    pipe.execute()
 
 
 def uncarried(state: dict[str, Any] | None, branch: str) -> SerializationError | None:
@@ -711,8 +741,8 @@ def _killed(branch: WorkerBranch, batch: Batch) -> None:
     delay = branch.life.end(branch.run, _ended(_killed_at(branch.message.config.timeout_seconds)))
     if delay is not None:
         branch.again(delay).send(branch.publisher.task_id)
-    batch.cut(branch)
-    branch.send(("delete", (batch.heartbeat,)))
+    batch.cut(branch)  # and the kill that follows is its timeout's, not a crash of its own
+    branch.send(("delete", (batch.heartbeat,)), ("delete", (branch.keys.batch_item(batch.id),)))
 
 
 @app.task(
