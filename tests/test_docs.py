@@ -31,8 +31,13 @@ GRACE = {"flows": 60, "runs": 15}
 
 
 def _missing(*modules: str) -> str | None:
-    absent = [m for m in modules if importlib.util.find_spec(m) is None]
-    return ", ".join(absent) or None
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ModuleNotFoundError:  # its parent package is not installed either
+            return True
+
+    return ", ".join(m for m in modules if absent(m)) or None
 
 
 def _runnable_blocks() -> list[Any]:
