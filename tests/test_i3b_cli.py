@@ -229,3 +229,39 @@ def test_i3b_an_empty_progress_table_says_why() -> None:
     out = io.StringIO()
     Console(file=out, width=120).print(cli.BranchProgress(Console()).table())
     assert "no branch yet" in out.getvalue() and "local cluster" in out.getvalue()
+
+
+@pytest.mark.celery
+def test_i3b_run_serves_an_agent_outside_the_working_directory(tmp_path: Path) -> None:
+    """``tea-dist run /elsewhere/agent.yaml`` with no broker: the private cluster it starts
+    serves the agent's folder (it failed with "outside TEA_DIST_AGENTS_DIR")."""
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "agent.yaml").write_text(
+        HALF_FAILED.replace("raise ValueError", 'return {"bad": 0} #')
+    )
+    here = tmp_path / "here"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEA_DIST_")}
+    root = str(Path(__file__).resolve().parent.parent)
+    env.update(PYTHONPATH=root, TEA_DIST_RUNTIME_DIR=str(tmp_path / "runtime"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tea_dist",
+            "run",
+            str(elsewhere / "agent.yaml"),
+            "--strategy",
+            "celery",
+        ],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == {"ok": [True, True]}

@@ -48,7 +48,7 @@ from tea_dist.distributed.children import (
 )
 from tea_dist.distributed.reaper import Reaper
 from tea_dist.distributed.settings import Settings, get_settings
-from tea_dist.distributed.trust import branch_modules
+from tea_dist.distributed.trust import branch_modules, private_agents_dir
 from tea_dist.distributed.worker import spawn_flower, spawn_worker
 
 _stop = stop_group  # one child and its group, as the Flower tests stop theirs
@@ -215,7 +215,11 @@ class LocalCluster:
         """The cluster's settings; its workers allow what ``TEA_DIST_ALLOWED`` names plus the
         modules of every celery branch compiled in this process so far."""
         base = _settings_for(self.redis_url)
-        return base.with_overrides(allowed=(*base.allowed, *branch_modules()))
+        changes: dict[str, Any] = {"allowed": (*base.allowed, *branch_modules())}
+        folder = private_agents_dir()
+        if not self.advertise and not base.agents_dir and folder:  # this process's own
+            changes["agents_dir"] = folder  # agents, wherever they live
+        return base.with_overrides(**changes)
 
     @property
     def flower_url(self) -> str | None:

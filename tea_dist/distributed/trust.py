@@ -190,16 +190,42 @@ def agents_dir() -> Path:
 
 
 def agent_ref(path: str | Path) -> str:
-    """The caller's name for an agent: its path relative to the agents directory."""
-    base = agents_dir()
-    try:
-        return Path(path).resolve().relative_to(base).as_posix()
-    except ValueError:
-        raise GraphError(
-            f"the YAML agent '{path}' is outside TEA_DIST_AGENTS_DIR ({base}): celery workers "
-            "find agents by their path relative to it; run from the agent's folder or set "
-            "TEA_DIST_AGENTS_DIR on callers and workers"
-        ) from None
+    """The caller's name for an agent: its path relative to the agents directory.
+
+    An agent outside it is fine when this process will start a private cluster (no agents
+    directory, no broker named, no ``tea-dist cluster`` running): that cluster serves the
+    folders of the agents compiled here (``private_agents_dir``)."""
+    base, file = agents_dir(), Path(path).resolve()
+    if file.is_relative_to(base):
+        return file.relative_to(base).as_posix()
+    if _private_cluster_ahead():
+        _agent_folders.add(str(file.parent))
+        return file.relative_to(file.parent).as_posix()
+    raise GraphError(
+        f"the YAML agent '{path}' is outside TEA_DIST_AGENTS_DIR ({base}): celery workers "
+        "find agents by their path relative to it; run from the agent's folder or set "
+        "TEA_DIST_AGENTS_DIR on callers and workers"
+    )
+
+
+_agent_folders: set[str] = set()
+
+
+def _private_cluster_ahead() -> bool:
+    from tea_dist.distributed.advert import advertised
+    from tea_dist.distributed.celery_app import current_settings, explicitly_configured
+
+    if current_settings().agents_dir or explicitly_configured():
+        return False
+    return advertised() is None
+
+
+def private_agents_dir() -> str | None:
+    """Where a private cluster finds the agents compiled in this process outside the working
+    directory: their folders' common parent (None: there were none)."""
+    if not _agent_folders:
+        return None
+    return os.path.commonpath([os.getcwd(), *_agent_folders])
 
 
 def agent_path(ref: str) -> Path:
