@@ -171,9 +171,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 # -- packaging ----------------------------------------------------------------------------------
 
 
-def test_the_wheel_installs_only_tea_dist(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project built as a wheel, as ``pip install tea-dist`` would get it."""
+    out = tmp_path_factory.mktemp("wheel")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -181,9 +184,43 @@ def test_the_wheel_installs_only_tea_dist(tmp_path: Path) -> None:
     if done.returncode != 0 and "Could not find a version that satisfies" in done.stderr:
         pytest.skip(f"the build backend cannot be installed here: {done.stderr[-500:]}")
     assert done.returncode == 0, done.stderr[-4000:]
-    (wheel,) = tmp_path.glob("tea_dist-*.whl")
+    (built,) = out.glob("tea_dist-*.whl")
+    return built
+
+
+def test_the_wheel_installs_only_tea_dist(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"tea_dist", wheel.name.split("-py")[0] + ".dist-info"}, sorted(top)
     for data in ("tea_dist/py.typed", "tea_dist/distributed/breaker.lua"):
         assert data in names
+
+
+def test_the_readme_example_runs_from_the_installed_wheel_outside_the_repository(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """A fresh virtualenv with the wheel installed (not editable; its dependencies are this
+    environment's, offline), run from a folder outside the repository: the README's first
+    example works, and no ``examples`` package came with tea_dist."""
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)]
+    subprocess.run(install, check=True, timeout=300)
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run = [str(python), "-c", example]
+    done = subprocess.run(run, cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "['web: celery', 'docs: celery']"
+    where = [str(python), "-c", "import tea_dist; print(tea_dist.__file__)"]
+    found = subprocess.run(where, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert str(venv) in found.stdout  # the installed wheel, not the checkout
+    examples = [str(python), "-c", "import examples"]
+    done = subprocess.run(examples, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "No module named 'examples'" in done.stderr
