@@ -18,7 +18,7 @@ from celery import Celery, bootsteps, signals
 
 from tea_dist.distributed.presence import Presence
 from tea_dist.distributed.refusals import Refusals
-from tea_dist.distributed.settings import Settings, get_settings
+from tea_dist.distributed.settings import VISIBILITY_SCHEMES, Settings, get_settings
 
 REFILL_DELAYS = (0.15, 0.3, 0.6)  # billiard sends TERM, waits 0.1 s, then KILL
 
@@ -52,7 +52,12 @@ TASK_MODULES = ["tea_dist.distributed.tasks", "tea_dist.distributed.apps"]
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
-    """Celery configuration for ``settings``."""
+    """Celery configuration for ``settings``.
+
+    The result backend is the Redis URL unless one is named (never an AMQP broker's URL:
+    Celery has no ``amqp`` result backend); tea_dist's tasks ignore their results, except a
+    submitted run's status string. Without a Redis URL there is none, and the first use of
+    Redis fails with ``ConfigError``, not the import of this module."""
     return {
         "broker_url": settings.broker,
         "result_backend": settings.backend,
@@ -68,7 +73,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_send_task_events": settings.task_events,
         "result_expires": int(settings.result_expires),
         "result_extended": False,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # a Redis (or SQS) broker's: other transports take no visibility timeout
+        "broker_transport_options": (
+            {"visibility_timeout": settings.visibility_timeout}
+            if settings.broker.strip().lower().startswith(VISIBILITY_SCHEMES)
+            else {}
+        ),
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.flows_queue,

@@ -54,7 +54,7 @@ from tea_dist.core.errors import (
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
-from tea_dist.distributed.connections import check_reachable, redis_for, ride_out
+from tea_dist.distributed.connections import check_broker, check_reachable, redis_for, ride_out
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
 from tea_dist.distributed.presence import PRESENCE_TTL as TTL
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
@@ -220,7 +220,7 @@ class _Driver:
     def dispatch(self) -> None:
         check_reachable(self.settings.redis)
         if self.settings.broker != self.settings.redis:
-            check_reachable(self.settings.broker, "the broker")
+            check_broker(self.settings.broker)
         self._redis(self.keeper.renew)  # the first time here: an unreachable Redis fails it
         self.keeper.start()
         if self.runtime.adopting:

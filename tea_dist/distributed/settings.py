@@ -14,8 +14,17 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tea_dist.core.errors import ConfigError
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 URL_FIELDS = ("broker_url", "result_backend", "redis_url")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's ``from_url`` reads
+VISIBILITY_SCHEMES = (*REDIS_SCHEMES, "sqs://")  # redelivered after a visibility timeout
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` names a Redis server redis-py can connect to."""
+    return url.strip().lower().startswith(REDIS_SCHEMES)
 
 
 _SECRET_QUERY = re.compile(r"(?i)([?&;][^&=#;]*(?:pass|secret|token)[^&=#;]*=)[^&#;]*")
@@ -62,7 +71,11 @@ class Settings(BaseSettings):
 
     Environment: ``TEA_DIST_BROKER_URL``, ``TEA_DIST_RESULT_BACKEND``, ``TEA_DIST_REDIS_URL``,
     ``TEA_DIST_FLOWS_QUEUE``, ``TEA_DIST_MAX_STATE_BYTES``, ... (the field name, upper-cased).
-    An unset result backend or Redis URL follows the broker URL.
+    The Redis URL (tea_dist's own state: run streams, heartbeats, circuits, limits, leases,
+    presence) follows the broker URL when that is Redis (``redis://``, ``rediss://``,
+    ``unix://``); with any other broker it must be set, and using it unset raises
+    ``ConfigError`` (a driver does before it sends anything, a worker before it starts). An
+    unset result backend follows the Redis URL (tea_dist's tasks ignore their results).
 
     Security: ``TEA_DIST_ALLOWED`` (modules and packages a worker may import from a message,
     comma-separated), ``TEA_DIST_SECRET`` (signs and verifies every message),
@@ -85,7 +98,7 @@ class Settings(BaseSettings):
     max_state_bytes: int = Field(1_000_000, gt=0)
     result_expires: float = Field(3600.0, gt=0)
     run_expires: float = Field(86400.0, gt=0)
-    visibility_timeout: float = Field(3600.0, gt=0)
+    visibility_timeout: float = Field(3600.0, gt=0)  # Redis (and SQS) brokers: kombu's
     hard_limit_grace: float = Field(0.5, gt=0)
     heartbeat_seconds: float = Field(0.5, gt=0)
     heartbeat_ttl: float = Field(2.0, gt=0)
@@ -114,15 +127,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _follow_broker(self) -> Settings:
-        if self.result_backend is None:
-            object.__setattr__(self, "result_backend", self.broker_url)
-        if self.redis_url is None:
+        """Redis follows a Redis broker; the result backend follows Redis."""
+        if self.redis_url is None and is_redis_url(self.broker):
             object.__setattr__(self, "redis_url", self.broker_url)
+        if self.result_backend is None and self.redis_url is not None:
+            object.__setattr__(self, "result_backend", self.redis_url)
         if self.redis_password is not None:
             password = self.redis_password.get_secret_value()
             for name in URL_FIELDS:
-                url = getattr(self, name).get_secret_value()
-                object.__setattr__(self, name, SecretStr(with_password(url, password)))
+                value = getattr(self, name)
+                if value is not None and is_redis_url(value.get_secret_value()):
+                    url = with_password(value.get_secret_value(), password)
+                    object.__setattr__(self, name, SecretStr(url))
         return self
 
     @property
@@ -130,12 +146,26 @@ class Settings(BaseSettings):
         return self.broker_url.get_secret_value()
 
     @property
-    def backend(self) -> str:
-        return (self.result_backend or self.broker_url).get_secret_value()
+    def broker_is_redis(self) -> bool:
+        return is_redis_url(self.broker)
+
+    @property
+    def backend(self) -> str | None:
+        """The result backend's URL (``None``: no Redis named, so no result backend)."""
+        return self.result_backend.get_secret_value() if self.result_backend else None
 
     @property
     def redis(self) -> str:
-        return (self.redis_url or self.broker_url).get_secret_value()
+        """The Redis holding tea_dist's state (``ConfigError`` when none is named and the
+        broker is not Redis)."""
+        if self.redis_url is None:
+            raise ConfigError(
+                f"the broker {redact(self.broker)} is not Redis, and tea_dist keeps its state "
+                "(run streams, heartbeats, circuits, limits, leases, presence) in Redis: set "
+                "TEA_DIST_REDIS_URL (or redis_url=) to a Redis server, e.g. "
+                "redis://127.0.0.1:6379/0"
+            )
+        return self.redis_url.get_secret_value()
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():

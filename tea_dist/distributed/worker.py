@@ -45,6 +45,7 @@ def worker_argv(
     """``celery worker`` arguments for a role (``-A tea_dist.distributed.celery_app`` included)."""
     if role not in ROLES:
         raise ConfigError(f"unknown worker role '{role}'; roles: {', '.join(ROLES)}, all")
+    _ = settings.redis  # a worker keeps tea_dist's state in Redis: ConfigError if none is named
     pool, default_concurrency = ROLES[role]
     queue = queues or (settings.flows_queue if role == "flows" else settings.runs_queue)
     return [
@@ -115,7 +116,8 @@ def spawn_worker(
 
 class QueueDepth:
     """A Prometheus collector: ``tea_dist_queue_depth{queue}``, the messages waiting in each of
-    a worker's queues (their Redis lists), read when scraped."""
+    a worker's queues (a Redis broker's lists, another broker's queue counts), read when
+    scraped."""
 
     def __init__(self, settings: Settings, queues: list[str]) -> None:
         self.broker, self.queues = settings.broker, queues
@@ -129,17 +131,15 @@ class QueueDepth:
         return GaugeMetricFamily(QUEUE_DEPTH, "Messages waiting in a queue", labels=["queue"])
 
     def collect(self) -> list[Any]:
-        from redis import RedisError
-
-        from tea_dist.distributed.connections import redis_for
+        from tea_dist.distributed.connections import queue_depths
 
         family = self._family()
         try:
-            client = redis_for(self.broker)
-            for queue in self.queues:
-                family.add_metric([queue], client.llen(queue))
-        except RedisError:
+            depths = queue_depths(self.broker, self.queues)
+        except Exception:
             return []  # the broker is away: no sample rather than a wrong one
+        for queue, depth in depths.items():
+            family.add_metric([queue], depth)
         return [family]
 
 
