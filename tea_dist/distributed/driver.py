@@ -197,13 +197,13 @@ class _Driver:
             limit = self.settings.max_state_bytes  # workers refuse a larger state or config
             check_json_state(task.state, f"branch '{task.branch}'", limit)
             check_json_state(dict(task.run_config), f"the run config of '{task.branch}'", limit)
-            worst = self._longest_hold(config)
-            if worst >= self.settings.visibility_timeout:
+            worst, hold = self._longest_hold(config), self.settings.hold_limit()
+            if hold is not None and worst >= hold[0]:
+                most, setting, past = hold
                 raise ConfigError(
                     f"branch '{task.branch}' may hold a message for {worst:g}s (retry delay plus "
-                    f"time limit), not below the broker visibility timeout of "
-                    f"{self.settings.visibility_timeout:g}s: it would be delivered twice; raise "
-                    "TEA_DIST_VISIBILITY_TIMEOUT or lower max_delay"
+                    f"time limit), not below {past} ({setting}={most:g}s); raise {setting} "
+                    "or lower max_delay or timeout_seconds"
                 )
             key = f"{task.start}->{task.fan_in}"
             if key not in self.graphs:

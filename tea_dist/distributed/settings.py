@@ -19,6 +19,7 @@ from tea_dist.core.errors import ConfigError
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 URL_FIELDS = ("broker_url", "result_backend", "redis_url")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's ``from_url`` reads
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")  # RabbitMQ
 VISIBILITY_SCHEMES = (*REDIS_SCHEMES, "sqs://")  # redelivered after a visibility timeout
 
 
@@ -76,6 +77,10 @@ class Settings(BaseSettings):
     ``unix://``); with any other broker it must be set, and using it unset raises
     ``ConfigError`` (a driver does before it sends anything, a worker before it starts). An
     unset result backend follows the Redis URL (tea_dist's tasks ignore their results).
+    ``TEA_DIST_CONSUMER_TIMEOUT`` is RabbitMQ's ``consumer_timeout`` in seconds (set it to your
+    broker's): a delivery unacknowledged longer has its channel closed and comes back, so a
+    branch's time limit plus its longest retry delay must stay below it, as below
+    ``TEA_DIST_VISIBILITY_TIMEOUT`` on Redis.
 
     Security: ``TEA_DIST_ALLOWED`` (modules and packages a worker may import from a message,
     comma-separated), ``TEA_DIST_SECRET`` (signs and verifies every message),
@@ -99,6 +104,7 @@ class Settings(BaseSettings):
     result_expires: float = Field(3600.0, gt=0)
     run_expires: float = Field(86400.0, gt=0)
     visibility_timeout: float = Field(3600.0, gt=0)  # Redis (and SQS) brokers: kombu's
+    consumer_timeout: float = Field(1800.0, gt=0)  # RabbitMQ brokers: the server's, in seconds
     hard_limit_grace: float = Field(0.5, gt=0)
     heartbeat_seconds: float = Field(0.5, gt=0)
     heartbeat_ttl: float = Field(2.0, gt=0)
@@ -166,6 +172,26 @@ class Settings(BaseSettings):
                 "redis://127.0.0.1:6379/0"
             )
         return self.redis_url.get_secret_value()
+
+    def hold_limit(self) -> tuple[float, str, str] | None:
+        """How long this broker lets a worker hold a message unacknowledged: seconds, the
+        setting that says so, what happens past it; ``None`` when it sets no such limit."""
+        broker = self.broker.strip().lower()
+        if broker.startswith(VISIBILITY_SCHEMES):
+            return (
+                self.visibility_timeout,
+                "TEA_DIST_VISIBILITY_TIMEOUT",
+                "the broker visibility timeout: it would be delivered twice",
+            )
+        if broker.startswith(AMQP_SCHEMES):
+            return (
+                self.consumer_timeout,
+                "TEA_DIST_CONSUMER_TIMEOUT",
+                "RabbitMQ's consumer timeout: RabbitMQ would close the worker's channel and "
+                "deliver it again (raise consumer_timeout in rabbitmq.conf, then "
+                "TEA_DIST_CONSUMER_TIMEOUT to match)",
+            )
+        return None
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
