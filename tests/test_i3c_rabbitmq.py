@@ -22,8 +22,6 @@ from tests import celery_nodes as cn
 from tests.cluster import TestCluster
 from tests.nodes import fan_graph, final_state
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.celery]
-
 CELERY = ParallelConfig(strategy="celery")
 
 
@@ -85,6 +83,7 @@ def rabbit(rabbitmq_url: str, redis_url: str) -> Iterator[RabbitCluster]:
             client.delete(*keys)
 
 
+@pytest.mark.rabbitmq
 def test_i3c_settings_name_the_broker_and_redis_apart(rabbit: RabbitCluster) -> None:
     settings = rabbit.settings()
     assert settings.broker.startswith("amqp://")
@@ -92,6 +91,7 @@ def test_i3c_settings_name_the_broker_and_redis_apart(rabbit: RabbitCluster) -> 
     assert settings.backend == rabbit.redis_url  # the result backend follows Redis, not AMQP
 
 
+@pytest.mark.rabbitmq
 def test_i3c_fan_out_over_rabbitmq_returns_every_branch(rabbit: RabbitCluster) -> None:
     app = celery_graph({"a": cn.whoami, "b": cn.whoami, "c": cn.whoami}).compile()
     state = final_state(list(app.invoke({"value": 1})))
@@ -100,6 +100,7 @@ def test_i3c_fan_out_over_rabbitmq_returns_every_branch(rabbit: RabbitCluster) -
     assert all(r["worker"] for r in state["results"])
 
 
+@pytest.mark.rabbitmq
 def test_i3c_timeout_over_rabbitmq_kills_the_work(rabbit: RabbitCluster, tmp_path: Path) -> None:
     """A branch that swallows the soft limit is killed at the hard limit, its sibling runs."""
     config = ParallelConfig(strategy="celery", timeout_seconds=0.5)
@@ -116,6 +117,7 @@ def test_i3c_timeout_over_rabbitmq_kills_the_work(rabbit: RabbitCluster, tmp_pat
     assert not (tmp_path / "stuck.done").exists()  # its process was killed, not abandoned
 
 
+@pytest.mark.rabbitmq
 def test_i3c_retry_with_backoff_is_published_again(rabbit: RabbitCluster, tmp_path: Path) -> None:
     """The retry is a message published with a countdown (an ETA message a worker holds
     unacknowledged until it is due); it runs and succeeds."""
@@ -131,6 +133,7 @@ def test_i3c_retry_with_backoff_is_published_again(rabbit: RabbitCluster, tmp_pa
     assert time.monotonic() - started >= 1.0  # the countdown was waited out
 
 
+@pytest.mark.rabbitmq
 def test_i3c_fail_fast_revokes_a_sibling(rabbit: RabbitCluster, tmp_path: Path) -> None:
     """A sibling that ignores the cooperative interrupt is revoked with terminate, through
     RabbitMQ's broadcast: its side effect never happens."""
@@ -146,6 +149,7 @@ def test_i3c_fail_fast_revokes_a_sibling(rabbit: RabbitCluster, tmp_path: Path) 
     assert not (tmp_path / "stuck.done").exists()
 
 
+@pytest.mark.rabbitmq
 def test_i3c_submitted_run_over_rabbitmq_succeeds(rabbit: RabbitCluster) -> None:
     run = submit("tests.apps_graphs:quick", {"value": 2})
     state = run.result(timeout=30)
@@ -153,6 +157,7 @@ def test_i3c_submitted_run_over_rabbitmq_succeeds(rabbit: RabbitCluster) -> None
     assert str(run.status()) == "succeeded"
 
 
+@pytest.mark.rabbitmq
 def test_i3c_a_hold_past_the_consumer_timeout_is_refused_before_sending(
     rabbit: RabbitCluster, tmp_path: Path
 ) -> None:
@@ -264,6 +269,7 @@ def test_i3c_unreachable_amqp_broker_is_a_broker_error_within_seconds() -> None:
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.rabbitmq
 def test_i3c_queue_depth_reads_rabbitmq_queues(rabbit: RabbitCluster) -> None:
     from tea_dist.distributed.connections import check_broker, queue_depths
 
