@@ -257,6 +257,10 @@ def test_i3c_each_broker_names_its_own_hold_limit() -> None:
     amqp_hold = amqp.hold_limit()
     assert amqp_hold is not None and amqp_hold[:2] == (900.0, "TEA_DIST_CONSUMER_TIMEOUT")
     assert Settings(broker_url="memory://", redis_url="redis://r/1").hold_limit() is None
+    sentinel = Settings(broker_url="sentinel://s:26379", redis_url="redis://r/1")
+    assert sentinel.hold_limit() is not None  # kombu's Redis transport, not a redis-py URL
+    with pytest.raises(ConfigError, match="TEA_DIST_REDIS_URL"):
+        _ = Settings(broker_url="sentinel://s:26379").redis
 
 
 def test_i3c_unreachable_amqp_broker_is_a_broker_error_within_seconds() -> None:

@@ -20,7 +20,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 URL_FIELDS = ("broker_url", "result_backend", "redis_url")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's ``from_url`` reads
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")  # RabbitMQ
-VISIBILITY_SCHEMES = (*REDIS_SCHEMES, "sqs://")  # redelivered after a visibility timeout
+# kombu transports that deliver again a message unacknowledged for the visibility timeout
+VISIBILITY_SCHEMES = (*REDIS_SCHEMES, "redis+socket://", "sentinel://", "sqs://")
 
 
 def is_redis_url(url: str) -> bool:
