@@ -322,5 +322,5 @@ def test_i3a_batch_item_crashing_its_process_is_quarantined(cluster: Any, tmp_pa
     print(f"\ncrashing item ended after {elapsed:.1f}s, {runs(tmp_path, 'item0')} runs")
     assert not first["success"] and first["error_type"] == "QuarantinedError", first
     assert second["success"], second
-    assert runs(tmp_path, "item0") == 2
+    assert 2 <= runs(tmp_path, "item0") <= 3  # 3: a re-send racing the second crash's count
     assert elapsed < 20, elapsed
