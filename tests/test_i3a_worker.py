@@ -160,18 +160,10 @@ def forged_branch(tmp_path: Path, state: dict[str, Any]) -> Any:
     """A branch message as the driver builds it (node ``a`` marks its start in ``tmp_path``),
     with a live caller's lease; sent by ``send_forged``."""
     from tea_dist.distributed.messages import BranchMessage
-    from tea_dist.distributed.trust import fingerprint
     from tea_dist.engine.lifecycle import AttemptState
+    from tests.test_security import one_node_graph
 
-    path = "tests.celery_nodes:start_sleep_done"
-    graph = {
-        "name": "forged",
-        "nodes": {"a": {"run": path, "fan_in": False}},
-        "edges": {"a": ["merge"]},
-        "conditionals": {},
-        "fanouts": {},
-        "code": fingerprint(["tests.celery_nodes"]),
-    }
+    graph = one_node_graph("tests.celery_nodes:start_sleep_done")
     return BranchMessage(
         run=uuid.uuid4().hex,
         graph_name="forged",
