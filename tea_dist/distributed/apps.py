@@ -37,7 +37,6 @@ from typing import Any
 
 import redis
 from celery import signals
-from celery.exceptions import Ignore
 from kombu.exceptions import OperationalError
 
 from tea_dist.core.errors import (
@@ -57,6 +56,7 @@ from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.local_cluster import client_settings
 from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.signing import SignatureError, sign, verify
+from tea_dist.distributed.tasks import end_revoked
 from tea_dist.distributed.trust import Allowlist, agent_path, agent_ref, worker_allowlist
 from tea_dist.distributed.wire import check_json_state, yaml_uses_modules
 from tea_dist.engine.runtime import Detached, Durable
@@ -323,8 +323,7 @@ def run_workflow(
     if status == RunStatus.FAILED:
         raise RunFailedError(f"run {run_id} failed: {run._record().get('error', '?')}")
     if status == RunStatus.CANCELLED:
-        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
-        raise Ignore()
+        end_revoked(self)
     return status
 
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
@@ -435,6 +435,14 @@ class BranchFailed(Exception):
     and message, never the state. Expected (``Task.throws``): logged without a traceback."""
 
 
+def end_revoked(task: Any) -> NoReturn:
+    """End ``task`` as ``REVOKED`` for Flower, though it stopped by itself (a cancelled
+    branch, a cancelled run): a ``task-revoked`` event, then ``Ignore`` (acknowledged, and no
+    success or failure event after the revoked one)."""
+    task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    raise Ignore()
+
+
 def report(task: Any, results: Sequence[ParallelFlowResult | None]) -> None:
     """End a branch task in the Celery state of its branches' outcome (already published):
     ``SUCCESS`` when every one succeeded; ``REVOKED`` (a ``task-revoked`` event) when they were
@@ -444,8 +452,7 @@ def report(task: Any, results: Sequence[ParallelFlowResult | None]) -> None:
         return
     failed = [r for r in ended if r.outcome is not Outcome.CANCELLED]
     if not failed:
-        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
-        raise Ignore()  # acknowledged; no success or failure event after the revoked one
+        end_revoked(task)
     first = failed[0]
     message = " ".join(str(first.error or "").split())
     more = f" (and {len(failed) - 1} more of {len(results)} items)" if len(failed) > 1 else ""
