@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tea_dist.core.config import ParallelConfig, ResourceLimit, RetryPolicy
 from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
-from tea_dist.observe.events import FlowContext
+from tea_dist.observe.events import Event, FlowContext
 from tea_dist.policies.breaker import Admission
 from tea_dist.policies.limits import DEFAULT_LEASE_SECONDS as LEASE_SECONDS
 from tea_dist.policies.limits import LimitStore
@@ -50,7 +50,7 @@ class Host(Protocol):
         """The callback context of a branch."""
         ...
 
-    def emit(self, event: str, *args: Any) -> None:
+    def emit(self, event: Event | str, *args: Any) -> None:
         """Fire a lifecycle event."""
         ...
 
@@ -279,7 +279,7 @@ class Lifecycle:
             for i, (task, config) in enumerate(zip(tasks, configs, strict=True))
         ]
         for run in runs:  # every branch waits for a slot, a worker or a permit at first
-            runtime.emit("on_flow_queued", run.ctx)
+            runtime.emit(Event.FLOW_QUEUED, run.ctx)
         return cls(runs, runtime, stop=stop, clock=clock)
 
     def results(self) -> list[ParallelFlowResult]:
@@ -335,7 +335,7 @@ class Lifecycle:
                 if run.waiting is None or run.waiting[0] != limit.name:
                     self.stop_waiting(run)
                     run.waiting = (limit.name, self.clock.monotonic())
-                    self.runtime.emit("on_limit_waiting", run.context(), limit.name)
+                    self.runtime.emit(Event.LIMIT_WAITING, run.context(), limit.name)
                 return wait
         run.permits = (holder, tuple(limits))
         waited, run.waiting = run.waiting, None
@@ -344,7 +344,7 @@ class Lifecycle:
             seconds = None
             if waited is not None and waited[0] == limit.name:
                 seconds = max(self.clock.monotonic() - waited[1], 0.0)
-            self.runtime.emit("on_limit_acquired", ctx, limit.name, seconds)
+            self.runtime.emit(Event.LIMIT_ACQUIRED, ctx, limit.name, seconds)
         return None
 
     def stop_waiting(self, run: BranchRun) -> None:
@@ -352,7 +352,7 @@ class Lifecycle:
         waits elsewhere (a celery branch sent again with a countdown)."""
         if run.waiting is not None:
             (limit, _), run.waiting = run.waiting, None
-            self.runtime.emit("on_limit_wait_ended", run.context(), limit)
+            self.runtime.emit(Event.LIMIT_WAIT_ENDED, run.context(), limit)
 
     def renew_permits(self) -> None:
         """Keep the permits of running attempts (a holder that stops renewing loses them)."""
@@ -367,7 +367,7 @@ class Lifecycle:
             (holder, limits), run.permits = run.permits, None
             for limit in limits:
                 self.runtime.limit_store().release(limit, holder)
-                self.runtime.emit("on_limit_released", run.context(), limit.name)
+                self.runtime.emit(Event.LIMIT_RELEASED, run.context(), limit.name)
 
     def begin(self, run: BranchRun, worker: str | None = None, timed: bool = True) -> None:
         """An attempt of ``run`` starts now (``worker``: where, when not this process).
@@ -382,8 +382,8 @@ class Lifecycle:
             self.timing(run, run.started)
         ctx = run.context(worker=worker) if worker else run.context()
         if state.attempts == 1:
-            self.runtime.emit("on_flow_start", ctx)
-        self.runtime.emit("on_attempt_start", ctx)
+            self.runtime.emit(Event.FLOW_START, ctx)
+        self.runtime.emit(Event.ATTEMPT_START, ctx)
 
     def timing(self, run: BranchRun, began: float) -> None:
         """The running attempt of ``run`` began at ``began`` (monotonic): its
@@ -402,7 +402,9 @@ class Lifecycle:
         ctx = run.context(worker=outcome.worker) if outcome.worker else run.context()
         error = outcome.error
         exception = None if error is None else outcome.exception or error.as_exception()
-        self.runtime.emit("on_attempt_end", ctx, exception, max(outcome.ended - outcome.started, 0))
+        self.runtime.emit(
+            Event.ATTEMPT_END, ctx, exception, max(outcome.ended - outcome.started, 0)
+        )
         if error is not None and error.outcome is Outcome.CANCELLED:
             self._release(run)
             self.resolve(run, build_result(run.state, run.config, error=error, outcome=outcome))
@@ -413,15 +415,15 @@ class Lifecycle:
             return None
         run.state.note(error, run.config.retry().max_stored_errors)
         if error.timeout:
-            self.runtime.emit("on_flow_timeout", ctx, error.seconds)
+            self.runtime.emit(Event.FLOW_TIMEOUT, ctx, error.seconds)
         else:
-            self.runtime.emit("on_flow_error", ctx, exception, run.state.attempts)
+            self.runtime.emit(Event.FLOW_ERROR, ctx, exception, run.state.attempts)
         now = self.clock.monotonic()
         delay = retry_delay(run.config.retry(), run.state, error, run.deadline, now)
         if delay is None:
             self.resolve(run, build_result(run.state, run.config, error=error, outcome=outcome))
             return None
-        self.runtime.emit("on_flow_retry", ctx, run.state.attempts, delay, exception)
+        self.runtime.emit(Event.FLOW_RETRY, ctx, run.state.attempts, delay, exception)
         return delay
 
     def time_out(self, run: BranchRun) -> float | None:
@@ -442,7 +444,7 @@ class Lifecycle:
         errors = run.state.errors
         if not errors or errors[-1]["attempt"] != run.state.attempts:  # not noted by its end
             run.state.note(error, config.retry().max_stored_errors)
-        self.runtime.emit("on_flow_timeout", run.context(), seconds)
+        self.runtime.emit(Event.FLOW_TIMEOUT, run.context(), seconds)
         self._release(run)
         self._return_permits(run)
         self.resolve(run, build_result(run.state, config, error=error, clock=self.clock))
@@ -455,7 +457,7 @@ class Lifecycle:
         run.result, run.started = result, None
         self.pending -= 1
         self.stop_waiting(run)
-        self.runtime.emit("on_flow_complete", run.context(), result)
+        self.runtime.emit(Event.FLOW_COMPLETE, run.context(), result)
         if stops_siblings(run.config, result):
             self.cancel_all(f"cancelled: fail_fast after branch '{result.branch}' failed")
 

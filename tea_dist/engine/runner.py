@@ -33,14 +33,15 @@ from tea_dist.core.errors import (
     NoWorkerError,
     TeaDistError,
 )
-from tea_dist.core.graph import END, Event, FanOut, GraphSpec
+from tea_dist.core.graph import END, FanOut, GraphSpec
+from tea_dist.core.graph import Event as StreamEvent
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.core.strategies import check_strategy
 from tea_dist.engine.interrupts import terminating_runs
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Detached, Durable, Runtime, SharesStores, get_executor
 from tea_dist.engine.walk import Cursor, FanOutRunner, Walk, walk
-from tea_dist.observe.events import Dispatcher, FlowContext
+from tea_dist.observe.events import Dispatcher, Event, FlowContext
 from tea_dist.policies.breaker import BreakerStore, MemoryBreakerStore
 from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
 
@@ -122,7 +123,7 @@ class CompiledGraph:
         run_id: str | None = None,
         cancel_token: CancelToken | None = None,
         raise_exceptions: bool | None = None,
-    ) -> Iterator[Event]:
+    ) -> Iterator[StreamEvent]:
         """Run the graph; yields the ``final`` event (or an ``error`` event).
 
         ``run_id`` names the run (events of celery branches go to its stream);
@@ -140,7 +141,7 @@ class CompiledGraph:
 
     def stream(
         self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
-    ) -> Iterator[Event]:
+    ) -> Iterator[StreamEvent]:
         """Run the graph, yielding an event after every node and every branch (``options``:
         ``run_id``, ``cancel_token`` and ``raise_exceptions``, as for ``invoke``; ``durable``:
         a submitted run, driven
@@ -157,7 +158,7 @@ class CompiledGraph:
         cancel_token: CancelToken | None = None,
         durable: Durable | None = None,
         raise_exceptions: bool | None = None,
-    ) -> Iterator[Event]:
+    ) -> Iterator[StreamEvent]:
         if raise_exceptions is None:
             raise_exceptions = self.raise_exceptions
         after = durable.after if durable is not None else ""
@@ -177,7 +178,7 @@ class CompiledGraph:
             runtime.owner, runtime.steps = durable.owner, durable.steps
             runtime.resumed_steps = durable.steps if after else None
         run = FlowContext(branch="", graph_name=self.spec.name, run_id=runtime.run_id)
-        runtime.emit("on_invoke_start", run)
+        runtime.emit(Event.INVOKE_START, run)
         cursor = _NodeCursor(runtime, run)
         final = dict(state)
         failed: list[ParallelFlowResult] = []  # "tea" rule in stream(): left out of the fan-in
@@ -213,7 +214,7 @@ class CompiledGraph:
             raise
         except Exception as exc:
             cursor.ended(exc)
-            runtime.emit("on_invoke_end", run, exc)
+            runtime.emit(Event.INVOKE_END, run, exc)
             runtime.close()
             tea = self.failed_branches == "tea"
             node: str | None = exc.branch if tea and isinstance(exc, _FailedBranch) else cursor.node
@@ -232,7 +233,7 @@ class CompiledGraph:
             yield _error_event(node, exc, final)
             return
         else:
-            runtime.emit("on_invoke_end", run, None)
+            runtime.emit(Event.INVOKE_END, run, None)
         finally:  # also when the caller abandons or closes the generator, or Ctrl-C
             interrupts.close()
             runtime.cancel_token.cancel("cancelled: the caller went away")
@@ -273,7 +274,7 @@ class CompiledGraph:
         for circuit_name in names:
             for circuit, old, new in self.breakers.reset(circuit_name):
                 dispatcher.emit(
-                    "on_circuit_state_change", FlowContext(branch="", circuit=circuit), old, new
+                    Event.CIRCUIT_STATE_CHANGE, FlowContext(branch="", circuit=circuit), old, new
                 )
         dispatcher.close()
 
@@ -304,19 +305,19 @@ class _NodeCursor(Cursor):
         super().__setattr__(name, value)
         if name == "node" and value:
             self.__dict__["running"] = value
-            self.runtime.emit("on_node_start", self.run, value)
+            self.runtime.emit(Event.NODE_START, self.run, value)
 
     def ended(self, error: BaseException | None = None) -> None:
         if self.running:
             node, self.__dict__["running"] = self.running, ""
-            self.runtime.emit("on_node_end", self.run, node, error)
+            self.runtime.emit(Event.NODE_END, self.run, node, error)
 
 
 class _FailedBranch(BranchError):
     """A failed branch ending the run under the ``"tea"`` rule (never leaves this module)."""
 
 
-def _branch_event(result: ParallelFlowResult, state: dict[str, Any]) -> Event:
+def _branch_event(result: ParallelFlowResult, state: dict[str, Any]) -> StreamEvent:
     if result.success:
         return {
             "type": "parallel_state",
@@ -337,9 +338,9 @@ def _branch_event(result: ParallelFlowResult, state: dict[str, Any]) -> Event:
     }
 
 
-def _error_event(node: str | None, exc: BaseException, state: dict[str, Any]) -> Event:
+def _error_event(node: str | None, exc: BaseException, state: dict[str, Any]) -> StreamEvent:
     error_type = exc.error_type if isinstance(exc, BranchError) else type(exc).__name__
-    event: Event = {
+    event: StreamEvent = {
         "type": "error",
         "node": node,
         "error": str(exc),

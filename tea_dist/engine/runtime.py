@@ -41,7 +41,7 @@ from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.engine.attempt import BranchTask
 from tea_dist.engine.lifecycle import stops_siblings
 from tea_dist.engine.nodes import CancelToken
-from tea_dist.observe.events import Dispatcher, FlowContext
+from tea_dist.observe.events import Dispatcher, Event, FlowContext
 from tea_dist.policies.breaker import Admission, BreakerStore, MemoryBreakerStore
 from tea_dist.policies.limits import PROCESS_LIMITS, LimitStore
 
@@ -154,7 +154,7 @@ class Runtime:
             circuit=self.circuit_name(task.start, config),  # a whole map shares one
         )
 
-    def emit(self, event: str, *args: Any) -> None:
+    def emit(self, event: Event | str, *args: Any) -> None:
         """Fire a lifecycle event through the dispatcher."""
         self.dispatcher.emit(event, *args)
 
@@ -191,7 +191,7 @@ class Runtime:
             return None
         admission = self.breakers(config).acquire(name, breaker)
         if admission.transition:
-            self.emit("on_circuit_state_change", ctx, *admission.transition)
+            self.emit(Event.CIRCUIT_STATE_CHANGE, ctx, *admission.transition)
         return admission
 
     def record(
@@ -204,7 +204,7 @@ class Runtime:
         store = self.breakers(config)
         transition = store.record(name, breaker, success, admission.probe)
         if transition:
-            self.emit("on_circuit_state_change", ctx, *transition)
+            self.emit(Event.CIRCUIT_STATE_CHANGE, ctx, *transition)
             return transition[1]
         return store.snapshot(name).state
 
@@ -251,7 +251,7 @@ class Runtime:
         )
         if self.owner is not None:
             self.fanout_id = f"{self.run_id}.{self.steps}"
-        self.emit("on_fanout_start", ctx, fan)
+        self.emit(Event.FANOUT_START, ctx, fan)
         results: list[ParallelFlowResult] = []
         error: BaseException | None = None
         tasks, configs = self.branches(spec, fan, state, run_config)
@@ -261,7 +261,7 @@ class Runtime:
             error = exc
             raise
         finally:
-            self.emit("on_fanout_end", ctx, fan, results, error)
+            self.emit(Event.FANOUT_END, ctx, fan, results, error)
         _raise_for_fail_fast(results, configs)
         return results
 

@@ -12,9 +12,12 @@ which hands each one to two kinds of listener (dramatiq's middleware is the mode
   exception in a callback is logged and swallowed. ``flush()`` waits until every lane has
   caught up; ``invoke()`` calls it before yielding its final event.
 
-A listener implements the ``on_*`` methods it cares about; besides the callback events there
-are ``on_attempt_start`` (every attempt, with the worker that runs it), ``on_fanout_start`` and
-``on_fanout_end`` (a fan-out's branches are dispatched / all resolved).
+Every event is a member of ``Event``, a ``StrEnum`` whose values are the hook names, so an
+emitter may name one by member or by string. The ``Listener`` base class has a no-op method per
+``Event`` (dramatiq's ``Middleware``): tea_dist's own listeners subclass it and override the hooks
+they care about, and the dispatcher calls only the hooks a listener overrides. A user's
+``ParallelFlowCallback`` stays a plain object with whichever of the callback events
+(``CALLBACK_EVENTS``) it implements.
 """
 
 from __future__ import annotations
@@ -23,22 +26,57 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tea_dist.core.config import ParallelConfig
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 
+if TYPE_CHECKING:
+    from tea_dist.core.graph import FanOut
+
 logger = logging.getLogger("tea_dist.events")
 
-EVENTS = (
-    "on_flow_start",
-    "on_flow_complete",
-    "on_flow_error",
-    "on_flow_timeout",
-    "on_flow_retry",
-    "on_circuit_state_change",
+
+class Event(StrEnum):
+    """Every event the dispatcher carries; its value is the name of the hook that hears it."""
+
+    # a branch's life: the user's callbacks hear these
+    FLOW_QUEUED = "on_flow_queued"  # dispatched: it waits for a slot, a worker or a permit
+    FLOW_START = "on_flow_start"  # its first attempt starts
+    FLOW_COMPLETE = "on_flow_complete"  # its one result
+    FLOW_ERROR = "on_flow_error"  # an attempt failed
+    FLOW_TIMEOUT = "on_flow_timeout"  # an attempt or the branch timed out
+    FLOW_RETRY = "on_flow_retry"  # another attempt follows after a delay
+    CIRCUIT_STATE_CHANGE = "on_circuit_state_change"
+    # tea_dist's own listeners (logging, tracing, metrics, durable runs) hear these too
+    ATTEMPT_START = "on_attempt_start"  # every attempt, with the worker that runs it
+    ATTEMPT_END = "on_attempt_end"
+    BRANCH_REDISPATCHED = "on_branch_redispatched"  # sent again: its worker was lost
+    LIMIT_WAITING = "on_limit_waiting"  # refused a permit: it waits
+    LIMIT_ACQUIRED = "on_limit_acquired"
+    LIMIT_WAIT_ENDED = "on_limit_wait_ended"  # stopped waiting without a permit
+    LIMIT_RELEASED = "on_limit_released"
+    FANOUT_START = "on_fanout_start"  # a fan-out's branches are dispatched
+    FANOUT_END = "on_fanout_end"  # ... and all resolved
+    INVOKE_START = "on_invoke_start"
+    INVOKE_END = "on_invoke_end"
+    NODE_START = "on_node_start"  # a main-path node
+    NODE_END = "on_node_end"
+
+
+CALLBACK_EVENTS = frozenset(  # the ``ParallelFlowCallback`` protocol
+    {
+        Event.FLOW_QUEUED,
+        Event.FLOW_START,
+        Event.FLOW_COMPLETE,
+        Event.FLOW_ERROR,
+        Event.FLOW_TIMEOUT,
+        Event.FLOW_RETRY,
+        Event.CIRCUIT_STATE_CHANGE,
+    }
 )
 
 
@@ -86,6 +124,93 @@ class ParallelFlowCallback(Protocol):
     def on_circuit_state_change(
         self, context: FlowContext, old_state: CircuitState, new_state: CircuitState
     ) -> None: ...
+
+
+class Listener:
+    """Base class of tea_dist's listeners: a no-op per ``Event``; override the hooks you need.
+
+    The dispatcher calls only the hooks a subclass overrides, in the emitting thread.
+    """
+
+    def on_flow_queued(self, ctx: FlowContext) -> None:
+        """A branch was dispatched; it waits for a slot, a worker or a permit."""
+
+    def on_flow_start(self, ctx: FlowContext) -> None:
+        """A branch's first attempt starts."""
+
+    def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
+        """A branch's one result."""
+
+    def on_flow_error(self, ctx: FlowContext, error: BaseException, attempt: int) -> None:
+        """An attempt failed (not a timeout)."""
+
+    def on_flow_timeout(self, ctx: FlowContext, timeout_seconds: float | None) -> None:
+        """An attempt or a whole branch passed its time limit."""
+
+    def on_flow_retry(
+        self, ctx: FlowContext, attempt: int, delay: float, error: BaseException | None
+    ) -> None:
+        """Another attempt follows ``delay`` seconds from now."""
+
+    def on_circuit_state_change(
+        self, ctx: FlowContext, old: CircuitState, new: CircuitState
+    ) -> None:
+        """A circuit changed state."""
+
+    def on_attempt_start(self, ctx: FlowContext) -> None:
+        """An attempt starts (``ctx.worker``: where, when not in this process)."""
+
+    def on_attempt_end(self, ctx: FlowContext, error: BaseException | None, seconds: float) -> None:
+        """An attempt ended (``error`` None: it succeeded), after ``seconds``."""
+
+    def on_branch_redispatched(self, ctx: FlowContext) -> None:
+        """A branch whose worker was lost is sent again."""
+
+    def on_limit_waiting(self, ctx: FlowContext, limit: str) -> None:
+        """An attempt was refused a permit of ``limit``: it waits."""
+
+    def on_limit_acquired(self, ctx: FlowContext, limit: str, waited: float | None) -> None:
+        """An attempt holds a permit of ``limit`` (``waited``: seconds, when it had to)."""
+
+    def on_limit_wait_ended(self, ctx: FlowContext, limit: str) -> None:
+        """A branch stopped waiting for ``limit`` without a permit."""
+
+    def on_limit_released(self, ctx: FlowContext, limit: str) -> None:
+        """An attempt gave its permit of ``limit`` back."""
+
+    def on_fanout_start(self, ctx: FlowContext, fan: FanOut) -> None:
+        """A fan-out's branches are dispatched."""
+
+    def on_fanout_end(
+        self,
+        ctx: FlowContext,
+        fan: FanOut,
+        results: Sequence[ParallelFlowResult],
+        error: BaseException | None,
+    ) -> None:
+        """Every branch of a fan-out is resolved (or ``error`` ended it)."""
+
+    def on_invoke_start(self, ctx: FlowContext) -> None:
+        """A run starts."""
+
+    def on_invoke_end(self, ctx: FlowContext, error: BaseException | None) -> None:
+        """A run ended (``error``: how it failed)."""
+
+    def on_node_start(self, ctx: FlowContext, node: str) -> None:
+        """A main-path node starts."""
+
+    def on_node_end(self, ctx: FlowContext, node: str, error: BaseException | None) -> None:
+        """A main-path node ended."""
+
+
+def _hook(listener: Any, event: Event) -> Callable[..., Any] | None:
+    """``listener``'s method for ``event``: a ``Listener``'s only when it overrides the no-op,
+    any other object's when it has one."""
+    name = event.value
+    if isinstance(listener, Listener) and getattr(type(listener), name) is getattr(Listener, name):
+        return None
+    method = getattr(listener, name, None)
+    return method if callable(method) else None
 
 
 class _Lane:
@@ -197,32 +322,37 @@ class Dispatcher:
         self.listeners.append(listener)
         self._routes.clear()
 
-    def _route(self, event: str) -> tuple[list[tuple[Any, Callable[..., Any]]], list[_Lane]]:
-        """The listeners' methods for ``event`` and the lanes of callbacks implementing it."""
+    def _route(self, event: Event) -> tuple[list[tuple[Any, Callable[..., Any]]], list[_Lane]]:
+        """The listeners' hooks for ``event`` and the lanes of callbacks implementing it."""
         route = self._routes.get(event)
         if route is None:
             methods = [
                 (listener, method)
                 for listener in self.listeners
-                if (method := getattr(listener, event, None)) is not None
+                if (method := _hook(listener, event)) is not None
             ]
-            lanes = [lane for lane in self._lanes if callable(getattr(lane.listener, event, None))]
+            lanes = [lane for lane in self._lanes if _hook(lane.listener, event) is not None]
             route = self._routes[event] = (methods, lanes)
         return route
 
-    def emit(self, event: str, *args: Any) -> None:
-        """Call ``event`` on every listener, and queue it for every callback implementing it."""
-        methods, lanes = self._route(event)
+    def emit(self, event: Event | str, *args: Any) -> None:
+        """Call ``event`` on every listener, and queue it for every callback implementing it.
+
+        ``event`` is an ``Event`` or its value (a hook name); any other name is a ``ValueError``.
+        """
+        route = self._routes.get(event)  # an Event hashes as its value
+        methods, lanes = route if route is not None else self._route(Event(event))
+        name = str(event)
         for listener, method in methods:
             try:
                 method(*args)
             except Exception:
-                logger.exception("listener %r failed on %s", listener, event)
+                logger.exception("listener %r failed on %s", listener, name)
         for lane in self._lanes:
             if lane.hung(self.timeout):
                 lane.abandon()
         for lane in lanes:
-            lane.put(event, args)
+            lane.put(name, args)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every listener has handled every event emitted so far.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.observe.events import FlowContext
+from tea_dist.observe.events import FlowContext, Listener
 
 logger = logging.getLogger("tea_dist.events")
 
@@ -36,7 +36,7 @@ def _error_name(error: BaseException) -> str:
     return getattr(error, "error_type", None) or type(error).__name__
 
 
-class LogListener:
+class LogListener(Listener):
     """Logs each callback event at a level that says how much it matters."""
 
     def on_flow_start(self, ctx: FlowContext) -> None:

@@ -49,7 +49,7 @@ from typing import Any
 from tea_dist.core.errors import BranchTimeoutError
 from tea_dist.core.processes import pid_alive
 from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
-from tea_dist.observe.events import FlowContext
+from tea_dist.observe.events import FlowContext, Listener
 
 logger = logging.getLogger("tea_dist.metrics")
 
@@ -302,7 +302,7 @@ def _circuit(ctx: FlowContext) -> str:
     return name.removeprefix(run) if ctx.run_id else name
 
 
-class MetricsListener:
+class MetricsListener(Listener):
     """Counts one dispatcher's events (see the module docstring)."""
 
     def __init__(self, metrics: Metrics) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 from tea_dist.core.errors import BranchTimeoutError
 from tea_dist.core.graph import FanOut
 from tea_dist.core.results import CircuitState, ParallelFlowResult
-from tea_dist.observe.events import FlowContext
+from tea_dist.observe.events import FlowContext, Listener
 
 _FANOUT = "tea_dist.fanout"  # the context key of the running fan-out's ``_Fanout``
 _provider: Any = None  # set_tracer_provider's: tea_dist's spans go there instead of the global
@@ -146,7 +146,7 @@ def _error_type(error: BaseException) -> str:
     return getattr(error, "error_type", None) or type(error).__name__
 
 
-class TracingListener:
+class TracingListener(Listener):
     """Turns one dispatcher's events into spans (see the module docstring)."""
 
     def __init__(self, tracer: Any) -> None:
