@@ -16,6 +16,12 @@ it is stopped. The local supervisor, the celery driver and the celery worker tas
   (``fail_fast``) or the end of the run;
 - ``resolve``: the branch's one result (later ones, e.g. from a redelivered task, are ignored).
 
+An attempt that runs elsewhere (a celery worker) has verbs of its own, for what its driver
+hears and the worker decides: ``started_remotely``, ``retry_scheduled_remotely``,
+``ended_remotely``, ``lost`` (sent again, or lost too often), ``adopt`` (a branch its
+predecessor sent, in a run taken over); on the worker, ``for_message`` (the lifecycle of the
+branch a message carries) and ``admitted_elsewhere`` (its driver asked the circuit).
+
 ``AttemptState`` is the branch's history across attempts (tenacity's ``RetryCallState``): it
 crosses to workers inside the branch message and comes back inside every worker event. Every
 result, failed or not, is built by ``build_result``. Durations use the monotonic clock; epoch
@@ -474,6 +480,110 @@ class Lifecycle:
             self._return_permits(run)
             error = ErrorInfo.cancelled(reason)
             self.resolve(run, build_result(run.state, run.config, error=error, clock=self.clock))
+
+    # -- attempts elsewhere: the celery driver and worker carry these --
+
+    @classmethod
+    def for_message(
+        cls,
+        index: int,
+        task: BranchTask,
+        config: ParallelConfig,
+        ctx: FlowContext,
+        state: AttemptState,
+        runtime: Host,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> Lifecycle:
+        """A lifecycle of one branch dispatched elsewhere, as the process running its attempt
+        sees it (a worker's message): ``state`` as sent, its ``timeout_total`` running from its
+        dispatch. ``state`` is copied: the message stays as sent."""
+        own = state.model_copy(update={"errors": list(state.errors)})
+        deadline = total_deadline(config, own.dispatched_at, clock)
+        run = BranchRun(index, task, config, ctx, own, deadline)
+        return cls([run], runtime, clock=clock)
+
+    def admitted_elsewhere(self, run: BranchRun, probe: bool) -> None:
+        """The attempt's circuit was asked where the branch was dispatched (the caller's
+        driver asks a first attempt's) and let it through: ``end`` records its outcome on the
+        circuit here, where it ran (``probe``: it was let through as a half-open probe)."""
+        run.admission = Admission(True, probe, CircuitState.CLOSED)
+
+    def adopt(self, run: BranchRun, dispatched_at: float) -> None:
+        """``run`` was dispatched by a predecessor driving the same run (a durable run taken
+        over): its ``timeout_total`` runs from that dispatch (epoch seconds), not from now."""
+        run.state.dispatched_at = dispatched_at
+        run.deadline = total_deadline(run.config, dispatched_at, self.clock)
+
+    def heard(self, run: BranchRun, state: AttemptState) -> None:
+        """A word from where the branch runs: its history as of that word."""
+        run.state = state
+
+    def started_remotely(
+        self,
+        run: BranchRun,
+        state: AttemptState,
+        worker: str,
+        *,
+        first: bool,
+        at: float | None = None,
+    ) -> FlowContext:
+        """An attempt of ``run`` started on ``worker`` (at ``at``, monotonic; now by default).
+        That worker keeps its circuit's accounts and stops it at its ``timeout_seconds``;
+        ``first``: the branch's first start (``on_flow_start`` before ``on_attempt_start``).
+        Returns the attempt's context."""
+        self.heard(run, state)
+        run.started = self.clock.monotonic() if at is None else at
+        run.admission = None
+        run.attempt_deadline = run.deadline
+        ctx = run.context(worker=worker)
+        if first:
+            self.runtime.emit(Event.FLOW_START, ctx)
+        self.runtime.emit(Event.ATTEMPT_START, ctx)
+        return ctx
+
+    def retry_scheduled_remotely(
+        self,
+        run: BranchRun,
+        state: AttemptState,
+        worker: str,
+        delay: float,
+        error: BaseException | None,
+    ) -> float:
+        """The attempt of ``run`` on ``worker`` failed and its worker scheduled the next one
+        ``delay`` seconds from now (a task of its own). Returns when it is due (monotonic):
+        a retry that never starts by then (and a grace) was lost with the broker's message."""
+        self.heard(run, state)
+        run.started = None
+        ctx = run.context(worker=worker)
+        self.runtime.emit(Event.FLOW_RETRY, ctx, state.attempts, delay, error)
+        return self.clock.monotonic() + delay
+
+    def ended_remotely(
+        self, run: BranchRun, state: AttemptState, worker: str, result: ParallelFlowResult
+    ) -> None:
+        """``run`` ended where it ran with ``result`` (decided there: retries, its circuit);
+        its first result counts, a redelivered branch's later ones do not."""
+        if run.done:
+            return
+        self.heard(run, state)
+        run.ctx = run.context(worker=worker) if worker else run.ctx
+        self.resolve(run, result)
+
+    def lost(self, run: BranchRun, resends: int, max_resends: int) -> bool:
+        """The process holding ``run`` (running or about to run it) is gone. True: send it
+        again (its ``resends`` so far are below ``max_resends``); False: it was lost too
+        often and ends as lost."""
+        run.started = None
+        if run.done:
+            return False
+        if resends >= max_resends:
+            error = ErrorInfo.lost(f"the worker running this branch was lost {resends + 1} times")
+            self._release(run)
+            self.resolve(run, build_result(run.state, run.config, error=error, clock=self.clock))
+            return False
+        self.runtime.emit(Event.BRANCH_REDISPATCHED, run.context())
+        return True
 
     # -- circuits --
 
