@@ -11,9 +11,12 @@ at a time, received pickled over a pipe, through the shared ``run_attempt`` and 
   timeout nor write anything after it;
 - a worker that dies mid-attempt (``os._exit``, a segfault, the OOM killer) gives that attempt
   a failed outcome (``WorkerCrashedError``, naming the exit code or signal), never a hung run;
-- every task is pickled before anything starts: a state value that cannot cross raises
+- every task is pickled before anything starts, with cloudpickle: lambdas and closures travel
+  by value, as with Ray, Dask or loky (the workers are the caller's own children, in its trust
+  domain); a state value that still cannot cross (a lock, a socket, an open file) raises
   ``SerializationError`` naming the key and the branch, and ``compile()`` refuses a branch
-  whose node or condition callables cannot be pickled (a lambda, a closure), naming the node.
+  whose node or condition callables cannot be pickled, naming the node. (The ``celery``
+  strategy keeps refusing lambdas and closures: its workers import code, never receive it.)
 
 Only the nodes a branch can reach travel with it (``GraphSpec.branch_part``), so lambdas
 elsewhere in the graph do not matter. A nested fan-out inside a branch runs in the worker on a fresh
@@ -45,6 +48,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, cast
+
+import cloudpickle
 
 from tea_dist.core.config import ParallelConfig, exception_names
 from tea_dist.core.errors import ConfigError, GraphError, SerializationError
@@ -78,7 +83,7 @@ def default_workers() -> int:
 def _pickle_error(value: Any) -> str | None:
     """Why ``value`` cannot be pickled, or None when it can."""
     try:
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -103,7 +108,8 @@ def check_branch(spec: GraphSpec, branch: str, fan_in: str) -> None:
         if error is not None:
             raise GraphError(
                 f"{what} of branch '{branch}' cannot run with the process strategy: its callable "
-                f"{fn!r} cannot be pickled ({error}); use a module-level function"
+                f"{fn!r} cannot be pickled ({error}); use a module-level function or a "
+                "closure over picklable values"
             )
     error = _pickle_error(part)
     if error is not None:
@@ -117,7 +123,7 @@ def dump_task(task: BranchTask) -> bytes:
     """
     task = replace(task, spec=task.spec.branch_part(task.start, task.fan_in))
     try:
-        return pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
     except Exception as exc:
         raise SerializationError(_culprit(task, exc)) from exc
 
