@@ -5,6 +5,8 @@ It is a ``tea_dist.StateGraph`` (same engine, same strategies) that behaves as T
 - ``compile()`` returns the graph itself, which then runs (``invoke``, ``stream``);
 - a failed branch follows TEA's rule (``failed_branches="tea"``): ``invoke()`` ends the run at
   the first failed branch, ``stream()`` leaves it out of the fan-in's ``parallel_results``;
+- ``trace`` (set by ``YAMLEngine``'s tracing options) receives every event ``invoke()`` and
+  ``stream()`` yield;
 - ``get_circuit_states()`` is keyed by branch name with TEA's description of each circuit,
   ``circuit_registry`` hands out ``CircuitBreaker`` views of the graph's own circuits, and
   ``compile(circuit_breaker_scope="global")`` shares circuits with every such graph.
@@ -12,7 +14,9 @@ It is a ``tea_dist.StateGraph`` (same engine, same strategies) that behaves as T
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +25,8 @@ from tea_dist.core.errors import ConfigError
 from tea_dist.core.graph import StateGraph as _StateGraph
 from tea_dist.interfaces.tea.circuits import GLOBAL_STORE, CircuitBreakerRegistry
 
+logger = logging.getLogger("tea_dist.interfaces.tea")
+
 
 @dataclass
 class StateGraph(_StateGraph):
@@ -28,6 +34,7 @@ class StateGraph(_StateGraph):
 
     failed_branches: Literal["fan_in", "tea"] = "tea"
     _registry: CircuitBreakerRegistry | None = field(default=None, repr=False, compare=False)
+    trace: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False, compare=False)
 
     def compile(  # type: ignore[override]
         self,
@@ -46,6 +53,23 @@ class StateGraph(_StateGraph):
         self._compile(parallel_config, parallel_callbacks, **options)
         return self
 
+    def invoke(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Run, yielding the ``final`` (or ``error``) event; each also goes to ``trace``."""
+        return self._traced(super().invoke(state, config, **options))
+
+    def stream(
+        self, state: Mapping[str, Any], config: Mapping[str, Any] | None = None, **options: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Run, yielding an event after every step; each also goes to ``trace``."""
+        return self._traced(super().stream(state, config, **options))
+
+    def _traced(self, events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.trace is None:
+            return events
+        return _tee(events, self.trace)
+
     # -- circuits, as TEA names and describes them --
 
     @property
@@ -63,3 +87,16 @@ class StateGraph(_StateGraph):
     def reset_all_circuits(self) -> None:
         """Close every circuit of the graph."""
         self.reset_circuit(None)
+
+
+def _tee(
+    events: Iterator[dict[str, Any]], trace: Callable[[dict[str, Any]], None]
+) -> Iterator[dict[str, Any]]:
+    """``events``, each handed to ``trace`` first; a failing ``trace`` never stops the run."""
+    with contextlib.closing(events):  # type: ignore[type-var]
+        for event in events:
+            try:
+                trace(event)
+            except Exception:
+                logger.exception("the trace callback failed on a %s event", event.get("type"))
+            yield event
