@@ -23,6 +23,7 @@ from tea_dist import (
 )
 from tea_dist.core.errors import GraphError
 from tea_dist.core.graph import MapItems
+from tea_dist.policies.batching import ADAPTIVE
 from tests import celery_nodes as cn
 from tests.nodes import final_state, map_graph
 
@@ -238,18 +239,9 @@ def test_i16_batch_size_must_be_a_positive_int_or_auto(bad: Any) -> None:
         g.add_parallel_map("a", "b", "c", "docs", batch_size=bad)
 
 
-def test_i16_auto_batch_size_aims_at_32_tasks_of_at_most_100_items() -> None:
-    auto = MapItems("docs", batch_size="auto")
-    assert [auto.batch_for(n) for n in (0, 1, 31, 32, 33, 1000, 3200, 100_000)] == [
-        1,
-        1,
-        1,
-        1,
-        2,
-        32,
-        100,
-        100,
-    ]
+def test_i16_auto_batch_size_is_the_adaptive_default() -> None:
+    for mapping in (MapItems("docs"), MapItems("docs", batch_size="auto")):
+        assert [mapping.batch_for(n) for n in (0, 1, 1000, 100_000)] == [ADAPTIVE] * 4
     assert MapItems("docs", batch_size=7).batch_for(1000) == 7
 
 

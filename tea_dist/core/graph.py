@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from tea_dist.core.config import ParallelConfig, resolve_config
 from tea_dist.core.errors import GraphError
+from tea_dist.policies.batching import ADAPTIVE
 
 Event = dict[str, Any]
 
@@ -101,10 +102,6 @@ class Conditional:
     targets: Mapping[Hashable, str]
 
 
-AUTO_BATCHES = 32
-MAX_AUTO_BATCH = 100
-
-
 @dataclass(frozen=True)
 class MapItems:
     """The items of a run-time fan-out (a map): a state key, or ``items(state)`` evaluated in
@@ -113,7 +110,7 @@ class MapItems:
     items: str | Callable[[Mapping[str, Any]], Iterable[Any]]
     item_key: str = "item"
     index_key: str = "index"
-    batch_size: int | Literal["auto"] = 1  # items per celery task (other strategies: ignored)
+    batch_size: int | Literal["auto"] = "auto"  # items per celery task (others: ignored)
 
     def __post_init__(self) -> None:
         size = self.batch_size
@@ -121,12 +118,10 @@ class MapItems:
             raise GraphError(f"batch_size must be a positive int or 'auto', got {size!r}")
 
     def batch_for(self, count: int) -> int:
-        """Items per celery task for a map of ``count`` items. ``"auto"``: about
-        ``AUTO_BATCHES`` tasks, at most ``MAX_AUTO_BATCH`` items each (enough tasks to spread
-        over the workers, few enough that the broker's cost per task stops mattering)."""
-        if self.batch_size != "auto":
-            return self.batch_size
-        return max(1, min(MAX_AUTO_BATCH, -(-count // AUTO_BATCHES)))
+        """Items per celery task for a map of ``count`` items: ``batch_size``, or
+        ``ADAPTIVE`` (0) for ``"auto"``: the driver sizes each task as the map runs
+        (``tea_dist.policies.batching``)."""
+        return ADAPTIVE if self.batch_size == "auto" else self.batch_size
 
     def of(self, state: Mapping[str, Any], source: str) -> list[Any]:
         """The items for one run; ``GraphError`` naming the map when there are none to take."""
@@ -359,7 +354,7 @@ class StateGraph:
         item_key: str = "item",
         index_key: str = "index",
         config: ParallelConfig | None = None,
-        batch_size: int | Literal["auto"] = 1,
+        batch_size: int | Literal["auto"] = "auto",
     ) -> StateGraph:
         """Fan out from ``source`` to one branch per item, each starting at ``target``.
 
@@ -370,7 +365,9 @@ class StateGraph:
 
         ``batch_size`` (celery branches): items sent per Celery task, run one after another by
         one worker process, each still with its own result, retries, circuit accounting, limit
-        permits and callbacks; ``"auto"`` picks it from the number of items (``batch_for``).
+        permits and callbacks. ``"auto"`` (the default) sizes each task as the map runs, from
+        the worker slots consuming its queue and the items' measured run time
+        (``tea_dist.policies.batching``); an integer is used exactly.
         """
         mapping = MapItems(items, item_key, index_key, batch_size)
         self._parallel.setdefault(source, []).append(ParallelEdge(target, fan_in, config, mapping))

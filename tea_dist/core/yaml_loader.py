@@ -131,7 +131,7 @@ class EdgeDoc(_Doc):
     map: str | None = Field(None, min_length=1)  # a state key: one branch per item
     item_key: str = Field("item", min_length=1)
     index_key: str = Field("index", min_length=1)
-    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # a map's items per task
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # map items per task
     parallel_config: ParallelSettings | None = None  # filled from the flat per-edge settings
 
     @model_validator(mode="before")

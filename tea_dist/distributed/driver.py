@@ -57,11 +57,13 @@ from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.connections import check_broker, check_reachable, redis_for, ride_out
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
 from tea_dist.distributed.presence import PRESENCE_TTL as TTL
+from tea_dist.distributed.presence import live_slots
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
 from tea_dist.engine.attempt import BranchTask, ErrorInfo, worker_id
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result, total_deadline
 from tea_dist.engine.runtime import Detached
 from tea_dist.observe import tracing
+from tea_dist.policies.batching import ADAPTIVE, BatchPolicy, ItemTimes
 from tea_dist.policies.breaker import BreakerStore
 from tea_dist.policies.limits import LimitStore
 
@@ -180,6 +182,11 @@ class _Driver:
         self.starts: dict[str, deque[tuple[float, int]]] = {}  # queue -> (when, seq) started
         self.passed: dict[str, int] = {}  # queue -> every message sent before this one left it
         self.consumers: dict[str, dict[str, float]] = {}  # queue -> live worker -> alive until
+        # a map with the adaptive batch size: its tasks sized as it runs (policies.batching)
+        self.adaptive = bool(self.life.runs) and self.life.runs[0].task.batch == ADAPTIVE
+        self.policy, self.times = BatchPolicy(), ItemTimes()
+        self.slots = 0  # worker slots consuming the map's queue, as its workers announce
+        self.open_tasks: dict[str, tuple[int, deque[BranchRun]]] = {}  # id -> size, not over
         ttl = self.settings.run_expires if self.owner is not None else self.settings.caller_lease
         every = min(self.settings.heartbeat_seconds, self.settings.caller_lease / 4)
         self.keeper = _LeaseKeeper(self.client, self.lease, self.fanout_id, ttl, every)
@@ -225,6 +232,8 @@ class _Driver:
         self.keeper.start()
         if self.runtime.adopting:
             self._adopt()
+        if self.adaptive:
+            self._read_slots()
         self._top_up()
 
     def _top_up(self) -> None:
@@ -237,10 +246,12 @@ class _Driver:
         if self.owner is not None and self.unsent:
             self.owner.check()
         queued: list[BranchRun] = []
+        size = self._batch_size()
         with self.app.producer_or_acquire() as producer:  # one channel for all of them
             group: list[BranchRun] = []
             while (
                 self.unsent
+                and size
                 and (self.window is None or len(self.in_flight) < self.window)
                 and len(queued) + len(group) < SEND_SLICE
             ):
@@ -253,14 +264,53 @@ class _Driver:
                 if self.window is not None:
                     self.in_flight.add(run)
                 group.append(run)
-                if len(group) >= run.task.batch or not self.unsent:
-                    self._send(group, producer)
+                if len(group) >= size or not self.unsent:
+                    self._send_task(group, producer)
                     queued += group
                     group = []
+                    size = self._batch_size()
             if group:  # the window or the slice closed before the batch was full
-                self._send(group, producer)
+                self._send_task(group, producer)
                 queued += group
         self._record_queued(queued)
+
+    def _batch_size(self) -> int:
+        """Items of the next task: the map's ``batch_size``, or the adaptive policy's answer
+        (0: none now, the map has ``policy.window`` tasks outstanding already)."""
+        if not self.adaptive:
+            return self.unsent[0].task.batch if self.unsent else 1
+        if not self._task_room():
+            return 0
+        return self.policy.size(
+            pending=len(self.unsent),
+            slots=self.slots,
+            item_seconds=self.times.item_seconds(),
+            measured=self.times.measured,
+        )
+
+    def _task_room(self) -> bool:
+        """An adaptive map has fewer than ``policy.window(slots)`` tasks outstanding (those
+        whose items are all over are dropped here; a batch over counts as measured)."""
+        for task_id in list(self.open_tasks):
+            size, runs = self.open_tasks[task_id]
+            while runs and runs[0].done:
+                self.times.forget(runs.popleft().index)  # a no-op once its result came
+            if not runs:
+                del self.open_tasks[task_id]
+                self.times.batch_done(size)
+        return len(self.open_tasks) < self.policy.window(self.slots)
+
+    def _send_task(self, runs: list[BranchRun], producer: Any) -> None:
+        """Send one task of ``runs`` (an adaptive map's counts against its window)."""
+        task_id = self._send(runs, producer)
+        if self.adaptive:
+            self.open_tasks[task_id] = (len(runs), deque(runs))
+
+    def _read_slots(self) -> None:
+        """The worker slots consuming an adaptive map's queue, as its workers announce."""
+        first = self.life.runs[0].config.queue or self.settings.flows_queue
+        found = self._redis(partial(live_slots, self.client, self.keys, first))
+        self.slots = sum(found.values())
 
     def _message(self, run: BranchRun) -> BranchMessage:
         task, admission = run.task, run.admission
@@ -282,9 +332,9 @@ class _Driver:
             trace=tracing.carrier(task.branch),
         )
 
-    def _send(self, runs: Sequence[BranchRun], producer: Any = None) -> None:
+    def _send(self, runs: Sequence[BranchRun], producer: Any = None) -> str:
         """Send branches: one alone as a ``run_flow`` task, several of a map as one
-        ``run_batch`` task (their items run in order, each with its own id)."""
+        ``run_batch`` task (their items run in order, each with its own id); its task id."""
         from tea_dist.distributed.tasks import batch_options, message_options, run_batch, run_flow
 
         batch = f"{self.fanout_id}.batch.{uuid.uuid4().hex[:12]}" if len(runs) > 1 else None
@@ -301,9 +351,10 @@ class _Driver:
             ((task_id, message),) = items
             options = message_options(message)
             run_flow.apply_async((message,), task_id=task_id, producer=producer, **options)
-        else:
-            options = batch_options(items)
-            run_batch.apply_async((items,), task_id=batch, producer=producer, **options)
+            return task_id
+        options = batch_options(items)
+        run_batch.apply_async((items,), task_id=batch, producer=producer, **options)
+        return batch
 
     def _record_queued(self, runs: Sequence[BranchRun]) -> None:
         """Record on the stream the branches just sent, so that a driver taking the run over
@@ -382,12 +433,17 @@ class _Driver:
                 life.cancel_all(cancel.why("cancelled: the run was cancelled"))
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.heartbeat_seconds
+                if self.adaptive and self.unsent:
+                    self._read_slots()
                 self._check_lost()
                 self._check_unstarted()
                 self._check_queues()
 
     def _can_send(self) -> bool:
-        """A branch may be sent now (``max_workers`` leaves room for it)."""
+        """A branch may be sent now (``max_workers`` and an adaptive map's window of tasks
+        leave room for it)."""
+        if self.adaptive and not self._task_room():
+            return False
         if self.window is None:
             return True
         return sum(not r.done for r in self.in_flight) < self.window
@@ -408,6 +464,8 @@ class _Driver:
         if event.event in ("on_flow_start", "on_attempt_start"):
             # the worker runs an attempt now, and owns its circuit accounting
             run.started, run.admission = time.monotonic(), None
+            if self.adaptive:
+                self.times.started(run.index)
             if remote.fifo:  # every message of its queue sent before it has left the queue
                 starts = self.starts.setdefault(remote.queue, deque())
                 starts.append((run.started, remote.seq))
@@ -417,9 +475,12 @@ class _Driver:
                 self.batches.setdefault(event.batch, None)
         elif event.event == "on_flow_retry":  # a retry is a task of its own
             run.started, remote.worker, remote.batch = None, None, None
+            self.times.forget(run.index)
             remote.retry_due = time.monotonic() + (event.delay or 0.0)
         if event.event == "on_flow_complete" and event.result is not None:
             run.ctx = ctx
+            if self.adaptive:
+                self.times.ended(run.index, event.result.timing_ms / 1000)
             self.life.resolve(run, event.result)
         else:
             self.runtime.emit(event.event, *event.callback_args(ctx))
@@ -484,6 +545,7 @@ class _Driver:
             remote: _Remote = run.handle
             remote.silent_since = remote.retry_due = remote.worker = None
             run.started = None
+            self.times.forget(run.index)
             if remote.redispatched >= MAX_REDISPATCH:
                 lost = ErrorInfo.lost(
                     f"the worker running this branch was lost {MAX_REDISPATCH + 1} times"

@@ -115,6 +115,11 @@ class Keys:
         """Sorted set: live workers consuming ``queue``, scored by when they stop counting."""
         return f"{self.prefix}:queue:{queue}:workers"
 
+    def queue_slots(self, queue: str) -> str:
+        """Hash: worker (as in ``queue_workers``) -> its concurrency, the slots it consumes
+        ``queue`` with (the live ones count: see ``presence.live_slots``)."""
+        return f"{self.prefix}:queue:{queue}:slots"
+
     # -- resource limits --
 
     def limit(self, name: str, part: str) -> str:
