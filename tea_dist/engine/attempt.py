@@ -4,10 +4,18 @@ Every strategy runs a branch attempt the same way (``run_attempt`` / ``arun_atte
 from the branch's first node to its fan-in on a private copy of the state, catching the
 failure as data, an ``ErrorInfo``). What follows an attempt is decided in
 ``tea_dist.engine.lifecycle``.
+
+An attempt that runs outside the process that made its task (the ``process`` strategy's
+workers) relays the events of the fan-outs nested in it (``Relay``): its process's runtime
+takes the caller's run id and collects them instead of firing them there, they return with the
+outcome, and the caller's lifecycle fires them on the run's dispatcher when the attempt ends.
+So the caller's callbacks hear a nested branch under the caller's run id, wherever the branch
+that holds it ran (an attempt killed at its timeout brings none back).
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 import socket
@@ -119,6 +127,8 @@ class BranchTask:
     index: int = 0
     node: str = ""  # the node it starts at, when ``branch`` is a map's ``target[i]``
     batch: int = 1  # a map's items per celery task (``MapItems.batch_for``)
+    run_id: str = ""  # the run it belongs to, that nested fan-outs relay their events to
+    origin: int = field(default_factory=os.getpid)  # the process that made it
 
     @property
     def start(self) -> str:
@@ -137,11 +147,50 @@ class AttemptOutcome:
     error: ErrorInfo | None = None
     exception: BaseException | None = None
     worker: str = ""
+    events: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)  # relayed
 
     def __getstate__(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["exception"] = None  # exceptions cross processes as ErrorInfo only
         return data
+
+
+@dataclass(frozen=True)
+class Raised:
+    """An exception in a relayed event's arguments, carried as data."""
+
+    error: ErrorInfo
+
+
+class Relay:
+    """Collects the events of an attempt's nested fan-outs, as picklable data, for the run
+    whose id it carries (a listener of every event)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda *args: self.events.append((name, tuple(map(_portable, args))))
+
+    @staticmethod
+    def replayed(args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A relayed event's arguments, exceptions as exceptions again."""
+        return tuple(a.error.as_exception() if isinstance(a, Raised) else a for a in args)
+
+
+def _portable(value: Any) -> Any:
+    return Raised(ErrorInfo.from_exception(value)) if isinstance(value, BaseException) else value
+
+
+RELAY: contextvars.ContextVar[Relay | None] = contextvars.ContextVar("tea_dist_relay", default=None)
+
+
+def _relay(task: BranchTask) -> Relay | None:
+    """The relay of an attempt outside the process that made its task (None: in it)."""
+    return Relay(task.run_id) if task.run_id and task.origin != os.getpid() else None
 
 
 _HOST = socket.gethostname()
@@ -187,12 +236,20 @@ def run_attempt(
     """Run one attempt of a branch synchronously, catching its failure as data."""
     started, cursor = time.time(), Cursor()
     run = _walk_of(task, fanout, cancel_token, cursor)
+    relay = _relay(task)
+    reset = RELAY.set(relay)
     try:
         for _step in walk(run):
             pass
     except Exception as exc:
-        return _failed(task, exc, cursor, started)
-    return AttemptOutcome(True, run.state, started, time.time(), worker=worker_id())
+        outcome = _failed(task, exc, cursor, started)
+    else:
+        outcome = AttemptOutcome(True, run.state, started, time.time(), worker=worker_id())
+    finally:
+        RELAY.reset(reset)
+    if relay is not None:
+        outcome.events = relay.events
+    return outcome
 
 
 async def arun_attempt(

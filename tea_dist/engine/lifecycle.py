@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tea_dist.core.config import ParallelConfig, ResourceLimit, RetryPolicy
 from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
-from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo
+from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, Relay
 from tea_dist.observe.events import Event, FlowContext
 from tea_dist.policies.breaker import Admission
 from tea_dist.policies.limits import DEFAULT_LEASE_SECONDS as LEASE_SECONDS
@@ -408,6 +408,8 @@ class Lifecycle:
         ctx = run.context(worker=outcome.worker) if outcome.worker else run.context()
         error = outcome.error
         exception = None if error is None else outcome.exception or error.as_exception()
+        for event, args in outcome.events:  # its nested fan-outs', from another process
+            self.runtime.emit(event, *Relay.replayed(args))
         self.runtime.emit(
             Event.ATTEMPT_END, ctx, exception, max(outcome.ended - outcome.started, 0)
         )

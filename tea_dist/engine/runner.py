@@ -61,6 +61,34 @@ def circuit_info(name: str, store: BreakerStore) -> dict[str, Any]:
     }
 
 
+NO_NESTING = frozenset({"celery"})  # strategies whose branches cannot carry a nested fan-out
+
+
+def check_nesting(spec: GraphSpec) -> None:
+    """Refuse a fan-out nested in a branch on a strategy of ``NO_NESTING``: it would run on the
+    worker under a run of its own, unheard by this run's callbacks and ``stream()``.
+
+    A fan-out nested in a ``thread``, ``asyncio`` or ``inline`` branch runs in the caller; in a
+    ``process`` branch, its events come back with the attempt (``engine.attempt.Relay``).
+    """
+    for source, fan in spec.fanouts.items():
+        for branch, config in zip(fan.branches, fan.configs, strict=True):
+            if config.strategy not in NO_NESTING:
+                continue
+            for node in spec.branch_nodes(branch, fan.fan_in)[0]:
+                inner = spec.fanouts.get(node)
+                if inner is None:
+                    continue
+                raise GraphError(
+                    f"fan-out '{source}' -> '{fan.fan_in}' runs branch '{branch}' on the "
+                    f"{config.strategy} strategy, and node '{node}' inside it fans out again "
+                    f"(to {', '.join(repr(b) for b in inner.branches)} -> '{inner.fan_in}'): "
+                    f"a fan-out nested in a {config.strategy} branch is not supported (it would "
+                    "run on the worker unheard by this run's callbacks); run the outer fan-out "
+                    "on thread, asyncio or process, or fan out from the main path"
+                )
+
+
 class CompiledGraph:
     """A validated graph, ready to ``invoke`` and ``stream`` any number of times."""
 
@@ -73,6 +101,7 @@ class CompiledGraph:
         callback_timeout: float = 5.0,
         breaker_store: BreakerStore | None = None,
         failed_branches: FailedBranches = "fan_in",
+        cluster: object | None = None,
     ) -> None:
         if callback_timeout <= 0:
             raise TeaDistError(f"callback_timeout must be > 0, got {callback_timeout}")
@@ -83,9 +112,11 @@ class CompiledGraph:
         self.failed_branches = failed_branches
         self.callbacks = list(callbacks)
         self.callback_timeout = callback_timeout
+        self.cluster = cluster  # where celery branches go (a ``Cluster``; None: the default)
         strategies = {
             check_strategy(c.strategy) for fan in spec.fanouts.values() for c in fan.configs
         }
+        check_nesting(spec)
         for fan in spec.fanouts.values():
             for strategy in {c.strategy for c in fan.configs}:
                 get_executor(strategy).check(spec, fan)
@@ -103,13 +134,13 @@ class CompiledGraph:
         """Where this graph's circuits live (Redis when it has celery branches)."""
         if self._breakers is None:
             owner = self._store_owner
-            self._breakers = owner.shared_breakers() if owner else MemoryBreakerStore()
+            self._breakers = owner.shared_breakers(self.cluster) if owner else MemoryBreakerStore()
         return self._breakers
 
     def _limits(self) -> LimitStore:
         """Permits of graphs with celery branches live in Redis; else in this process."""
         owner = self._store_owner
-        return owner.shared_limits() if owner else PROCESS_LIMITS
+        return owner.shared_limits(self.cluster) if owner else PROCESS_LIMITS
 
     @property
     def name(self) -> str:
@@ -173,6 +204,7 @@ class CompiledGraph:
             run_id=run_id or uuid.uuid4().hex,
             cancel_token=CancelToken(parent=cancel_token),  # the run's own, cancelled at its end
             limits=self._limits,
+            cluster=self.cluster,
         )
         if durable is not None:
             runtime.owner, runtime.steps = durable.owner, durable.steps

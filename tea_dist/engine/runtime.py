@@ -6,6 +6,10 @@ through its circuit breaker and to ``record`` outcomes (transitions become event
 it builds one ``BranchTask`` per branch, runs them on their strategies' executors and, under
 ``fail_fast``, turns the first failure into a ``BranchError``.
 
+In a process running a branch attempt for another (the ``process`` strategy's workers), the
+runtime of the attempt's nested fan-outs takes the caller's run id and relays their events
+back with the attempt's outcome (``tea_dist.engine.attempt.Relay``).
+
 A durable run (``submit()``) has an ``owner``, its process's hold on the run: its fan-outs are
 named ``{run_id}.{steps}`` (``steps``: main-path nodes done before the fan-out), so that the
 process that takes the run over finds the branches its predecessor sent, and an executor that
@@ -38,7 +42,7 @@ from tea_dist.core.errors import (
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
-from tea_dist.engine.attempt import BranchTask
+from tea_dist.engine.attempt import RELAY, BranchTask
 from tea_dist.engine.lifecycle import stops_siblings
 from tea_dist.engine.nodes import CancelToken
 from tea_dist.observe.events import Dispatcher, Event, FlowContext
@@ -69,16 +73,18 @@ class SharesStores(Protocol):
     """An executor whose branches run in other processes, which must share its circuits and
     its limits' permits."""
 
-    def shared_breakers(self) -> BreakerStore:
-        """The store every process running its branches records circuits in."""
+    def shared_breakers(self, cluster: object | None) -> BreakerStore:
+        """The store every process running its branches on ``cluster`` (None: the default
+        one) records circuits in."""
         ...
 
     def check_breakers(self, graph: str, store: BreakerStore) -> None:
         """Refuse (``GraphError``) a store its branches' processes cannot reach."""
         ...
 
-    def shared_limits(self) -> LimitStore:
-        """The store of ``ResourceLimit`` permits every process running its branches uses."""
+    def shared_limits(self, cluster: object | None) -> LimitStore:
+        """The store of ``ResourceLimit`` permits every process running its branches on
+        ``cluster`` uses."""
         ...
 
 
@@ -130,6 +136,7 @@ class Runtime:
     steps: int = 0  # main-path nodes done so far (the runner counts them)
     resumed_steps: int | None = None  # ``steps`` where a resumed run picked up
     fanout_id: str = ""  # the running fan-out's id in a durable run ("": make one up)
+    cluster: object | None = None  # where distributed branches go (None: the default one)
     _invocation_breakers: MemoryBreakerStore = field(default_factory=MemoryBreakerStore)
     _run_circuits: set[str] = field(default_factory=set)
     _closed: bool = False
@@ -246,6 +253,9 @@ class Runtime:
         run_config: Mapping[str, Any],
     ) -> list[ParallelFlowResult]:
         """Run a fan-out's branches, one result per branch in declaration order."""
+        relay = RELAY.get()  # nested in an attempt relaying its events to the caller's run
+        if relay is not None and self.run_id != relay.run_id:
+            self.run_id, self.dispatcher = relay.run_id, Dispatcher(listeners=[relay])
         ctx = FlowContext(
             branch="", fan_in_node=fan.fan_in, graph_name=self.graph_name, run_id=self.run_id
         )
@@ -290,6 +300,7 @@ class Runtime:
                 index=i,
                 node=node,
                 batch=batch,
+                run_id=self.run_id,
             )
             for i, ((branch, config), branch_state, node) in enumerate(
                 zip(pairs, states, nodes, strict=True)
