@@ -47,20 +47,23 @@ from tea_dist.interfaces.tea.graph import StateGraph
 TRACE_EXPORTERS = ("console", "callback", "file")
 
 _lock = threading.Lock()
-_directory: Path | None = None
+_directories: dict[Path, Path] = {}  # agents directory -> this process's folder inside it
 
 
 def agent_file(text: str, name: str) -> Path:
-    """The file holding ``text`` (written once per content) in this process's agent folder."""
-    global _directory
+    """The file holding ``text`` (written once per content) in this process's agent folder
+    inside the current agents directory (``TEA_DIST_AGENTS_DIR``, else the working
+    directory), where celery workers find agents by their path."""
+    base = agents_dir()
     with _lock:
-        if _directory is None:
-            # inside the agents directory: celery workers find agents by their path there
-            _directory = Path(tempfile.mkdtemp(prefix=".tea-dist-agents-", dir=agents_dir()))
-            atexit.register(shutil.rmtree, _directory, True)
+        directory = _directories.get(base)
+        if directory is None:
+            directory = Path(tempfile.mkdtemp(prefix=".tea-dist-agents-", dir=base))
+            atexit.register(shutil.rmtree, directory, True)
+            _directories[base] = directory
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:40] or "agent"
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        path = _directory / f"{stem}-{digest}.yaml"
+        path = directory / f"{stem}-{digest}.yaml"
         if not path.exists():
             path.write_text(text, encoding="utf-8")
         return path
