@@ -3,9 +3,11 @@ the lifecycle's admission emits them through the dispatcher, the metrics listene
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,9 @@ from tea_dist.engine.runtime import Runtime
 from tea_dist.observe import metrics
 from tea_dist.observe.events import Dispatcher
 from tea_dist.policies.limits import MemoryLimitStore
-from tests.nodes import fan_graph
+from tests import celery_nodes as cn
+from tests import test_metrics
+from tests.nodes import fan_graph, final_state
 
 
 @pytest.fixture
@@ -107,3 +111,57 @@ def test_a_permit_is_given_back_when_its_attempt_ends(recording: None) -> None:
     after = read(name)
     assert after["held"] == before["held"]
     assert after["taken"] == before["taken"] + 1 and after["waited"] == before["waited"]
+
+
+# -- on a real worker: a celery branch takes its permits where it runs --
+
+metrics_worker = test_metrics.metrics_worker  # a flow worker started with --metrics-port
+
+
+def _limit_samples(port: int, limit: str) -> dict[str, float | None]:
+    """The limit's samples on the worker's ``/metrics`` (None: never touched there)."""
+    found = test_metrics.scrape(port)
+
+    def sample(name: str) -> float | None:
+        values = [s.value for s in found.get(name, []) if s.labels.get("limit") == limit]
+        return sum(values) if values else None
+
+    return {
+        "held": sample("tea_dist_limit_permits_held"),
+        "waiting": sample("tea_dist_limit_permits_waiting"),
+        "taken": sample("tea_dist_limit_wait_seconds_count"),
+    }
+
+
+@pytest.mark.celery
+def test_a_limited_celery_run_moves_the_limit_metrics_on_its_worker(
+    metrics_worker: tuple[int, str], tmp_path: Path
+) -> None:
+    port, queue = metrics_worker
+    name = f"i3d-worker-{uuid.uuid4().hex[:8]}"
+    limit = ResourceLimit(name=name, max_concurrent=1)
+    config = ParallelConfig(strategy="celery", queue=queue, limits=(limit,))
+    branches = {b: cn.sleep_then_mark for b in ("a", "b", "c")}
+    graph = fan_graph(branches, config=config, fan_in=cn.collect, name="i3d-worker-limited")
+    run_config = {"marker_dir": str(tmp_path), "sleep": dict.fromkeys(branches, 0.8)}
+    events: list[Any] = []
+    caller = threading.Thread(
+        target=lambda: events.extend(graph.compile().invoke({}, run_config)), daemon=True
+    )
+    caller.start()
+    held_seen: set[float] = set()
+    while caller.is_alive():  # the worker's view while the branches take turns
+        held = _limit_samples(port, name)["held"]
+        if held is not None:
+            held_seen.add(held)
+        time.sleep(0.1)
+    caller.join()
+    assert events and events[-1]["type"] == "final", events[-1:]
+    assert final_state(events)["ok"] == [True, True, True]
+    assert held_seen and max(held_seen) == 1.0  # one permit held at a time, on the worker
+    after = _limit_samples(port, name)
+    assert after["held"] == 0.0  # every permit given back
+    assert after["taken"] == 3.0  # one permit per branch, each observed once
+    # two worker slots, one permit: a branch was refused and waited (in the broker, so the
+    # gauge went up and back down on the worker)
+    assert after["waiting"] == 0.0
