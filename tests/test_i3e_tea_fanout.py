@@ -53,6 +53,7 @@ def test_dynamic_parallel_steps_fan_out_per_item_on_every_strategy(strategy: str
         {"name": "add", "run": "return {'result': state['doubled'] + state['i'] * 100}"},
     ]
     doc = dynamic(items="{{ state.nums }}", item_var="n", index_var="i", steps=steps)
+    doc["nodes"][0]["parallel_config"] = {"batch_size": 2, "timeout_seconds": 60}  # celery: 2 tasks
     graph = YAMLEngine().load_from_dict(on(strategy, doc))
     results = final_state(list(graph.invoke({"nums": [5, 10, 1]})))["parallel_results"]
     assert [r.branch for r in results] == ["process[0]", "process[1]", "process[2]"]

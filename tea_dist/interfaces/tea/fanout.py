@@ -7,7 +7,8 @@ TEA's kinds, named ``N`` and collecting at ``F`` (its ``fan_in``), becomes:
 - ``N.items``: evaluates the items (a TEA template, ``templates.py``) into the state key
   ``__tea_items_N``; edges and ``goto`` that led to ``N`` lead here;
 - a map edge ``N.items => N ... F``: one branch per item, named ``N[i]``, with every policy
-  of tea_dist's maps (strategy, timeouts, retries, circuit, limits, callbacks);
+  of tea_dist's maps (strategy, timeouts, retries, circuit, limits, callbacks, and
+  ``batch_size`` for celery, on the node or under ``parallel_config``);
 - the branch's nodes, from ``N`` to ``F``: a ``dynamic_parallel`` node's ``steps`` (one node a
   step), ``action`` or ``subgraph``; a ``parallel_each`` or ``matrix`` node's own ``run`` or
   ``uses``, its result shaped as TEA shapes it;
@@ -209,6 +210,9 @@ class _Translator:
             "item_key": keys[0],
             "index_key": keys[1],
         }
+        batch = config.pop("batch_size", node.get("batch_size"))
+        if batch is not None:  # celery: items per task
+            edge["batch_size"] = batch
         if config:
             edge["parallel_config"] = config
         return [items, *body], edge
