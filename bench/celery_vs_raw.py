@@ -92,7 +92,7 @@ from tea_dist.distributed.worker import settings_env, wait_ready, worker_argv
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 SECTIONS = ("overhead", "cpu", "timeout", "failfast")
 WORKER_APPS = {  # worker kind -> the -A module it runs
-    "tea": "tea_dist.distributed.celery_app",
+    "tea": "tea_dist.distributed.worker_app",
     "observed": "bench.celery_vs_raw",  # tracing and metrics on: see the end of this module
     "raw": "bench.rawtasks",
     "refill": "bench.refill_bootstep",
@@ -144,7 +144,7 @@ class Cluster:
             )
             name = f"{kind}-{queue}-{n}-{self.tag}@%h"
             argv = worker_argv(settings, "flows", concurrency=concurrency, name=name)
-            argv[argv.index("tea_dist.distributed.celery_app")] = WORKER_APPS[kind]
+            argv[argv.index("tea_dist.distributed.worker_app")] = WORKER_APPS[kind]
             env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
             if kind == "observed":
                 metrics_dir = self.logs / "metrics"
@@ -242,7 +242,7 @@ class Side:
 
 def overhead_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
     from bench import rawtasks
-    from tea_dist.distributed.celery_app import configure
+    from tests.cluster import configure
 
     rows = []
     warm = min(sizes)
@@ -463,7 +463,7 @@ class Measure:
 
 def timeout_section(cluster: Cluster, reps: int, quick: bool) -> str:
     from bench import rawtasks
-    from tea_dist.distributed.celery_app import configure
+    from tests.cluster import configure
 
     tea_queue, raw_queue = cluster.queue("c1"), cluster.queue("rc1")
     config = ParallelConfig(strategy="celery", queue=tea_queue, timeout_seconds=TIMEOUT)
@@ -730,7 +730,9 @@ def release_pending_results() -> None:
     alone they unsubscribe from ``__del__`` at interpreter exit and print tracebacks.
     """
     from bench import rawtasks
-    from tea_dist.distributed.celery_app import app as tea_app
+    from tests.cluster import current_app
+
+    tea_app = current_app()
 
     for app in (tea_app, rawtasks.app):
         for mapping in getattr(app.backend, "_pending_results", ()):
@@ -831,7 +833,7 @@ def main() -> None:
     started = time.perf_counter()
 
     from bench import rawtasks
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     cluster = Cluster()
     previous = current_settings()
@@ -888,7 +890,7 @@ def main() -> None:
 if os.environ.get("BENCH_OBSERVED"):  # this module as the observed worker's -A app
     from opentelemetry import trace
 
-    from tea_dist.distributed.celery_app import app  # noqa: F401 - the worker's app
+    from tea_dist.distributed.worker_app import app  # noqa: F401 - the worker's app
 
     trace.set_tracer_provider(dropping_provider())
 

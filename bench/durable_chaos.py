@@ -210,7 +210,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from tea_dist import WorkflowRun, submit
-    from tea_dist.distributed.celery_app import configure
+    from tests.cluster import configure
 
     cluster = Cluster(args.flow_slots)
     chaos = Chaos(cluster, args.every)

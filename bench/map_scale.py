@@ -24,10 +24,9 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tea_dist import ParallelConfig, StateGraph
-from tea_dist.distributed.celery_app import configure
 from tea_dist.distributed.local_cluster import EmbeddedRedis
 from tests import celery_nodes as cn
-from tests.cluster import TestCluster
+from tests.cluster import TestCluster, configure
 from tests.nodes import map_graph
 
 

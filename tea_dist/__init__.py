@@ -9,7 +9,8 @@ Grouped by concept:
   ``FlowContext``, ``CancelToken``
 - fan-in helpers: ``first_success``, ``all_success``, ``majority``
 - strategies: ``get_executor``, ``register_executor``, ``ParallelExecutor``
-- apps: ``submit``, ``WorkflowRun`` (enqueue whole workflows on run workers)
+- clusters and apps: ``Cluster`` (where celery branches go), ``submit``, ``WorkflowRun``
+  (enqueue whole workflows on run workers)
 - errors: ``TeaDistError`` and its subclasses in ``tea_dist.core.errors``
 
 Importing ``tea_dist`` (which importing any of its modules does first) wires the layers that
@@ -57,6 +58,7 @@ __all__ = [
     "CancelToken",
     "CircuitBreakerConfig",
     "CircuitState",
+    "Cluster",
     "FlowContext",
     "ParallelConfig",
     "ParallelExecutor",
@@ -81,6 +83,7 @@ _LAZY = {
     "first_success": "tea_dist.policies.merge",
     "all_success": "tea_dist.policies.merge",
     "majority": "tea_dist.policies.merge",
+    "Cluster": "tea_dist.distributed.cluster",
     "submit": "tea_dist.distributed.apps",
     "WorkflowRun": "tea_dist.distributed.apps",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,8 @@ def batch_item(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     time.sleep(float(config.get("hold", 0.0)))
     (folder / f"{index}.ran").write_text(f"{os.getpid()} {started!r} {time.time()!r}")
     return {"doubled": state["item"] * 2}
+
+
+def where(state: dict[str, Any], node: str) -> dict[str, Any]:
+    """The command line of the worker that ran it (its ``-A`` app and ``-n`` name)."""
+    return {f"argv_{node}": " ".join(sys.argv), "value": state.get("value", 0) + 1}

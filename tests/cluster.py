@@ -11,7 +11,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from celery import Celery
+
 from tea_dist.distributed.children import stop_groups
+from tea_dist.distributed.cluster import _DEFAULTS, _DEFAULTS_LOCK, Cluster
 from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.worker import spawn_worker
 
@@ -30,6 +33,44 @@ def log_dir() -> Path:
         LOG_DIR = Path(tempfile.mkdtemp(prefix="tea-dist-worker-logs-"))
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     return LOG_DIR
+
+
+_CLUSTERS: dict[Settings, Cluster] = {}  # one Cluster (and Celery app) per settings tried
+
+
+def cluster_for(settings: Settings) -> Cluster:
+    """The test process's ``Cluster`` for ``settings`` (made once)."""
+    cluster = _CLUSTERS.get(settings)
+    if cluster is None:
+        cluster = _CLUSTERS[settings] = Cluster(settings=settings)
+    return cluster
+
+
+def current() -> Cluster:
+    """The test process's default cluster (the ``cluster`` fixture's, unless a test changed it)."""
+    cluster = Cluster.current_default()
+    assert cluster is not None, "no default cluster: use the cluster fixture"
+    return cluster
+
+
+def current_settings() -> Settings:
+    return current().settings
+
+
+def current_app() -> Celery:
+    return current().app
+
+
+def configure(settings: Settings) -> Cluster:
+    """Make the cluster of ``settings`` the default one for the rest of the ``as_default()``
+    block the test runs in (tests change one setting for a while this way)."""
+    cluster = cluster_for(settings)
+    with _DEFAULTS_LOCK:
+        if _DEFAULTS:
+            _DEFAULTS[-1] = cluster
+        else:
+            _DEFAULTS.append(cluster)
+    return cluster
 
 
 @dataclass

@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # With TEA_DIST_TEST_NO_SERVICES=1 (CI's unit lane), a unit test that starts a Redis server or a
 # Celery worker, itself or through a child process, fails: it should carry the mark `celery`.
-SERVICE_PROCESSES = ("redis-server", "celery_app worker", "celery worker", "celery_app flower")
+SERVICE_PROCESSES = ("redis-server", "worker_app worker", "celery worker", "worker_app flower")
 
 
 class _ServiceWatch:
@@ -185,8 +185,7 @@ def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """
     import redis
 
-    from tea_dist.distributed.celery_app import configure, current_settings
-    from tests.cluster import TestCluster
+    from tests.cluster import TestCluster, cluster_for
 
     url = (
         CELERY_REDIS_URL
@@ -194,15 +193,15 @@ def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         else redis_url.rsplit("/", 1)[0] + "/14"
     )
     test_cluster = TestCluster(url, agents_dir=str(tmp_path_factory.getbasetemp()))
-    previous = current_settings()
-    configure(test_cluster.settings())
+    default = cluster_for(test_cluster.settings()).as_default()
+    default.__enter__()  # the test process's default cluster for the session
     test_cluster.start_worker("flows", concurrency=2)
     test_cluster.start_worker("runs", concurrency=4, role="runs")
     try:
         yield test_cluster
     finally:
         test_cluster.stop_all()
-        configure(previous)
+        default.__exit__(None, None, None)
         client = redis.Redis.from_url(url)
         for pattern in (f"{test_cluster.env['TEA_DIST_KEY_PREFIX']}*", f"*{test_cluster.tag}*"):
             keys = list(client.scan_iter(match=pattern, count=1000))

@@ -335,8 +335,8 @@ def breaker_store_for(strategy: str) -> Any:
     if strategy != "celery":
         return MemoryBreakerStore()
     from tea_dist.distributed.breaker_redis import RedisBreakerStore
-    from tea_dist.distributed.celery_app import current_settings
     from tea_dist.distributed.keys import Keys
+    from tests.cluster import current_settings
 
     settings = current_settings()
     return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from tea_dist import ParallelConfig, StateGraph
-from tea_dist.distributed.celery_app import app
+from tea_dist.distributed.worker_app import app
 
 
 class JsonLinesExporter(SpanExporter):  # type: ignore[misc]

@@ -161,8 +161,8 @@ def test_item9_cancel_of_a_finished_run_writes_nothing(cluster: Any) -> None:
 
 def test_item9_redis_errors_are_broker_errors_naming_the_redacted_url(cluster: Any) -> None:
     from tea_dist.core.errors import BrokerError
-    from tea_dist.distributed.celery_app import configure, current_settings
     from tea_dist.distributed.local_cluster import free_port
+    from tests.cluster import configure, current_settings
 
     settings = current_settings()
     dead = f"redis://:s3cret@127.0.0.1:{free_port()}/0"

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.celery
 @pytest.fixture(scope="module")
 def private() -> Iterator[tuple[EmbeddedRedis, workers.TestCluster]]:
     """A Redis server of its own and one flow worker on it; the test process points there."""
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     server = EmbeddedRedis().start()
     cluster = workers.TestCluster(server.url)
@@ -95,7 +95,7 @@ def test_i10_redis_blip_shorter_than_the_grace_is_ridden_out(private: Any, tmp_p
 def test_i10_redis_outage_past_the_grace_ends_the_run_naming_the_url(
     private: Any, tmp_path: Path
 ) -> None:
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     server, cluster = private
     configure(cluster.settings().with_overrides(broker_grace=1.0))

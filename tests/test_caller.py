@@ -134,7 +134,7 @@ def test_i10_queue_nobody_reads_ends_the_run_naming_it(cluster: Any) -> None:
     ids=["dead", "wrong-password"],
 )
 def test_i10_unusable_broker_fails_fast_naming_its_url(cluster: Any, url: str) -> None:
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     previous = current_settings()
     configure(previous.with_overrides(broker_url=url, redis_url=url, result_backend=url))

@@ -261,7 +261,7 @@ def test_celery_bad_inputs_leave_the_queue_empty(cluster: Any) -> None:
     events = list(app.invoke({"conn": threading.Lock()}))
     assert events[-1]["type"] == "error" and "state key 'conn' of branch 'a'" in events[-1]["error"]
     assert events[-1]["error_type"] == SerializationError.__name__
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     settings = current_settings()
     configure(settings.with_overrides(max_state_bytes=100))
@@ -352,7 +352,9 @@ def test_celery_branch_revoked_from_outside_still_gets_a_result(
     cluster: Any, tmp_path: Path
 ) -> None:
     """An operator revokes a running branch (Flower, celery control): the run does not hang."""
-    from tea_dist.distributed.celery_app import app as celery_app
+    from tests.cluster import current_app
+
+    celery_app = current_app()
 
     recorder = Recorder()
     graph = celery_graph({"long": cn.sleep_then_mark, "quick": cn.whoami})

@@ -24,13 +24,13 @@ def tea_dist_commands() -> set[str]:
 
 
 def check_entry_point(argv: list[str], where: str) -> None:
-    """``argv``: ``tea-dist CMD`` or ``celery -A tea_dist.distributed.celery_app worker|flower``."""
+    """``argv``: ``tea-dist CMD`` or ``celery -A tea_dist.distributed.worker_app worker|flower``."""
     if argv[0] == "tea-dist":
         assert argv[1] in tea_dist_commands(), f"{where}: 'tea-dist {argv[1]}' is not a command"
         return
     if argv[0] == "celery":
-        assert argv[1:3] == ["-A", "tea_dist.distributed.celery_app"], where
-        import tea_dist.distributed.celery_app  # noqa: F401 - the app the command names must import
+        assert argv[1:3] == ["-A", "tea_dist.distributed.worker_app"], where
+        import tea_dist.distributed.worker_app  # noqa: F401 - the app the command names must import
 
         assert argv[3] in ("worker", "flower"), where
         return

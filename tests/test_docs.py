@@ -158,9 +158,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         (tmp_path / unit.name).write_text(text)
         units.append(str(tmp_path / unit.name))
     assert len(units) == 2
-    done = subprocess.run(
-        [analyze, "verify", *units], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([analyze, "verify", *units], capture_output=True, text=True, timeout=60)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0 and "System has not been booted with systemd" in output:
         pytest.skip(f"systemd-analyze cannot run here: {output}")

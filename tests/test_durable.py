@@ -86,7 +86,7 @@ class Statuses:
 @contextlib.contextmanager
 def submitting_to(queue: str) -> Iterator[None]:
     """``submit()`` sends runs to ``queue`` inside the block."""
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     settings = current_settings()
     configure(settings.with_overrides(runs_queue=queue))

@@ -82,7 +82,9 @@ def has_branch(args: list[str], branch: str) -> bool:
 def test_flower_lists_tea_dist_tasks_of_a_run(cluster: Any, tmp_path: Path) -> None:
     """A worker started without task events shows its tasks in Flower once Flower attaches:
     Flower broadcasts ``enable_events`` (every 5 s) and the worker honours it."""
-    from tea_dist.distributed.celery_app import app as celery_app
+    from tests.cluster import current_app
+
+    celery_app = current_app()
 
     settings = cluster.settings()
     assert not settings.task_events and "--task-events" not in worker_argv(settings, "flows")

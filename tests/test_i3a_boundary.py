@@ -247,7 +247,9 @@ def test_i3a_rce_through_a_module_an_allowed_module_imports_is_refused(
 ) -> None:
     """An unsigned JSON message naming ``allowed:logging.config.dictConfig`` with a handler
     factory ``subprocess.getoutput`` ran a shell command on the worker. Now it is refused."""
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     marker = tmp_path / "owned"
     config = {
@@ -268,7 +270,9 @@ def test_i3a_rce_through_a_module_an_allowed_module_imports_is_refused(
 
 @pytest.mark.celery
 def test_i3a_a_message_naming_os_abort_kills_no_worker_process(cluster: Any) -> None:
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     before = _pool(cluster)
     queue = cluster.env["TEA_DIST_FLOWS_QUEUE"]
@@ -282,7 +286,9 @@ def _forge_run(cluster: Any, graph_ref: str, queue: str, **kwargs: Any) -> Any:
     """A ``tea_dist.run_workflow`` message and a pending record, as anyone with broker and
     Redis access could write them; returns the run's handle."""
     from tea_dist.distributed.apps import RunStatus, WorkflowRun
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     run = WorkflowRun(uuid.uuid4().hex)
     run.client.hset(
@@ -338,7 +344,7 @@ def test_i3a_submitted_runs_are_signed_and_unsigned_ones_refused(
     submitted without it fails saying why, and a forged unsigned message naming a genuine
     pending run neither runs nor spoils it."""
     from tea_dist.distributed.apps import RunStatus, WorkflowRun, submit
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     previous = current_settings()
     try:
@@ -372,7 +378,9 @@ def test_i3a_submitted_runs_are_signed_and_unsigned_ones_refused(
             },
         )
         genuine.client.expire(genuine.key, 600)
-        from tea_dist.distributed.celery_app import app
+        from tests.cluster import current_app
+
+        app = current_app()
 
         forged_args = (genuine.run_id, f"{ALLOWED}:GRAPH", {"value": 1}, {})
         app.send_task(

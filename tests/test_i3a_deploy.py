@@ -149,7 +149,7 @@ class Deployment:
 @contextlib.contextmanager
 def deployed(redis_url: str, names: tuple[str, ...]) -> Iterator[Deployment]:
     """The workers ``names`` started (all at once) and ready; everything gone afterwards."""
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     test_cluster = TestCluster(redis_url)
     deployed = Deployment(test_cluster)
@@ -182,7 +182,9 @@ def test_i3a_a_stopping_flow_worker_gives_back_the_messages_it_holds(redis_url: 
     """Messages a flow worker took but has not started (a retry waiting for its countdown, or
     anything prefetched) go back to the queue when it is stopped with SIGTERM (late ack), at
     once, not after the broker's visibility timeout."""
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     with deployed(redis_url, ("flows-a",)) as running:
         queue = running.settings.flows_queue

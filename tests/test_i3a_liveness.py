@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.celery]
 @contextlib.contextmanager
 def caller_settings(**overrides: Any) -> Iterator[None]:
     """The caller's settings changed inside the block (the workers' stay as they are)."""
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     settings = current_settings()
     configure(settings.with_overrides(**overrides))

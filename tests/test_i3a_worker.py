@@ -208,7 +208,9 @@ def broker_holds(cluster: Any, queue: str, task_id: str) -> int:
 
 def send_forged(cluster: Any, message: Any, queue: str) -> str:
     """Publish ``message`` straight to ``queue`` with the headers a genuine one carries."""
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
     from tea_dist.distributed.keys import Keys
 
     settings = cluster.settings()

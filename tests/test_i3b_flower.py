@@ -33,7 +33,9 @@ def _outcomes(events: list[dict[str, Any]]) -> dict[str, tuple[str, dict[str, An
 
 @pytest.mark.celery
 def test_i3b_flower_sees_each_branch_task_end_in_its_outcome(cluster: Any, tmp_path: Path) -> None:
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     with (
         own_worker(cluster, "truth", task_events=True) as (queue, host),
@@ -85,7 +87,9 @@ def test_i3b_a_task_lost_with_its_worker_does_not_stay_started(
     import threading
     import time
 
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     queue = f"tea.flows.lost.{cluster.tag}"
     victim = cluster.start_worker("lost1", concurrency=1, flows_queue=queue, task_events=True)

@@ -63,7 +63,7 @@ def _delete_queues(broker: str, names: list[str]) -> None:
 def rabbit(rabbitmq_url: str, redis_url: str) -> Iterator[RabbitCluster]:
     import redis
 
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     cluster = RabbitCluster(rabbitmq_url, redis_url)
     previous = current_settings()
@@ -163,7 +163,7 @@ def test_i3c_a_hold_past_the_consumer_timeout_is_refused_before_sending(
 ) -> None:
     """Retry delay plus time limit at or above RabbitMQ's consumer timeout: the run fails
     before any message is sent, naming the setting."""
-    from tea_dist.distributed.celery_app import configure
+    from tests.cluster import configure
 
     configure(rabbit.settings().with_overrides(consumer_timeout=5.0))
     try:
@@ -225,7 +225,7 @@ def test_i3c_celery_config_has_no_redis_options_for_amqp() -> None:
 def test_i3c_amqp_broker_without_redis_fails_before_sending(tmp_path: Path) -> None:
     """No TEA_DIST_REDIS_URL with an AMQP broker: the invoke fails at its start naming it,
     before anything is sent (the broker here does not even exist)."""
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     previous = current_settings()
     configure(Settings(broker_url="amqp://guest:guest@127.0.0.1:1//", broker_grace=0.2))

@@ -40,7 +40,7 @@ def own_queue(cluster: Any) -> Any:
 def test_i11_signed_messages_run_and_unsigned_ones_are_refused(
     cluster: Any, own_queue: Any
 ) -> None:
-    from tea_dist.distributed.celery_app import configure
+    from tests.cluster import configure
 
     queue = own_queue("signed", secret="worker-and-caller-share-this")
     graph = fan_graph({"a": cn.whoami}, config=ParallelConfig(strategy="celery", queue=queue))

@@ -265,7 +265,7 @@ def test_i12_3_unreachable_redis_is_one_error_without_password() -> None:
 
 @pytest.fixture
 def cli_settings(redis_url: str, redis_prefix: str) -> Any:
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     previous = current_settings()
     configure(Settings(broker_url=redis_url, key_prefix=redis_prefix))

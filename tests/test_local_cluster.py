@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import json
 from tea_dist import ParallelConfig
-from tea_dist.distributed.celery_app import current_settings
+from tests.cluster import current_settings
 from tea_dist.distributed.local_cluster import ensure_cluster
 from tests import celery_nodes as cn
 from tests.nodes import fan_graph

@@ -188,10 +188,10 @@ def test_i12_rate_limit_on_real_workers(cluster: Any, tmp_path: Path) -> None:
 def test_i12_permit_of_a_killed_holder_comes_back_within_the_lease(
     cluster: Any, tmp_path: Path
 ) -> None:
-    from tea_dist.distributed.celery_app import current_settings
     from tea_dist.distributed.keys import Keys
     from tea_dist.distributed.limits_redis import RedisLimitStore
     from tea_dist.policies.limits import DEFAULT_LEASE_SECONDS
+    from tests.cluster import current_settings
 
     queue = f"tea.holder.{cluster.tag}"
     victim = cluster.start_worker("holder", concurrency=1, flows_queue=queue)

@@ -63,10 +63,10 @@ def send_branch_message(
     branch message format changes."""
     import redis as redis_client
 
-    from tea_dist.distributed.celery_app import current_settings
     from tea_dist.distributed.keys import Keys
     from tea_dist.distributed.messages import BranchEvent, BranchMessage
     from tea_dist.engine.lifecycle import AttemptState
+    from tests.cluster import current_settings
 
     message = BranchMessage(
         run=uuid.uuid4().hex,
@@ -220,7 +220,9 @@ def test_rce_repro_is_refused_on_a_real_worker(cluster: Any, tmp_path: Path) -> 
     """Issue 11, item 1: a raw message naming ``logging.config:dictConfig`` (whose parameter
     ``config`` receives the run config) with a ``subprocess.getoutput`` factory ran a shell
     command on the worker (it did on the code before the allowlist). Now it is refused."""
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     marker = tmp_path / "owned"
     logging_config = {
@@ -275,7 +277,7 @@ def test_worker_allow_option_is_all_it_runs(cluster: Any, tmp_path: Path) -> Non
 def test_submitted_graph_outside_the_allowlist_is_refused(cluster: Any) -> None:
     """A run worker resolves a submitted ref only from an allowed module."""
     from tea_dist.distributed.apps import submit
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     previous = current_settings()
     runs_queue = f"{cluster.env['TEA_DIST_RUNS_QUEUE']}.narrow"
@@ -411,7 +413,7 @@ AGENT = (
 
 def test_yaml_agent_found_relative_to_agents_dir_on_the_worker(cluster: Any) -> None:
     """Caller and worker keep the agent at different absolute paths, the same relative one."""
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     previous = current_settings()
     relative = Path("agents", uuid.uuid4().hex[:8], "agent.yaml")

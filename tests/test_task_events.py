@@ -133,7 +133,9 @@ def run_branches(queue: str) -> None:
 @pytest.mark.redis
 @pytest.mark.celery
 def test_default_worker_and_caller_send_no_task_events_without_flower(cluster: Any) -> None:
-    from tea_dist.distributed.celery_app import app
+    from tests.cluster import current_app
+
+    app = current_app()
 
     with own_worker(cluster, "quiet") as (queue, host), EventCapture(app, host) as capture:
         run_branches(queue)
@@ -143,7 +145,9 @@ def test_default_worker_and_caller_send_no_task_events_without_flower(cluster: A
 @pytest.mark.redis
 @pytest.mark.celery
 def test_tea_dist_task_events_1_sends_task_events_from_worker_and_caller(cluster: Any) -> None:
-    from tea_dist.distributed.celery_app import app, configure, current_settings
+    from tests.cluster import configure, current_app, current_settings
+
+    app = current_app()
 
     previous = current_settings()
     with own_worker(cluster, "loud", task_events=True) as (queue, host):
@@ -154,6 +158,7 @@ def test_tea_dist_task_events_1_sends_task_events_from_worker_and_caller(cluster
         finally:
             configure(previous)
     events = capture.task_events()
+
     def branch_task(event: dict[str, Any]) -> bool:  # named run_flow[graph/branch] (shadow)
         return str(event.get("name", "")).startswith("tea_dist.run_flow[eventsgraph/")
 

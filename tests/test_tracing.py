@@ -188,7 +188,7 @@ class OtelWorkers:
         settings = self.cluster.settings()
         name = f"otel-{role}-{self.tag}@%h"
         argv = worker_argv(settings, role, concurrency=2, name=name, queues=queue)
-        argv[argv.index("tea_dist.distributed.celery_app")] = "tests.otel_worker"
+        argv[argv.index("tea_dist.distributed.worker_app")] = "tests.otel_worker"
         env = {
             **os.environ,
             **settings_env(settings),
@@ -269,7 +269,7 @@ def test_i14_submitted_run_keeps_the_submitters_trace(
     spans: Spans, otel_workers: OtelWorkers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tea_dist import submit
-    from tea_dist.distributed.celery_app import configure, current_settings
+    from tests.cluster import configure, current_settings
 
     monkeypatch.setenv("TEA_TEST_OTEL_QUEUE", otel_workers.queue)
     previous = current_settings()

@@ -5,6 +5,6 @@ Configured from the environment (``TEA_DIST_BROKER_URL``, ``TEA_DIST_RESULT_BACK
 with tea_dist's defaults (queue, pool, events) already applied.
 """
 
-from tea_dist.distributed.celery_app import app
+from tea_dist.distributed.worker_app import app
 
 __all__ = ["app"]

@@ -17,7 +17,7 @@ Every change of a run's status is one Lua script (the lease's claim, writes and 
 in ``durable``, the cancel below), so a cancel racing the end of a run never marks a succeeded
 run cancelled, and a cancel of an unknown or finished run writes nothing. Redis and broker
 errors leave this module as ``BrokerError`` naming the server's redacted URL. With no broker
-configured, the advertised ``tea-dist cluster`` is used (``client_settings``); nothing here
+configured, the advertised ``tea-dist cluster`` is used (``client_cluster``); nothing here
 starts a cluster.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import signals
+from celery import shared_task, signals
 from kombu.exceptions import OperationalError
 
 from tea_dist.core.errors import (
@@ -49,11 +49,9 @@ from tea_dist.core.errors import (
 from tea_dist.core.graph import DEFAULT_NAME, StateGraph
 from tea_dist.core.references import resolve
 from tea_dist.distributed import durable
-from tea_dist.distributed.celery_app import app, current_settings
-from tea_dist.distributed.connections import redis_for
+from tea_dist.distributed.cluster import Cluster, cluster_of
 from tea_dist.distributed.durable import RunLease
-from tea_dist.distributed.keys import Keys
-from tea_dist.distributed.local_cluster import client_settings
+from tea_dist.distributed.local_cluster import client_cluster
 from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.signing import SignatureError, sign, verify
 from tea_dist.distributed.tasks import end_revoked
@@ -89,19 +87,22 @@ return status
 """
 
 
-def resolve_graph(graph_ref: str, allowlist: Allowlist | None = None) -> StateGraph:
+def resolve_graph(
+    graph_ref: str, allowlist: Allowlist | None = None, settings: Settings | None = None
+) -> StateGraph:
     """A ``StateGraph`` from ``"pkg.module:attr"`` (a graph or a factory) or a YAML path.
 
-    With ``allowlist`` (a run worker resolving a submitted ref), nothing is imported unless
-    it allows the ref's module, and a YAML ref is found under the agents directory with its
-    ``uses:`` modules allowed: a refused ref raises ``NotAllowedError`` naming it.
+    With ``allowlist`` (a run worker of ``settings`` resolving a submitted ref), nothing is
+    imported unless it allows the ref's module, and a YAML ref is found under the agents
+    directory with its ``uses:`` modules allowed: a refused ref raises ``NotAllowedError``
+    naming it.
     """
     if graph_ref.endswith((".yaml", ".yml")) or (allowlist is None and Path(graph_ref).is_file()):
         from tea_dist.core.yaml_loader import load_yaml
 
         if allowlist is None:
             return load_yaml(str(Path(graph_ref).resolve()))
-        path = agent_path(graph_ref)
+        path = agent_path(graph_ref, settings or Settings())
         for module in sorted(yaml_uses_modules(path.read_bytes()) if path.is_file() else ()):
             allowlist.check(module, f" (a 'uses:' of the YAML agent '{graph_ref}')")
         return load_yaml(str(path))
@@ -129,16 +130,22 @@ def translated(settings: Settings) -> Iterator[None]:
 
 
 def submit(
-    graph_ref: str, state: Mapping[str, Any], config: Mapping[str, Any] | None = None
+    graph_ref: str,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    *,
+    cluster: Cluster | None = None,
 ) -> WorkflowRun:
-    """Enqueue a whole workflow run; returns its handle at once."""
-    settings = client_settings()
+    """Enqueue a whole workflow run on ``cluster`` (the default one: the environment's, else
+    the advertised ``tea-dist cluster``); returns its handle at once."""
+    cluster = cluster or client_cluster()
+    settings = cluster.settings
     resolve_graph(graph_ref).compile()  # a bad graph fails here, before anything is sent
     check_json_state(state, "the run input", settings.max_state_bytes)
     check_json_state(dict(config or {}), "the run config", settings.max_state_bytes)
     if graph_ref.endswith((".yaml", ".yml")) or Path(graph_ref).is_file():
-        graph_ref = agent_ref(graph_ref)  # run workers find it under their agents directory
-    run = WorkflowRun(uuid.uuid4().hex)
+        graph_ref = agent_ref(graph_ref, settings)  # run workers find it in their agents dir
+    run = WorkflowRun(uuid.uuid4().hex, cluster=cluster)
     trace = tracing.carrier()  # the run joins the submitter's trace
     body = run_body(run.run_id, graph_ref, dict(state), dict(config or {}), trace)
     signature = sign(body, settings.secret) if settings.secret is not None else ""
@@ -162,9 +169,10 @@ def submit(
         pipe.zremrangebyscore(index, 0, record["created"] - settings.run_expires)
         pipe.expire(index, int(settings.run_expires))
         pipe.execute()
-        run_workflow.apply_async(
+        cluster.send(
+            RUN_TASK,
             (run.run_id, graph_ref, dict(state), dict(config or {})),
-            {"trace": trace, "signature": signature},
+            kwargs={"trace": trace, "signature": signature},
             task_id=run.run_id,
             queue=settings.runs_queue,
             argsrepr=f"(run={run.run_id[:8]}, graph={graph_ref})",
@@ -176,11 +184,12 @@ def submit(
 class WorkflowRun:
     """A submitted run, re-attachable by id from any process."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, *, cluster: Cluster | None = None) -> None:
         self.run_id = run_id
-        self.settings = client_settings()
-        self.keys = Keys(self.settings.key_prefix)
-        self.client = redis_for(self.settings.redis)
+        self.cluster = cluster or client_cluster()
+        self.settings = self.cluster.settings
+        self.keys = self.cluster.keys
+        self.client = self.cluster.client
         self.key = self.keys.run(run_id)
 
     def __repr__(self) -> str:
@@ -286,13 +295,16 @@ class WorkflowRun:
             if status is None:
                 raise self._unknown()
             if _text(status) == RunStatus.PENDING:
-                app.control.revoke(self.run_id)
+                self.cluster.app.control.revoke(self.run_id)
             elif _text(status) == RunStatus.RUNNING:  # its driver sees the flag; between two
                 durable.cancel_unowned(self.client, self.keys, self.run_id)  # drivers, here
         return _text(status) in (RunStatus.PENDING, RunStatus.RUNNING)
 
 
-@app.task(bind=True, name="tea_dist.run_workflow", acks_late=False, throws=(RunFailedError,))
+RUN_TASK = "tea_dist.run_workflow"
+
+
+@shared_task(bind=True, name=RUN_TASK, acks_late=False, throws=(RunFailedError,))
 def run_workflow(
     self: Any,
     run_id: str,
@@ -305,17 +317,19 @@ def run_workflow(
     """Drive one submitted run on a run worker; the outcome goes to the run's record. With
     ``TEA_DIST_SECRET`` set, a message not signed by a submitter holding it is refused before
     anything it names is resolved."""
-    run = WorkflowRun(run_id)
+    cluster = cluster_of(self.app)
+    run = WorkflowRun(run_id, cluster=cluster)
     try:
         record = run._record()
     except TeaDistError:  # no record: a forged message, or one that outlived its run
         record = {}
-    queue = record.get("queue") or current_settings().runs_queue
+    queue = record.get("queue") or cluster.settings.runs_queue
     try:
-        check_run_signature(run_body(run_id, graph_ref, state, config, trace), signature)
+        body = run_body(run_id, graph_ref, state, config, trace)
+        check_run_signature(body, signature, cluster.settings)
     except SignatureError as exc:
         return _refused(run, record, queue, exc)
-    lease = durable.claim(run_id, queue, "start")
+    lease = durable.claim(cluster, run_id, queue, "start")
     if lease is None:  # cancelled while queued, or already taken
         return "skipped"
     status = _drive(run, lease, _Work(graph_ref, state, config, trace), Durable(lease))
@@ -344,10 +358,10 @@ def run_body(
     }
 
 
-def check_run_signature(body: Mapping[str, Any], signature: str) -> None:
-    """``SignatureError`` unless ``body`` carries this worker's secret's signature (nothing
-    to check without a secret)."""
-    secret = current_settings().secret
+def check_run_signature(body: Mapping[str, Any], signature: str, settings: Settings) -> None:
+    """``SignatureError`` unless ``body`` carries the signature of the secret of ``settings``
+    (a run worker's; nothing to check without a secret)."""
+    secret = settings.secret
     if secret is not None:
         verify(body, signature or None, secret)
 
@@ -372,11 +386,12 @@ def _refused(run: WorkflowRun, record: Mapping[str, str], queue: str, exc: Excep
     if not record:
         return "refused"
     try:
-        check_run_signature(_record_body(run.run_id, record), record.get("signature", ""))
+        signature = record.get("signature", "")
+        check_run_signature(_record_body(run.run_id, record), signature, run.settings)
         return "refused"  # a forged message naming a genuine run
     except SignatureError:
         pass
-    lease = durable.claim(run.run_id, queue, "start")
+    lease = durable.claim(run.cluster, run.run_id, queue, "start")
     if lease is not None:
         with lease:
             why = f"{type(exc).__name__}: {exc}"
@@ -386,7 +401,7 @@ def _refused(run: WorkflowRun, record: Mapping[str, str], queue: str, exc: Excep
 
 def resume_run(lease: RunLease) -> str:
     """Drive on a run this process took over (``lease``), from its last checkpoint."""
-    run = WorkflowRun(lease.run_id)
+    run = WorkflowRun(lease.run_id, cluster=lease.cluster)
     record = run._record()
     state, node, steps = json.loads(record.get("input") or "null"), "", 0
     if record.get("checkpoint"):  # the state after the last main-path node done
@@ -401,7 +416,8 @@ def resume_run(lease: RunLease) -> str:
     if state is None:  # nothing to resume from (a run submitted by an older version)
         why = "its run worker stopped and its checkpoint is gone; it cannot be resumed"
     try:  # its record is what a resumed run trusts: signed by its submitter
-        check_run_signature(_record_body(lease.run_id, record), record.get("signature", ""))
+        signature = record.get("signature", "")
+        check_run_signature(_record_body(lease.run_id, record), signature, run.settings)
     except SignatureError as exc:
         why = f"{type(exc).__name__}: its record is not signed by its submitter: {exc}"
     if why:
@@ -422,11 +438,11 @@ def resume_run(lease: RunLease) -> str:
     return _drive(run, lease, _Work(record["graph"], state, config, trace), how, resumed)
 
 
-def recent_runs(limit: int = 20) -> list[dict[str, Any]]:
-    """The newest ``limit`` submitted runs, newest first: id, graph, status, created and
-    ended (epoch seconds, ended None while it runs) and hand-overs."""
-    settings = client_settings()
-    client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
+def recent_runs(limit: int = 20, *, cluster: Cluster | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` submitted runs of ``cluster``, newest first: id, graph, status,
+    created and ended (epoch seconds, ended None while it runs) and hand-overs."""
+    cluster = cluster or client_cluster()
+    settings, client, keys = cluster.settings, cluster.client, cluster.keys
     with translated(settings):
         newest: Any = client.zrevrange(keys.runs_index(), 0, max(limit, 1) - 1)
         ids = [_text(i) for i in newest]
@@ -481,7 +497,10 @@ def _drive(
             lease.check()
             if resumed is not None:
                 lease.append([{"event": "graph", "data": json.dumps(resumed)}])
-            graph = resolve_graph(work.graph_ref, worker_allowlist()).compile()
+            allowlist = worker_allowlist(run.settings)
+            graph = resolve_graph(work.graph_ref, allowlist, run.settings).compile(
+                cluster=run.cluster
+            )
             if resumed is not None:
                 metrics.run_resumed(graph.name)
             events: Any = graph.stream(  # a generator: closed if a write is refused
@@ -521,9 +540,12 @@ def _take_over_runs(sender: Any = None, **_: Any) -> None:
     """A run worker (one that consumes the runs queue) takes over the runs whose driver
     stopped, as long as it runs."""
     consumer = getattr(sender, "task_consumer", None)
-    queue = current_settings().runs_queue
-    if consumer is not None and queue in {q.name for q in consumer.queues}:
-        durable.start_adopter([queue], resume_run)
+    cluster = getattr(getattr(sender, "app", None), "tea_cluster", None)
+    if consumer is None or not isinstance(cluster, Cluster):
+        return  # not a worker of a tea_dist cluster's app
+    queue = cluster.settings.runs_queue
+    if queue in {q.name for q in consumer.queues}:
+        durable.start_adopter(cluster, [queue], resume_run)
 
 
 @signals.worker_shutting_down.connect

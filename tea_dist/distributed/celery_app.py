@@ -1,9 +1,10 @@
-"""The Celery application: built by a factory from ``Settings``, JSON only.
+"""tea_dist's Celery configuration: an app of its own built from ``Settings``, JSON only.
 
-``app`` is the process-wide instance (``celery -A tea_dist.distributed.celery_app worker``
-finds it); ``configure(settings)`` points it elsewhere from code. Creating or configuring it
-makes no connection. Worker-side policy: late acknowledgement and reject-on-worker-lost (a branch
-whose worker dies is delivered again), prefetch 1 (a long branch never holds short ones
+``make_app(settings)`` builds the app a ``Cluster`` owns; ``add_steps`` adds tea_dist's worker
+steps to any app (a user's own, ``Cluster(app=...)``). There is no process-wide app: a worker
+loads ``tea_dist.distributed.worker_app``, which builds one from the environment. Building an
+app makes no connection. Worker-side policy: late acknowledgement and reject-on-worker-lost
+(a branch whose worker dies is delivered again), prefetch 1 (a long branch never holds short ones
 back), no pickle anywhere. Celery task events cost a message per task state, so they are off
 unless ``TEA_DIST_TASK_EVENTS`` is set: Flower turns them on in every worker when it attaches
 (it broadcasts ``enable_events``), and the driver learns when an attempt starts from the branch
@@ -12,13 +13,14 @@ task's own lifecycle events, so ``task_track_started`` is not needed either.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 
 from tea_dist.distributed.presence import Presence
 from tea_dist.distributed.refusals import Refusals
-from tea_dist.distributed.settings import VISIBILITY_SCHEMES, Settings, get_settings
+from tea_dist.distributed.settings import VISIBILITY_SCHEMES, Settings
 
 REFILL_DELAYS = (0.15, 0.3, 0.6)  # billiard sends TERM, waits 0.1 s, then KILL
 
@@ -91,47 +93,24 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from ``settings`` (the environment by default)."""
-    settings = settings or get_settings()
+def make_app(settings: Settings) -> Celery:
+    """A Celery app of tea_dist's own, configured from ``settings`` (makes no connection)."""
     celery = Celery("tea_dist", set_as_current=False, include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
-    celery.steps["worker"].add(PromptRefill)
-    celery.steps["consumer"].add(Presence)
-    celery.steps["consumer"].add(Refusals)
-    celery.tea_settings = settings  # type: ignore[attr-defined]
+    add_steps(celery)
     return celery
 
 
-app = make_app()
-_explicit = "broker_url" in get_settings().model_fields_set
+def add_steps(celery: Celery) -> None:
+    """tea_dist's worker steps: prompt refill of killed slots, presence, refused messages."""
+    celery.steps["worker"].add(PromptRefill)
+    celery.steps["consumer"].add(Presence)
+    celery.steps["consumer"].add(Refusals)
 
 
-def configure(settings: Settings) -> Celery:
-    """Point the process-wide app at ``settings`` (pooled broker connections are dropped)."""
-    global _explicit
-    _explicit = True
-    _drop_broker_connections()
-    app.conf.update(celery_config(settings))
-    app.tea_settings = settings  # type: ignore[attr-defined]
-    return app
-
-
-def _drop_broker_connections() -> None:
-    """Celery keeps the broker connection and producer pools it looked up; a new broker URL
-    needs its own (kombu keeps one pool per URL; Celery resets these two attributes after a
-    fork the same way)."""
-    app._pool = None
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
-
-
-def explicitly_configured() -> bool:
-    """Whether a broker was named (``TEA_DIST_BROKER_URL`` or ``configure()``)."""
-    return _explicit
-
-
-def current_settings() -> Settings:
-    """The settings the process-wide app was configured with."""
-    return app.tea_settings  # type: ignore[attr-defined,no-any-return]
+def __getattr__(name: str) -> Any:
+    """``celery -A tea_dist.distributed.celery_app`` (the entry point of earlier releases):
+    the worker app of ``tea_dist.distributed.worker_app``, built from the environment."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return importlib.import_module("tea_dist.distributed.worker_app").app

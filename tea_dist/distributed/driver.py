@@ -54,7 +54,9 @@ from tea_dist.core.errors import (
 )
 from tea_dist.core.graph import FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
-from tea_dist.distributed.connections import check_broker, check_reachable, redis_for, ride_out
+from tea_dist.distributed.cluster import Cluster
+from tea_dist.distributed.connections import check_broker, check_reachable, ride_out
+from tea_dist.distributed.local_cluster import default_cluster
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
 from tea_dist.distributed.presence import PRESENCE_TTL as TTL
 from tea_dist.distributed.presence import live_slots
@@ -88,23 +90,15 @@ class CeleryExecutor:
         """Importable callables and no nested celery fan-out (``GraphError`` naming the node)."""
         check_fanout(spec, fanout)
 
-    def shared_breakers(self) -> BreakerStore:
-        """Circuits of celery branches live in Redis, shared by every worker and caller."""
-        from tea_dist.distributed.breaker_redis import RedisBreakerStore
-        from tea_dist.distributed.keys import Keys
-        from tea_dist.distributed.local_cluster import driver_settings
+    def shared_breakers(self, cluster: object | None) -> BreakerStore:
+        """Circuits of celery branches live in the cluster's Redis, shared by every worker
+        and caller."""
+        return _cluster(cluster).stores.breakers
 
-        settings = driver_settings()
-        return RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
-
-    def shared_limits(self) -> LimitStore:
-        """Permits of ``ResourceLimit``s live in Redis, shared by every worker and caller."""
-        from tea_dist.distributed.keys import Keys
-        from tea_dist.distributed.limits_redis import RedisLimitStore
-        from tea_dist.distributed.local_cluster import driver_settings
-
-        settings = driver_settings()
-        return RedisLimitStore(redis_for(settings.redis), Keys(settings.key_prefix))
+    def shared_limits(self, cluster: object | None) -> LimitStore:
+        """Permits of ``ResourceLimit``s live in the cluster's Redis, shared by every worker
+        and caller."""
+        return _cluster(cluster).stores.limits
 
     def check_breakers(self, graph: str, store: BreakerStore) -> None:
         """Workers record circuit outcomes in Redis: a store elsewhere would not see them."""
@@ -157,15 +151,11 @@ class _Driver:
     def __init__(
         self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
     ) -> None:
-        from tea_dist.distributed.celery_app import app
-        from tea_dist.distributed.connections import redis_for
-        from tea_dist.distributed.keys import Keys
-        from tea_dist.distributed.local_cluster import driver_settings
-
-        self.app = app
-        self.settings = driver_settings()
-        self.client = redis_for(self.settings.redis)
-        self.keys = Keys(self.settings.key_prefix)
+        self.cluster = _cluster(runtime.cluster)
+        self.app = self.cluster.app
+        self.settings = self.cluster.settings
+        self.client = self.cluster.client
+        self.keys = self.cluster.keys
         self.runtime = runtime
         self.fanout_id = runtime.fanout_id or uuid.uuid4().hex
         self.owner: RunOwner | None = runtime.owner
@@ -214,7 +204,7 @@ class _Driver:
                 )
             key = f"{task.start}->{task.fan_in}"
             if key not in self.graphs:
-                self.graphs[key] = encode_branch(task.spec, task.start, task.fan_in)
+                self.graphs[key] = encode_branch(task.spec, task.start, task.fan_in, self.settings)
 
     def _longest_hold(self, config: ParallelConfig) -> float:
         policy = config.retry()
@@ -335,7 +325,7 @@ class _Driver:
     def _send(self, runs: Sequence[BranchRun], producer: Any = None) -> str:
         """Send branches: one alone as a ``run_flow`` task, several of a map as one
         ``run_batch`` task (their items run in order, each with its own id); its task id."""
-        from tea_dist.distributed.tasks import batch_options, message_options, run_batch, run_flow
+        from tea_dist.distributed.tasks import BATCH_TASK, FLOW_TASK, batch_options, message_options
 
         batch = f"{self.fanout_id}.batch.{uuid.uuid4().hex[:12]}" if len(runs) > 1 else None
         items = []
@@ -349,11 +339,11 @@ class _Driver:
             items.append((remote.task_id, remote.message))
         if batch is None:
             ((task_id, message),) = items
-            options = message_options(message)
-            run_flow.apply_async((message,), task_id=task_id, producer=producer, **options)
+            options = message_options(message, self.settings)
+            self.cluster.send(FLOW_TASK, (message,), task_id=task_id, producer=producer, **options)
             return task_id
-        options = batch_options(items)
-        run_batch.apply_async((items,), task_id=batch, producer=producer, **options)
+        options = batch_options(items, self.settings)
+        self.cluster.send(BATCH_TASK, (items,), task_id=batch, producer=producer, **options)
         return batch
 
     def _record_queued(self, runs: Sequence[BranchRun]) -> None:
@@ -781,3 +771,12 @@ def _best_effort(what: str) -> Iterator[None]:
         yield
     except Exception as exc:
         logger.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
+
+
+def _cluster(cluster: object | None) -> Cluster:
+    """``cluster`` (a graph compiled with ``cluster=``), else the default one."""
+    if cluster is None:
+        return default_cluster()
+    if not isinstance(cluster, Cluster):
+        raise ConfigError(f"cluster= takes a tea_dist Cluster, not {type(cluster).__name__}")
+    return cluster

@@ -43,8 +43,8 @@ from typing import Any
 
 import redis
 
-from tea_dist.distributed.celery_app import current_settings
-from tea_dist.distributed.connections import redis_for, ride_out
+from tea_dist.distributed.cluster import Cluster
+from tea_dist.distributed.connections import ride_out
 from tea_dist.distributed.keys import Keys
 from tea_dist.engine.attempt import worker_id
 from tea_dist.engine.nodes import CancelToken
@@ -235,13 +235,14 @@ class RunLease:
     """
 
     def __init__(
-        self, run_id: str, queue: str, token: int, previous: str = "", client: Any = None
+        self, cluster: Cluster, run_id: str, queue: str, token: int, previous: str = ""
     ) -> None:
-        settings = current_settings()
+        settings = self.settings = cluster.settings
+        self.cluster = cluster
         self.run_id, self.queue, self.token, self.previous = run_id, queue, str(token), previous
         self.worker = worker_id()
-        self.client = client or redis_for(settings.redis)
-        self.keys = Keys(settings.key_prefix)
+        self.client = cluster.client
+        self.keys = cluster.keys
         self.cancel = CancelToken()
         self.lost = False
         self.every = settings.heartbeat_seconds
@@ -374,12 +375,11 @@ class RunLease:
         return ride_out(script, self._redis_url, self._grace)
 
 
-def claim(run_id: str, queue: str, how: str) -> RunLease | None:
+def claim(cluster: Cluster, run_id: str, queue: str, how: str) -> RunLease | None:
     """Take run ``run_id`` of runs queue ``queue``: ``how="start"`` a pending run (its first
     driver), ``"resume"`` a running one whose lease lapsed. None when it is not to be taken (it
     runs elsewhere, ended, was handed over too often, or is quarantined: the last two fail it)."""
-    settings = current_settings()
-    client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
+    settings, client, keys = cluster.settings, cluster.client, cluster.keys
     args = [how, worker_id(), int(settings.heartbeat_ttl * 1000), run_id, MAX_HANDOVERS]
     times = "twice" if MAX_CRASHES == 2 else f"{MAX_CRASHES} times"
     quarantined = QUARANTINED.format(times=times, where="\0").split("\0")
@@ -396,7 +396,7 @@ def claim(run_id: str, queue: str, how: str) -> RunLease | None:
         client.delete(keys.run_lease(run_id))
     if int(token) <= 0:
         return None
-    return RunLease(run_id, queue, int(token), _text(previous), client)
+    return RunLease(cluster, run_id, queue, int(token), _text(previous))
 
 
 def cancel_unowned(client: Any, keys: Keys, run_id: str) -> bool:
@@ -438,11 +438,12 @@ class Adopter:
     stopped, ``resume(lease)`` driving each on a thread of its own; on ``LEAVING``, hands over
     the runs this process drives."""
 
-    def __init__(self, queues: Sequence[str], resume: Callable[[RunLease], Any]) -> None:
-        settings = current_settings()
-        self.queues, self.resume = list(queues), resume
-        self.client, self.keys = redis_for(settings.redis), Keys(settings.key_prefix)
-        self.every = settings.heartbeat_seconds
+    def __init__(
+        self, cluster: Cluster, queues: Sequence[str], resume: Callable[[RunLease], Any]
+    ) -> None:
+        self.cluster, self.queues, self.resume = cluster, list(queues), resume
+        self.client, self.keys = cluster.client, cluster.keys
+        self.every = cluster.settings.heartbeat_seconds
         self.thread = threading.Thread(target=self._loop, name="tea-dist-adopter", daemon=True)
 
     def start(self) -> Adopter:
@@ -468,7 +469,7 @@ class Adopter:
             for run_id in map(_text, lapsed):
                 if LEAVING.is_set():
                     return taken
-                lease = claim(run_id, queue, "resume")
+                lease = claim(self.cluster, run_id, queue, "resume")
                 if lease is None:
                     continue
                 logger.info("run %s: taken over from %s", run_id, lease.previous or "?")
@@ -503,11 +504,13 @@ def hand_over(grace: float) -> None:
 _ADOPTER: Adopter | None = None
 
 
-def start_adopter(queues: Sequence[str], resume: Callable[[RunLease], Any]) -> Adopter:
+def start_adopter(
+    cluster: Cluster, queues: Sequence[str], resume: Callable[[RunLease], Any]
+) -> Adopter:
     """Start this process's adopter (once)."""
     global _ADOPTER
     if _ADOPTER is None:
-        _ADOPTER = Adopter(queues, resume).start()
+        _ADOPTER = Adopter(cluster, queues, resume).start()
     return _ADOPTER
 
 

@@ -10,14 +10,18 @@ reaper process (``reaper``), which notices the parent's end through a pipe, kill
 children's process groups (a worker's pool processes too) and removes the cluster's folder
 and advertisement even after a SIGKILL of the parent.
 
-Finding a cluster: ``tea-dist cluster`` advertises its broker URL (``advert``). With no broker
-configured (no ``TEA_DIST_BROKER_URL``, nothing set in code):
+The default cluster, used when no ``cluster=`` is given: the one a ``Cluster.as_default()``
+block names; else, with ``TEA_DIST_BROKER_URL`` set, ``Cluster.from_env()``; else the
+advertised ``tea-dist cluster`` (``advert``); else
 
-- ``client_settings()`` (submit, status, result, cancel, circuits, worker) uses the advertised
-  cluster, else fails saying how to start one: nothing starts a throwaway cluster;
-- ``driver_settings()`` (``invoke()``, ``tea-dist run``) uses the advertised cluster, else
-  starts a private one for this process (``ensure_cluster()``), the way ``ray.init()`` or a
-  Dask ``LocalCluster`` does, stopped when the process ends.
+- ``client_cluster()`` (submit, status, result, cancel, circuits, worker) fails saying how to
+  start one: nothing starts a throwaway cluster;
+- ``default_cluster()`` (``invoke()``, ``tea-dist run``) starts a private one for this process
+  (``ensure_cluster()``), the way ``ray.init()`` or a Dask ``LocalCluster`` does, stopped when
+  the process ends.
+
+The environment is read when the default is first needed, and the cluster made from it is kept
+(with its Celery app and connection pools) as long as the environment says the same.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from typing import Any
 
 from tea_dist.core.errors import ConfigError, TeaDistError
 from tea_dist.distributed.advert import advertise, advertised, withdraw
-from tea_dist.distributed.celery_app import configure, current_settings, explicitly_configured
 from tea_dist.distributed.children import (
     die_with_parent,
     log_tail,
@@ -46,8 +49,9 @@ from tea_dist.distributed.children import (
     stop_group,
     stop_groups,
 )
+from tea_dist.distributed.cluster import Cluster
 from tea_dist.distributed.reaper import Reaper
-from tea_dist.distributed.settings import Settings, get_settings
+from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.trust import branch_modules, private_agents_dir
 from tea_dist.distributed.worker import spawn_flower, spawn_worker
 
@@ -189,6 +193,8 @@ class LocalCluster:
     logs: dict[str, Path] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
     reaper: Reaper | None = None
+    cluster: Cluster | None = None  # the ``Cluster`` of its callers in this process
+    allowed: tuple[str, ...] = ()  # what its workers allow besides ``TEA_DIST_ALLOWED``
 
     def __post_init__(self) -> None:
         try:
@@ -215,7 +221,8 @@ class LocalCluster:
         """The cluster's settings; its workers allow what ``TEA_DIST_ALLOWED`` names plus the
         modules of every celery branch compiled in this process so far."""
         base = _settings_for(self.redis_url)
-        changes: dict[str, Any] = {"allowed": (*base.allowed, *branch_modules())}
+        allowed = (*base.allowed, *self.allowed, *branch_modules())
+        changes: dict[str, Any] = {"allowed": tuple(dict.fromkeys(allowed))}
         folder = private_agents_dir()
         if not self.advertise and not base.agents_dir and folder:  # this process's own
             changes["agents_dir"] = folder  # agents, wherever they live
@@ -373,7 +380,7 @@ def _listening(port: int) -> bool:
 def _settings_for(url: str) -> Settings:
     """This environment's settings with ``url`` as broker (the result backend and Redis URL
     follow it unless the environment sets them)."""
-    base = get_settings()
+    base = Settings()
     changes: dict[str, Any] = {"broker_url": url}
     for name in ("result_backend", "redis_url"):
         if name not in base.model_fields_set:
@@ -383,6 +390,7 @@ def _settings_for(url: str) -> Settings:
 
 _cluster: LocalCluster | None = None
 _finding = threading.Lock()
+_defaults: dict[Settings, Cluster] = {}  # the environment's settings -> its default cluster
 
 
 def ensure_cluster() -> LocalCluster:
@@ -396,31 +404,39 @@ def ensure_cluster() -> LocalCluster:
         return _cluster
 
 
-def client_settings() -> Settings:
-    """Settings for a command that talks to a running cluster (submit, status, worker, ...).
+def client_cluster() -> Cluster:
+    """The cluster of a command that talks to a running one (submit, status, worker, ...):
+    the one named by ``Cluster.as_default()``, the environment's broker, else the advertised
+    ``tea-dist cluster``; else ``ConfigError`` saying how to start one. Never starts one."""
+    return _default(start=False)
 
-    The configured broker; else the advertised ``tea-dist cluster``; else ``ConfigError``
-    saying how to start one. Never starts a cluster.
-    """
+
+def default_cluster() -> Cluster:
+    """The cluster of a caller about to dispatch branches (``invoke()``, ``tea-dist run``):
+    as ``client_cluster()``, else a local cluster started for this process (zero set-up) and
+    stopped when it ends."""
+    return _default(start=True)
+
+
+def _default(start: bool) -> Cluster:
+    named = Cluster.current_default()
+    if named is not None:
+        return named
+    settings = Settings()
+    if not settings.names_broker:
+        record = advertised()
+        if record is not None:
+            settings = _settings_for(str(record["broker_url"]))
+        elif start:
+            local = ensure_cluster()
+            with _finding:
+                if local.cluster is None:  # its settings as its workers got them
+                    local.cluster = Cluster(settings=local.settings)
+                return local.cluster
+        else:
+            raise ConfigError(NO_CLUSTER)
     with _finding:
-        if not explicitly_configured():
-            record = advertised()
-            if record is None:
-                raise ConfigError(NO_CLUSTER)
-            configure(_settings_for(str(record["broker_url"])))
-    return current_settings()
-
-
-def driver_settings() -> Settings:
-    """Settings for a caller about to dispatch branches (``invoke()``, ``tea-dist run``).
-
-    The configured broker; else the advertised ``tea-dist cluster``; else a local cluster
-    started for this process (zero set-up) and stopped when it ends.
-    """
-    if not explicitly_configured():
-        with _finding:
-            if not explicitly_configured() and (record := advertised()) is not None:
-                configure(_settings_for(str(record["broker_url"])))
-        if not explicitly_configured():
-            configure(ensure_cluster().settings)
-    return current_settings()
+        cluster = _defaults.get(settings)
+        if cluster is None:
+            cluster = _defaults[settings] = Cluster(settings=settings)
+        return cluster

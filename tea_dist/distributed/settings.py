@@ -7,7 +7,6 @@ ever shows a password: URLs are printed through ``redact``.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -153,6 +152,11 @@ class Settings(BaseSettings):
         return self.broker_url.get_secret_value()
 
     @property
+    def names_broker(self) -> bool:
+        """Whether a broker was named (``TEA_DIST_BROKER_URL``, or in code), not defaulted."""
+        return "broker_url" in self.model_fields_set
+
+    @property
     def broker_is_redis(self) -> bool:
         return is_redis_url(self.broker)
 
@@ -208,9 +212,3 @@ class Settings(BaseSettings):
         }
         data.update(changes)
         return Settings.model_validate(data)
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings, read from the environment once."""
-    return Settings()

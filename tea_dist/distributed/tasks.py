@@ -28,33 +28,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
-from functools import cache, partial
+from functools import partial
 from typing import Any, NoReturn
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
-from billiard.pool import soft_timeout_sighandler
-from celery import Task, signals
+from celery import Task, shared_task, signals
 from celery.exceptions import Ignore
 from celery.worker.request import Request
 
 from tea_dist.core.errors import GraphError, QuarantinedError, SerializationError
 from tea_dist.core.graph import GraphSpec
 from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
-from tea_dist.distributed.breaker_redis import RedisBreakerStore
-from tea_dist.distributed.celery_app import app, current_settings
-from tea_dist.distributed.connections import redis_for, ride_out
+from tea_dist.distributed.beater import BEATER, Watch
+from tea_dist.distributed.cluster import Cluster, cluster_of
 from tea_dist.distributed.keys import Keys
-from tea_dist.distributed.limits_redis import RedisLimitStore
-from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
+from tea_dist.distributed.messages import BranchMessage
+from tea_dist.distributed.publisher import StreamPublisher
+from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.signing import SignatureError
 from tea_dist.distributed.wire import decode_branch, first_unjsonable
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
@@ -65,95 +61,22 @@ from tea_dist.engine.lifecycle import (
     build_result,
     total_deadline,
 )
-from tea_dist.engine.nodes import CancelToken
 from tea_dist.engine.runtime import Runtime
 from tea_dist.observe import tracing
-from tea_dist.observe.events import Dispatcher, FlowContext
+from tea_dist.observe.events import Dispatcher
 from tea_dist.policies.breaker import Admission
 
 logger = logging.getLogger("tea_dist.worker")
 
 PERMIT_RECHECK_SECONDS = 0.5  # a branch waiting for a permit is re-published at most this often
-
-# -- events: the worker's listener that publishes them ---------------------------------------
-
-
-class StreamPublisher:
-    """Collects a branch's lifecycle events as ``BranchEvent`` JSON for the run's stream
-    (serialised as they happen: each carries the ``AttemptState`` of its moment)."""
-
-    def __init__(
-        self, message: BranchMessage, run: BranchRun, task_id: str, batch: str = ""
-    ) -> None:
-        self.message, self.run, self.task_id, self.batch = message, run, task_id, batch
-        self.events: list[str] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.events.append(
-            BranchEvent(
-                event=event,  # type: ignore[arg-type]
-                fanout=self.message.fanout,
-                index=self.message.index,
-                branch=self.message.branch,
-                task_id=self.task_id,
-                worker=worker_id(),
-                attempt=self.run.state,
-                batch=self.batch,
-                **fields,
-            ).model_dump_json()
-        )
-
-    def on_flow_start(self, ctx: FlowContext) -> None:
-        self._add("on_flow_start")
-
-    def on_attempt_start(self, ctx: FlowContext) -> None:
-        if self.run.state.attempts > 1:  # the first comes with on_flow_start (the driver's)
-            self._add("on_attempt_start")
-
-    def on_flow_error(self, ctx: FlowContext, error: BaseException, attempt: int) -> None:
-        self._add("on_flow_error", error=ErrorRecord.of(error))
-
-    def on_flow_timeout(self, ctx: FlowContext, seconds: float | None) -> None:
-        self._add("on_flow_timeout", seconds=seconds)
-
-    def on_flow_retry(
-        self, ctx: FlowContext, attempt: int, delay: float, error: BaseException | None
-    ) -> None:
-        self._add("on_flow_retry", delay=delay, error=ErrorRecord.of(error))
-
-    def on_circuit_state_change(
-        self, ctx: FlowContext, old: CircuitState, new: CircuitState
-    ) -> None:
-        self._add("on_circuit_state_change", transition=(old, new))
-
-    def on_flow_complete(self, ctx: FlowContext, result: ParallelFlowResult) -> None:
-        try:
-            self._add("on_flow_complete", result=result)
-        except ValueError as exc:  # a value ``uncarried`` let through: the branch still ends
-            why = f"the result of branch '{result.branch}' cannot be carried as JSON: {exc}"
-            update = {"success": False, "state": None, "error_type": "SerializationError"}
-            update["outcome"] = Outcome.ERROR
-            self._add("on_flow_complete", result=result.model_copy(update={**update, "error": why}))
-
-    def requeued(self, batch: str = "", delay: float | None = None) -> None:
-        """The worker sent the branch again itself: as a task of its own (``batch`` empty) or
-        in the rest of a batch cut short (``batch``, that task's id)."""
-        self.batch = batch
-        self._add("on_flow_requeued", delay=delay)
-
-    def queue(self, pipe: Any, keys: Keys, run_id: str, expires: int) -> None:
-        """Queue the collected events on the run's stream in ``pipe`` (``events`` is cleared
-        by the caller once the pipeline went through)."""
-        stream = keys.events(run_id)
-        for event in self.events:
-            pipe.xadd(stream, {"e": event}, maxlen=100_000, approximate=True)
-        pipe.expire(stream, expires)
+FLOW_TASK, BATCH_TASK = "tea_dist.run_flow", "tea_dist.run_batch"
 
 
 @dataclass
 class WorkerBranch:
     """One branch message's lifecycle on this worker, and where its events go."""
 
+    cluster: Cluster
     message: BranchMessage
     life: Lifecycle
     run: BranchRun
@@ -163,9 +86,11 @@ class WorkerBranch:
     batch: Batch | None = None  # its events go out with those its batch still holds
 
     @classmethod
-    def of(cls, message: BranchMessage, task_id: str, batch: Batch | None = None) -> WorkerBranch:
-        settings = current_settings()
-        client, keys, breakers, limits = _stores(settings.redis, settings.key_prefix, os.getpid())
+    def of(
+        cls, cluster: Cluster, message: BranchMessage, task_id: str, batch: Batch | None = None
+    ) -> WorkerBranch:
+        stores = cluster.stores
+        client, keys, breakers, limits = stores.client, stores.keys, stores.breakers, stores.limits
         dispatcher = Dispatcher()
         runtime = Runtime(
             graph_name=message.graph_name,
@@ -195,16 +120,18 @@ class WorkerBranch:
         )
         publisher = StreamPublisher(message, run, task_id, batch.id if batch else "")
         dispatcher.listen(publisher)
-        return cls(message, Lifecycle([run], runtime), run, publisher, keys, client, batch)
+        life = Lifecycle([run], runtime)
+        return cls(cluster, message, life, run, publisher, keys, client, batch)
 
     def again(self, delay: float) -> Again:
         """This branch's next attempt, to be published ``delay`` from now."""
-        return Again(self.message.retried(self.run.state, current_settings().secret), delay)
+        secret = self.cluster.settings.secret
+        return Again(self.cluster, self.message.retried(self.run.state, secret), delay)
 
     def child_died(self) -> bool:
         """Whether the process that ran this branch's attempt stopped beating more than two
         beats before now: a killed or crashed child, not one stuck at its time limit."""
-        settings = current_settings()
+        settings = self.cluster.settings
         heartbeat = self.keys.heartbeat(self.message.fanout, self.message.index)
         left = self.client.pttl(heartbeat)  # -2: gone (the beats stopped a TTL ago)
         lapse = (settings.heartbeat_ttl - 2 * settings.heartbeat_seconds) * 1000
@@ -215,7 +142,7 @@ class WorkerBranch:
         ``TEA_DIST_BROKER_GRACE``. ``before``: commands (name, args) to run first, whose
         replies are returned; ``end``: the attempt is over, drop its heartbeat. The last item
         its batch held back (``Batch.hold``) goes first, in the same pipeline."""
-        settings = current_settings()
+        settings = self.cluster.settings
         held = self.batch.take() if self.batch else None
 
         def once() -> list[Any]:
@@ -230,200 +157,9 @@ class WorkerBranch:
                 pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
             return list(pipe.execute())[: len(before)]
 
-        replies = ride_out(once, settings.redis, settings.broker_grace)
+        replies: list[Any] = self.cluster.ride_out(once)
         self.publisher.events.clear()
         return replies
-
-
-@cache
-def _stores(
-    url: str, prefix: str, pid: int
-) -> tuple[Any, Keys, RedisBreakerStore, RedisLimitStore]:
-    """This process's Redis client, keys, circuit and limit stores (built once, not per
-    branch: a store registers its Lua scripts when built)."""
-    client, keys = redis_for(url), Keys(prefix)
-    return client, keys, RedisBreakerStore(client, keys), RedisLimitStore(client, keys)
-
-
-# -- heartbeats and stop requests: one thread per worker process ------------------------------
-
-
-@dataclass
-class Watch:
-    """The branch running in this process, as the beater sees it."""
-
-    heartbeats: tuple[str, ...]  # the branch's, and its batch's when it runs in one
-    target: str  # "fanout:index", what a stop request for this branch names
-    lease: str  # the caller's liveness lease: gone, the branch is orphaned
-    renew: Callable[[], None] | None = None  # keeps the attempt's limit permits
-    token: CancelToken = field(default_factory=CancelToken)
-    stopped: str = ""  # why it was stopped: "cancel" or "timeout" (the driver), "orphaned",
-    # "attempt" (its own timeout_seconds)
-    deadline: float | None = None  # monotonic: its timeout_seconds runs out
-    kill: Callable[[], None] | None = None  # a batch item still running a grace after it (a
-    # task of its own is killed by Celery's hard limit)
-    task: str = ""  # the Celery task running it (a batch item's: its batch's)
-    orphaned: float | None = None  # monotonic: when it was interrupted as an orphan
-    terminated: bool = False  # its task was revoked with terminate
-
-    def due(self, grace: float) -> float | None:
-        """When the beater must act on this branch's own deadline next (interrupt, then kill);
-        None once the driver stopped it (the driver kills it if it must), or once it was
-        interrupted and Celery's hard limit is what kills it."""
-        if self.deadline is None or self.stopped not in ("", "attempt"):
-            return None
-        if self.stopped and self.kill is None:
-            return None
-        return self.deadline + (grace if self.stopped else 0.0)
-
-
-class Beater:
-    """One thread per worker process: keeps the running branch's heartbeat alive and takes
-    stop requests from the process's inbox (the driver knows which process runs a branch
-    from its events), so nothing is set up or torn down per branch.
-
-    The beater stops every attempt at its own ``timeout_seconds``: a cooperative interrupt
-    (the cancel token, and the soft-limit exception in a prefork child); a task of its own that
-    ignores it is killed by Celery's hard limit, a batch item a grace later by ``kill`` (which
-    reports the item and sends the rest of the batch again) and SIGKILL of this process.
-
-    A branch whose caller's lease lapsed (a caller killed without a word) is interrupted as
-    an orphan, and if still running ``TEA_DIST_CANCEL_GRACE`` later, its task is revoked with
-    terminate, as its caller would have done: nothing it does after that happens."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)  # an attempt starts or ends
-        self.current: Watch | None = None
-        self.pid = 0
-        self.raises = False  # a prefork child: an interrupt raises the soft-limit exception
-
-    @contextmanager
-    def watching(self, watch: Watch) -> Iterator[Watch]:
-        with self.lock:
-            self.current = watch
-            self.changed.notify_all()
-            if self.pid != os.getpid():  # first use in this (forked) process
-                self.pid = os.getpid()
-                self.raises = _guard_soft_limit()
-                threading.Thread(target=self._loop, name="tea-dist-beater", daemon=True).start()
-        try:
-            yield watch
-        finally:
-            try:
-                with self.lock:  # after this, no interrupt can be sent for this branch
-                    self.current = None
-                    self.changed.notify_all()
-            finally:  # an interrupt's exception may land in the lines above: it still ends
-                self.current = None
-
-    def _loop(self) -> None:
-        settings = current_settings()
-        client = redis.Redis.from_url(settings.redis)  # its own connection: BLPOP blocks it
-        ttl = int(settings.heartbeat_ttl * 1000)
-        inbox = Keys(settings.key_prefix).worker_inbox(worker_id())
-        while True:
-            try:
-                watch = self.current
-                due = watch.due(settings.hard_limit_grace) if watch is not None else None
-                popped, wait = None, settings.heartbeat_seconds
-                if due is not None and due - time.monotonic() < wait:
-                    # its deadline comes before the next beat: waited for here (a blocking
-                    # pop's timeout is only as precise as the Redis server's tick, 100 ms)
-                    with self.changed:
-                        self.changed.wait_for(
-                            partial(self._moved_from, watch), due - time.monotonic()
-                        )
-                else:
-                    popped = client.blpop([inbox], timeout=wait)
-                    if popped and popped[1] == b"wake":  # an attempt with a deadline starts
-                        with self.changed:
-                            self.changed.wait_for(partial(self._moved_from, None), wait)
-                        continue
-                watch = self.current
-                if popped and watch is not None:
-                    target, _, reason = _text(popped[1]).rpartition(":")
-                    if target == watch.target:
-                        self._interrupt(watch, reason)
-                elif watch is not None:
-                    if watch.deadline is not None and time.monotonic() >= watch.deadline:
-                        self._overdue(watch, settings.hard_limit_grace)
-                    pipe = client.pipeline(transaction=False)
-                    for heartbeat in watch.heartbeats:
-                        pipe.set(heartbeat, worker_id(), px=ttl)
-                    pipe.exists(watch.lease)
-                    if not pipe.execute()[-1]:  # its caller went silent: stop the orphan
-                        self._orphaned(watch, settings.cancel_grace)
-                    if watch.renew is not None:
-                        watch.renew()
-            except redis.RedisError:  # a hiccup: the driver's heartbeat check covers it
-                time.sleep(settings.heartbeat_seconds)
-
-    def _moved_from(self, watch: Watch | None) -> bool:
-        """The branch watched is no longer ``watch`` (None: an attempt started)."""
-        return self.current is not watch
-
-    def _interrupt(self, watch: Watch, reason: str) -> None:
-        """Cancel cooperatively, then raise the soft-time-limit exception in the task."""
-        with self.lock:
-            if self.current is not watch:
-                return
-            watch.stopped = reason or "cancel"
-            watch.token.cancel()
-            if self.raises:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-    def _orphaned(self, watch: Watch, grace: float) -> None:
-        """The branch's caller is gone: interrupt it; one still running ``grace`` after its
-        interrupt (it swallowed it) is killed with its process, as its caller's revoke with
-        terminate would have (the pool replaces the process; every item of a batch ends)."""
-        if watch.orphaned is None:
-            watch.orphaned = time.monotonic()
-        self._interrupt(watch, "orphaned")
-        if watch.terminated or not watch.task or not self.raises:  # solo, threads: not killed
-            return
-        if time.monotonic() - watch.orphaned >= grace and self.current is watch:
-            watch.terminated = True
-            logger.warning(
-                "branch %s ignored its interrupt %.1fs after its caller went away: killed",
-                watch.target,
-                time.monotonic() - watch.orphaned,
-            )
-            app.control.revoke(watch.task, terminate=True, signal="SIGKILL")
-
-    def _overdue(self, watch: Watch, grace: float) -> None:
-        """A branch ran past its ``timeout_seconds``: interrupt it; a batch item still running
-        a grace later is reported and its process killed (Celery's hard limit kills a task of
-        its own)."""
-        if not watch.stopped:
-            self._interrupt(watch, "attempt")
-            return
-        due = watch.due(grace)
-        if watch.kill is None or due is None or time.monotonic() < due:
-            return
-        with self.lock:  # held to the end: the task cannot go on to its next item
-            if self.current is watch:
-                watch.kill()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
-BEATER = Beater()
-
-
-def _guard_soft_limit() -> bool:
-    """In a prefork child (billiard's soft-limit handler on SIGUSR1), the beater's interrupt
-    raises the soft-limit exception in the task, only while an attempt is watched: a signal
-    landing after the attempt is over is dropped. Elsewhere (solo or threads pool) an
-    interrupt is the cancel token alone. Called in the task's (main) thread."""
-    if signal.getsignal(signal.SIGUSR1) is not soft_timeout_sighandler:
-        return False
-
-    def interrupt(signum: int, frame: Any) -> None:
-        if BEATER.current is not None:
-            raise SoftTimeLimitExceeded()
-
-    signal.signal(signal.SIGUSR1, interrupt)
-    return True
 
 
 # -- the task -------------------------------------------------------------------------------
@@ -472,7 +208,7 @@ class FlowTask(Task):  # type: ignore[misc]
             return  # its outcome, reported already
         if not args or not isinstance(args[0], BranchMessage) or isinstance(exc, WorkerLostError):
             return  # a lost child's message is delivered again (reject_on_worker_lost)
-        branch = WorkerBranch.of(args[0], task_id)
+        branch = WorkerBranch.of(cluster_of(self.app), args[0], task_id)
         config = branch.message.config
         if isinstance(exc, TimeLimitExceeded) and branch.child_died():
             return  # not a timeout: its driver sees the heartbeat lapse and sends it again
@@ -490,9 +226,8 @@ class FlowTask(Task):  # type: ignore[misc]
             branch.again(delay).send(task_id)
 
 
-def message_options(message: BranchMessage) -> dict[str, Any]:
+def message_options(message: BranchMessage, settings: Settings) -> dict[str, Any]:
     """Celery options of a branch message: queue, time limits, what Flower shows."""
-    settings = current_settings()
     config = message.config
     options: dict[str, Any] = {
         "queue": config.queue or settings.flows_queue,
@@ -516,10 +251,9 @@ def message_options(message: BranchMessage) -> dict[str, Any]:
     return options
 
 
-def batch_options(items: list[tuple[str, BranchMessage]]) -> dict[str, Any]:
+def batch_options(items: list[tuple[str, BranchMessage]], settings: Settings) -> dict[str, Any]:
     """Celery options of a batch: its items' queue, what Flower shows, and a hard time limit
     only as a backstop (the beater stops each item at its own deadline)."""
-    settings = current_settings()
     first = items[0][1]
     config = first.config
     options: dict[str, Any] = {
@@ -544,12 +278,15 @@ def batch_options(items: list[tuple[str, BranchMessage]]) -> dict[str, Any]:
 class Again:
     """A branch the worker publishes again as a task of its own, ``countdown`` from now."""
 
+    cluster: Cluster
     message: BranchMessage
     countdown: float
 
     def send(self, task_id: str) -> None:
-        options = message_options(self.message)
-        run_flow.apply_async((self.message,), task_id=task_id, countdown=self.countdown, **options)
+        options = message_options(self.message, self.cluster.settings)
+        self.cluster.send(
+            FLOW_TASK, (self.message,), task_id=task_id, countdown=self.countdown, **options
+        )
 
 
 def _killed_at(limit: float | None) -> ErrorInfo:
@@ -564,6 +301,7 @@ def _killed_at(limit: float | None) -> ErrorInfo:
 class Batch:
     """A batch task's items (``(item id, message)``, run in order) and where it is."""
 
+    cluster: Cluster
     id: str
     items: list[tuple[str, BranchMessage]]
     heartbeat: str
@@ -586,7 +324,7 @@ class Batch:
         if held is not None:
             held.send(("delete", (self.heartbeat,)))
         else:
-            redis_for(current_settings().redis).delete(self.heartbeat)
+            self.cluster.client.delete(self.heartbeat)
 
     def cut(self, branch: WorkerBranch) -> None:
         """The item at ``position`` is being killed with this process: the items after it are
@@ -595,22 +333,23 @@ class Batch:
         if not rest:
             return
         batch = f"{self.id}~{self.position + 1}"
-        run_batch.apply_async((rest,), task_id=batch, **batch_options(rest))
+        options = batch_options(rest, self.cluster.settings)
+        self.cluster.send(BATCH_TASK, (rest,), task_id=batch, **options)
         for item, message in rest:
-            other = WorkerBranch.of(message, item)
+            other = WorkerBranch.of(self.cluster, message, item)
             other.publisher.requeued(batch)
             branch.publisher.events.extend(other.publisher.events)
 
 
 def run_branch(
-    message: BranchMessage, task_id: str, batch: Batch | None = None
+    cluster: Cluster, message: BranchMessage, task_id: str, batch: Batch | None = None
 ) -> Again | ParallelFlowResult | None:
     """Run one attempt of one branch (alone, or an item of ``batch``); its events and result
     go to the run's stream. Returns what must be published again (a retry, or a branch
     waiting for a limit's permit: it holds no worker slot meanwhile), else its result."""
-    branch = WorkerBranch.of(message, task_id, batch)
+    branch = WorkerBranch.of(cluster, message, task_id, batch)
     life, run = branch.life, branch.run
-    settings = current_settings()
+    settings = cluster.settings
     try:
         message.check_signature(settings.secret)
     except SignatureError as exc:  # refused, and its caller is told
@@ -628,7 +367,7 @@ def run_branch(
         if batch is not None:  # it leaves the batch: its driver must know
             branch.publisher.requeued(delay=countdown)
             branch.send(end=False)
-        return Again(message, countdown)
+        return Again(cluster, message, countdown)
     if first:
         run.admission = Admission(True, message.probe, CircuitState.CLOSED)
     keys = branch.keys
@@ -673,7 +412,7 @@ def run_branch(
         life.end(run, _ended(error))
         branch.send()  # its count stays: a copy delivered later is refused the same way
         return run.result
-    delay = life.end(run, _attempt(message, run, watch, batch.specs if batch else {}))
+    delay = life.end(run, _attempt(cluster, message, run, watch, batch.specs if batch else {}))
     if batch is not None and delay is None:
         batch.hold(branch)
         return run.result
@@ -699,16 +438,15 @@ class BranchRequest(Request):  # type: ignore[misc]
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         if isinstance(exc, WorkerLostError):
             with suppress(Exception):  # counting is best effort; the failure's handling is not
-                _count_crash(self.task.name, self.id, self.args)
+                _count_crash(cluster_of(self.task.app), self.task.name, self.id, self.args)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
-def _count_crash(task: str, task_id: str, args: Any) -> None:
-    settings = current_settings()
-    client, keys = redis_for(settings.redis), Keys(settings.key_prefix)
-    if task == "tea_dist.run_flow" and args and isinstance(args[0], BranchMessage):
+def _count_crash(cluster: Cluster, task: str, task_id: str, args: Any) -> None:
+    client, keys = cluster.client, cluster.keys
+    if task == FLOW_TASK and args and isinstance(args[0], BranchMessage):
         fanout, index = args[0].fanout, args[0].index
-    elif task == "tea_dist.run_batch" and args and args[0]:
+    elif task == BATCH_TASK and args and args[0]:
         item = client.get(keys.batch_item(task_id))
         if item is None:  # between items, or killed at an item's timeout: nobody to blame
             return
@@ -752,10 +490,10 @@ def _killed(branch: WorkerBranch, batch: Batch) -> None:
     branch.send(("delete", (batch.heartbeat,)), ("delete", (branch.keys.batch_item(batch.id),)))
 
 
-@app.task(
+@shared_task(
     bind=True,
     base=FlowTask,
-    name="tea_dist.run_flow",
+    name=FLOW_TASK,
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
@@ -764,7 +502,7 @@ def _killed(branch: WorkerBranch, batch: Batch) -> None:
 def run_flow(self: Any, message: BranchMessage) -> None:
     """Run one attempt of one branch; its events and result go to the run's stream. The
     task ends in the Celery state of its outcome (``report``)."""
-    outcome = run_branch(message, self.request.id)
+    outcome = run_branch(cluster_of(self.app), message, self.request.id)
     if isinstance(outcome, Again):
         raise self.retry(
             args=(outcome.message,),
@@ -774,10 +512,10 @@ def run_flow(self: Any, message: BranchMessage) -> None:
     report(self, [outcome])
 
 
-@app.task(
+@shared_task(
     bind=True,
     base=FlowTask,
-    name="tea_dist.run_batch",
+    name=BATCH_TASK,
     acks_late=True,
     reject_on_worker_lost=False,  # its driver sends the unfinished items again, once each
     ignore_result=True,
@@ -786,17 +524,17 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
     """Run a map's items one after another in this process, each through ``run_branch`` with
     its own id, result, retries, circuit accounting, permits and events; a retry or a permit
     wait leaves the batch as a task of its own."""
-    settings = current_settings()
+    cluster = cluster_of(self.app)
     first = items[0][1]
-    keys = Keys(settings.key_prefix)
-    batch = Batch(self.request.id, list(items), keys.batch_heartbeat(first.fanout, self.request.id))
+    heartbeat = cluster.keys.batch_heartbeat(first.fanout, self.request.id)
+    batch = Batch(cluster, self.request.id, list(items), heartbeat)
     results: list[ParallelFlowResult | None] = []
     try:
         for position, (item, message) in enumerate(batch.items):
             batch.position = position
             context = tracing.attach(message.trace)
             try:
-                outcome = run_branch(message, item, batch)
+                outcome = run_branch(cluster, message, item, batch)
             finally:
                 tracing.detach(context)
             if isinstance(outcome, Again):
@@ -805,22 +543,26 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
                 results.append(outcome)
     except BaseException:  # the batch is over: its driver sends the unstarted items again
         with suppress(redis.RedisError):
-            redis_for(settings.redis).delete(batch.heartbeat)
+            cluster.client.delete(batch.heartbeat)
         raise
     batch.flush()
     report(self, results)
 
 
 def _attempt(
-    message: BranchMessage, run: BranchRun, watch: Watch, specs: dict[str, GraphSpec]
+    cluster: Cluster,
+    message: BranchMessage,
+    run: BranchRun,
+    watch: Watch,
+    specs: dict[str, GraphSpec],
 ) -> AttemptOutcome:
     """Run the attempt while the beater watches it; soft limits become timeouts or cancels.
     ``specs``: branches already decoded (and their code checked) for this batch's items."""
     started = time.time()
     entry = message.node or message.branch
     try:
-        with BEATER.watching(watch):
-            spec = specs.get(entry) or decode_branch(message.graph, entry)
+        with BEATER.watching(watch, cluster):
+            spec = specs.get(entry) or decode_branch(message.graph, entry, cluster.settings)
             specs[entry] = spec
             task = BranchTask(
                 spec=spec,
@@ -859,15 +601,16 @@ def _revoked(sender: Any = None, request: Any = None, **info: Any) -> None:
     item of a batch: those already over are ignored by their driver)."""
     args = getattr(request, "args", None) or ()
     name = getattr(sender, "name", None)
-    if not args or name not in (run_flow.name, run_batch.name):
+    if not args or name not in (FLOW_TASK, BATCH_TASK):
         return
-    batched = name == run_batch.name
+    cluster = cluster_of(sender.app)
+    batched = name == BATCH_TASK
     items = args[0] if batched else [(request.id, args[0])]
     reason = "expired" if info.get("expired") else "revoked"
     for item, message in items:
         if not isinstance(message, BranchMessage):
             continue
-        branch = WorkerBranch.of(message, item)
+        branch = WorkerBranch.of(cluster, message, item)
         branch.publisher.batch = request.id if batched else ""
         why = f"the branch task was {reason} before it finished"
         branch.life.end(branch.run, _ended(ErrorInfo.cancelled(why)))
@@ -877,7 +620,7 @@ def _revoked(sender: Any = None, request: Any = None, **info: Any) -> None:
 @signals.task_prerun.connect
 def _enter_trace(task_id: str = "", task: Any = None, args: Any = (), **_: Any) -> None:
     """A branch task runs in its caller's trace: the branch span's context is current."""
-    if getattr(task, "name", None) == run_flow.name and args:
+    if getattr(task, "name", None) == FLOW_TASK and args:
         _TRACES[task_id] = tracing.attach(getattr(args[0], "trace", None))
 
 
@@ -892,7 +635,3 @@ _TRACES: dict[str, object | None] = {}  # task id -> its attached trace context
 def _ended(error: ErrorInfo, started: float | None = None) -> AttemptOutcome:
     now = time.time()
     return AttemptOutcome(False, None, started or now, now, error=error, worker=worker_id())
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

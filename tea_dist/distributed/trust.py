@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tea_dist.core.errors import FinalError, GraphError, NotAllowedError
+from tea_dist.distributed.settings import Settings
 
 ALWAYS_ALLOWED = ("tea_dist.policies.merge",)
 NO_SOURCE = "no-source"
@@ -70,11 +71,9 @@ class Allowlist:
         )
 
 
-def worker_allowlist() -> Allowlist:
-    """The allowlist of this process, from its settings (``TEA_DIST_ALLOWED``)."""
-    from tea_dist.distributed.celery_app import current_settings
-
-    return Allowlist(tuple(current_settings().allowed))
+def worker_allowlist(settings: Settings) -> Allowlist:
+    """The allowlist a worker of ``settings`` applies (``TEA_DIST_ALLOWED``)."""
+    return Allowlist(tuple(settings.allowed))
 
 
 # -- fingerprints --
@@ -182,23 +181,24 @@ def import_checked(module_name: str) -> Any:
 # -- YAML agents --
 
 
-def agents_dir() -> Path:
-    """Where YAML agents live: ``TEA_DIST_AGENTS_DIR``, else the working directory."""
-    from tea_dist.distributed.celery_app import current_settings
+def agents_dir(settings: Settings | None = None) -> Path:
+    """Where YAML agents live: ``TEA_DIST_AGENTS_DIR`` (``settings``, else the environment's),
+    else the working directory."""
+    folder = (settings or Settings()).agents_dir
+    return Path(folder or os.getcwd()).resolve()
 
-    return Path(current_settings().agents_dir or os.getcwd()).resolve()
 
+def agent_ref(path: str | Path, settings: Settings | None = None) -> str:
+    """The caller's name for an agent: its path relative to the agents directory of
+    ``settings`` (a cluster's; None: the environment's, before any cluster is chosen).
 
-def agent_ref(path: str | Path) -> str:
-    """The caller's name for an agent: its path relative to the agents directory.
-
-    An agent outside it is fine when this process will start a private cluster (no agents
-    directory, no broker named, no ``tea-dist cluster`` running): that cluster serves the
-    folders of the agents compiled here (``private_agents_dir``)."""
-    base, file = agents_dir(), Path(path).resolve()
+    An agent outside it is fine when this process will start a private cluster (no cluster
+    given, no agents directory, no broker named, no ``tea-dist cluster`` running): that cluster
+    serves the folders of the agents compiled here (``private_agents_dir``)."""
+    base, file = agents_dir(settings), Path(path).resolve()
     if file.is_relative_to(base):
         return file.relative_to(base).as_posix()
-    if _private_cluster_ahead():
+    if settings is None and _private_cluster_ahead():
         _agent_folders.add(str(file.parent))
         return file.relative_to(file.parent).as_posix()
     raise GraphError(
@@ -213,9 +213,9 @@ _agent_folders: set[str] = set()
 
 def _private_cluster_ahead() -> bool:
     from tea_dist.distributed.advert import advertised
-    from tea_dist.distributed.celery_app import current_settings, explicitly_configured
 
-    if current_settings().agents_dir or explicitly_configured():
+    settings = Settings()
+    if settings.agents_dir or settings.names_broker:
         return False
     return advertised() is None
 
@@ -228,9 +228,9 @@ def private_agents_dir() -> str | None:
     return os.path.commonpath([os.getcwd(), *_agent_folders])
 
 
-def agent_path(ref: str) -> Path:
+def agent_path(ref: str, settings: Settings) -> Path:
     """The worker's file for an agent ``ref``; ``NotAllowedError`` if it leaves the directory."""
-    base = agents_dir()
+    base = agents_dir(settings)
     path = (base / ref).resolve()
     if Path(ref).is_absolute() or not path.is_relative_to(base):
         raise NotAllowedError(

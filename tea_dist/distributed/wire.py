@@ -24,6 +24,7 @@ from tea_dist.core.errors import GraphError, SerializationError, StateTooLargeEr
 from tea_dist.core.graph import Conditional, FanOut, GraphSpec, MapItems, Node
 from tea_dist.core.references import resolve
 from tea_dist.core.yaml_code import InlineCode
+from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.trust import (
     Allowlist,
     CodeMismatchError,
@@ -69,12 +70,15 @@ def import_callable(path: str) -> Callable[..., Any]:
     return resolve(path)  # type: ignore[no-any-return]
 
 
-def encode_branch(spec: GraphSpec, branch: str, fan_in: str) -> dict[str, Any]:
-    """The JSON description of the part of ``spec`` a branch runs, with its code fingerprint."""
+def encode_branch(
+    spec: GraphSpec, branch: str, fan_in: str, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The JSON description of the part of ``spec`` a branch runs, with its code fingerprint
+    (a YAML agent named relative to the agents directory of ``settings``, the cluster's)."""
     if spec.origin and "yaml" in spec.origin:
         modules = yaml_uses_modules(Path(spec.origin["yaml"]).read_bytes())
         return {
-            "yaml": agent_ref(spec.origin["yaml"]),
+            "yaml": agent_ref(spec.origin["yaml"], settings),
             "sha256": spec.origin["sha256"],
             "name": spec.name,
             "code": fingerprint(modules),
@@ -162,19 +166,17 @@ def yaml_uses_modules(raw: bytes) -> set[str]:
     return {u.partition(":")[0] for u in uses if isinstance(u, str) and u}
 
 
-def decode_branch(
-    data: Mapping[str, Any], entry: str, allowlist: Allowlist | None = None
-) -> GraphSpec:
-    """The ``GraphSpec`` a worker runs for an encoded branch.
+def decode_branch(data: Mapping[str, Any], entry: str, settings: Settings) -> GraphSpec:
+    """The ``GraphSpec`` a worker of ``settings`` runs for an encoded branch.
 
-    Nothing is imported before every module the message names passes ``allowlist`` (this
-    worker's, by default): a refused one raises ``NotAllowedError`` naming it; a module whose
-    source differs from the caller's raises ``CodeMismatchError``; anything else that stops
-    the branch from loading raises ``GraphError``.
+    Nothing is imported before every module the message names passes the worker's
+    allowlist: a refused one raises ``NotAllowedError`` naming it; a module whose source
+    differs from the caller's raises ``CodeMismatchError``; anything else that stops the
+    branch from loading raises ``GraphError``.
     """
-    allowlist = allowlist if allowlist is not None else worker_allowlist()
+    allowlist = worker_allowlist(settings)
     if "yaml" in data:
-        return load_checked_yaml(data["yaml"], data["sha256"], data.get("code"), allowlist)
+        return load_checked_yaml(data["yaml"], data["sha256"], data.get("code"), settings)
     paths = _callable_paths(data)
     for path in paths:
         allowlist.check(path)
@@ -212,13 +214,11 @@ def _check_code(code: Any, needed: set[str], allowlist: Allowlist) -> None:
         )
 
 
-def load_checked_yaml(
-    ref: str, sha256: str, code: Any = None, allowlist: Allowlist | None = None
-) -> GraphSpec:
-    """Load a YAML agent found under the agents directory, refusing a file whose hash differs
-    from the caller's and ``uses:`` modules the allowlist does not name."""
-    allowlist = allowlist if allowlist is not None else worker_allowlist()
-    path = agent_path(ref)
+def load_checked_yaml(ref: str, sha256: str, code: Any, settings: Settings) -> GraphSpec:
+    """Load a YAML agent found under the agents directory of ``settings``, refusing a file
+    whose hash differs from the caller's and ``uses:`` modules the allowlist does not name."""
+    allowlist = worker_allowlist(settings)
+    path = agent_path(ref, settings)
     try:
         raw = path.read_bytes()
     except OSError as exc:

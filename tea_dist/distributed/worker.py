@@ -42,7 +42,7 @@ def worker_argv(
     queues: str | None = None,
     loglevel: str = "INFO",
 ) -> list[str]:
-    """``celery worker`` arguments for a role (``-A tea_dist.distributed.celery_app`` included)."""
+    """``celery worker`` arguments for a role (``-A tea_dist.distributed.worker_app`` included)."""
     if role not in ROLES:
         raise ConfigError(f"unknown worker role '{role}'; roles: {', '.join(ROLES)}, all")
     _ = settings.redis  # a worker keeps tea_dist's state in Redis: ConfigError if none is named
@@ -50,7 +50,7 @@ def worker_argv(
     queue = queues or (settings.flows_queue if role == "flows" else settings.runs_queue)
     return [
         "-A",
-        "tea_dist.distributed.celery_app",
+        "tea_dist.distributed.worker_app",
         "worker",
         "--pool",
         pool,
@@ -170,7 +170,7 @@ def spawn_flower(
     ``FLOWER_BASIC_AUTH`` environment variable, never its command line, which every user of
     the machine can read with ``ps``; the broker URL travels in the environment as well.
     """
-    argv = [sys.executable, "-m", "celery", "-A", "tea_dist.distributed.celery_app", "flower"]
+    argv = [sys.executable, "-m", "celery", "-A", "tea_dist.distributed.worker_app", "flower"]
     argv += [f"--port={port}", "--address=127.0.0.1"]
     env = {**os.environ, **settings_env(settings)}
     if auth:

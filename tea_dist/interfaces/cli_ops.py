@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tea_dist.distributed.settings import get_settings, redact
+from tea_dist.distributed.settings import redact
 from tea_dist.interfaces.common import (
     EXIT_RUN_FAILED,
     EXIT_USAGE,
@@ -53,17 +53,12 @@ AllowOpt = Annotated[
 ]
 
 
-def allow_env(allow: list[str] | None) -> str:
-    """``TEA_DIST_ALLOWED`` with ``--allow`` values added; set in this process's environment,
-    so the worker it becomes (or starts) reads it like any other setting, and so do this
-    process's settings (read before, at import: a local cluster's workers get them)."""
-    entries = [e for e in os.environ.get("TEA_DIST_ALLOWED", "").split(",") if e.strip()]
+def allowed_with(base: tuple[str, ...], allow: list[str] | None) -> tuple[str, ...]:
+    """``base`` (what the settings allow) with the ``--allow`` values added, in order."""
+    entries = list(base)
     for value in allow or ():
         entries += [e.strip() for e in value.split(",") if e.strip()]
-    joined = ",".join(dict.fromkeys(entries))
-    os.environ["TEA_DIST_ALLOWED"] = joined
-    get_settings.cache_clear()
-    return joined
+    return tuple(dict.fromkeys(entries))
 
 
 def read_secret(value: str, option: str) -> str:
@@ -99,7 +94,7 @@ def worker(
     The worker imports only callables from the modules and packages that --allow and
     TEA_DIST_ALLOWED name (plus tea_dist's own helpers), whatever a message asks for.
     """
-    from tea_dist.distributed.local_cluster import client_settings
+    from tea_dist.distributed.local_cluster import client_cluster
     from tea_dist.distributed.worker import (
         die_with_parent,
         serve_metrics,
@@ -110,7 +105,8 @@ def worker(
     roles = ["flows", "runs"] if role == "all" else [role]
     single_name = name if len(roles) == 1 else None
     with reporting(False):
-        settings = client_settings()
+        settings = client_cluster().settings
+        settings = settings.with_overrides(allowed=allowed_with(settings.allowed, allow))
         argvs = [
             [
                 sys.executable,
@@ -127,19 +123,18 @@ def worker(
             ]
             for r in roles
         ]
-    os.environ.update(settings_env(settings))  # the advertised cluster's broker, if used
-    allowed = allow_env(allow)  # after: --allow adds to what the settings allow
+    allowed = ",".join(settings.allowed)
     typer.echo(
         f"tea-dist worker {role} on {redact(settings.broker)}, allowing "
         f"{allowed or 'only tea_dist helpers'}",
         err=True,
     )
-    env = dict(os.environ)
+    env = {**os.environ, **settings_env(settings)}  # the worker processes' own environment
     if metrics_port:  # this process stays, serving what the worker processes record
         with reporting(False):
             env.update(serve_metrics(settings, role, metrics_port, queues))
-    elif len(argvs) == 1:
-        os.execv(sys.executable, argvs[0])  # the worker becomes this process (signals, PID 1)
+    elif len(argvs) == 1:  # the worker becomes this process (signals, PID 1)
+        os.execve(sys.executable, argvs[0], env)
     children = [subprocess.Popen(argv, env=env, preexec_fn=die_with_parent()) for argv in argvs]
 
     def forward(signum: int, _frame: Any) -> None:
@@ -155,11 +150,10 @@ def worker(
 @app.command("worker-ping")
 def worker_ping(role: RoleOpt = "flows", timeout: float = 5.0) -> None:
     """Exit 0 when this host's worker of ROLE answers a ping (a container health check)."""
-    from tea_dist.distributed.celery_app import app as celery
-    from tea_dist.distributed.local_cluster import client_settings
+    from tea_dist.distributed.local_cluster import client_cluster
 
     with reporting(False):
-        client_settings()
+        celery = client_cluster().app
     target = f"{role}@{socket.gethostname()}"
     replies = celery.control.ping(destination=[target], timeout=timeout)
     if not replies:
@@ -302,13 +296,10 @@ def circuits(
     debug: DebugOpt = False,
 ) -> None:
     """List the shared circuits in Redis with their state, or reset them."""
-    from tea_dist.distributed.breaker_redis import RedisBreakerStore
-    from tea_dist.distributed.keys import Keys
-    from tea_dist.distributed.local_cluster import client_settings
+    from tea_dist.distributed.local_cluster import client_cluster
 
     with reporting(debug):
-        settings = client_settings()
-        store = RedisBreakerStore(settings.redis, Keys(settings.key_prefix))
+        store = client_cluster().stores.breakers
         if reset and reset not in (known := store.states()):
             names = ", ".join(sorted(known)) or "none"
             fail(f"no circuit '{reset}' (known circuits: {names})", EXIT_USAGE)
@@ -329,13 +320,10 @@ def limits(
     debug: DebugOpt = False,
 ) -> None:
     """List the resource limits in Redis with permits held and waiting, or reset one."""
-    from tea_dist.distributed.celery_app import current_settings
-    from tea_dist.distributed.keys import Keys
-    from tea_dist.distributed.limits_redis import RedisLimitStore
+    from tea_dist.distributed.local_cluster import client_cluster
 
     with reporting(debug):
-        settings = current_settings()
-        store = RedisLimitStore(settings.redis, Keys(settings.key_prefix))
+        store = client_cluster().stores.limits
         if reset:
             known = store.reset(reset)
             typer.echo(f"{reset}: {'reset' if known else 'nothing held or waiting'}")
@@ -389,10 +377,10 @@ def cluster(
     if not 0 <= flower_port <= 65535:
         fail(f"--flower-port must be between 0 (no Flower) and 65535, got {flower_port}")
     auth = read_secret(flower_auth, "--flower-auth") if flower_auth else None
-    allow_env(allow)
     with interruptible():
         with reporting(debug, EXIT_USAGE):
             local = LocalCluster(
+                allowed=allowed_with((), allow),
                 flow_workers=workers,
                 concurrency=concurrency,
                 flower_port=flower_port or None,
