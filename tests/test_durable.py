@@ -349,12 +349,12 @@ def test_i13_a_stale_driver_is_fenced_out(cluster: Any) -> None:
     run = WorkflowRun(uuid.uuid4().hex)
     queue = f"tea.runs.fence.{cluster.tag}"
     run.client.hset(run.key, mapping={"status": "pending", "graph": "g", "queue": queue})
-    first = durable.claim(run.run_id, queue, "start")
-    assert first is not None and durable.claim(run.run_id, queue, "start") is None
+    first = durable.claim(run.cluster, run.run_id, queue, "start")
+    assert first is not None and durable.claim(run.cluster, run.run_id, queue, "start") is None
     first.append([{"event": "graph", "data": json.dumps({"type": "state"})}], steps=1)
-    assert durable.claim(run.run_id, queue, "resume") is None  # its lease is alive
+    assert durable.claim(run.cluster, run.run_id, queue, "resume") is None  # its lease is alive
     run.client.delete(run.keys.run_owner(run.run_id))  # it stalls: its lease lapses
-    second = durable.claim(run.run_id, queue, "resume")
+    second = durable.claim(run.cluster, run.run_id, queue, "resume")
     assert second is not None and second.previous == first.worker
 
     with pytest.raises(Detached):
@@ -365,7 +365,7 @@ def test_i13_a_stale_driver_is_fenced_out(cluster: Any) -> None:
     assert second.finish({"status": "succeeded", "result": "{}"})
     assert run.status() == "succeeded"
     assert [e["type"] for e in run.events()] == ["state", "final"]
-    assert durable.claim(run.run_id, queue, "resume") is None  # over: nobody takes it
+    assert durable.claim(run.cluster, run.run_id, queue, "resume") is None  # over: nobody takes it
 
 
 def test_i13_a_run_worker_that_wakes_up_after_the_hand_over_stops(cluster: Any) -> None:

@@ -29,6 +29,7 @@ from tea_dist.core import references
 from tea_dist.core.errors import GraphError, NotAllowedError, RunFailedError
 from tea_dist.core.references import resolve
 from tea_dist.distributed.trust import Allowlist, fingerprint
+from tea_dist.distributed.cluster import explicit_settings
 from tea_dist.distributed.wire import decode_branch, encode_branch
 from tests import boundary_nodes as bn
 from tests.test_security import one_node_graph, send_branch_message
@@ -123,6 +124,7 @@ def _reachable_names(module: ModuleType) -> list[str]:
 
 FUZZ_MODULES = [ALLOWED, "tea_dist.policies.merge", "tests.nodes"]
 ALLOW = Allowlist((ALLOWED, "tests.nodes"))
+WORKER = explicit_settings(allowed=ALLOW.entries)  # a worker allowing just that
 NAMES = sorted(
     {f"{m}:{n}" for m in FUZZ_MODULES for n in _reachable_names(importlib.import_module(m))}
 )
@@ -214,7 +216,7 @@ def test_i3a_fuzz_mutated_branch_messages_run_nothing_outside_the_allowlist(
             }
     imports.clear()
     try:
-        spec = decode_branch(data, "a", ALLOW)
+        spec = decode_branch(data, "a", WORKER)
     except (GraphError, KeyError, TypeError, ValueError):
         spec = None
     assert all(ALLOW.allows(name) for name in imports), imports
@@ -410,12 +412,12 @@ def test_i3a_a_run_config_over_the_size_limit_fails_before_anything_is_sent(
     caller says so first, naming it, instead of sending what will be refused."""
     from tea_dist import ParallelConfig
     from tea_dist.core.errors import StateTooLargeError
-    from tea_dist.distributed import local_cluster
+    from tea_dist import Cluster
     from tests import celery_nodes as cn
     from tests.nodes import fan_graph
 
-    settings = cluster.settings().with_overrides(max_state_bytes=1000)
-    monkeypatch.setattr(local_cluster, "driver_settings", lambda: settings)
+    small = Cluster(settings=cluster.settings().with_overrides(max_state_bytes=1000))
     graph = fan_graph({"a": cn.whoami}, config=ParallelConfig(strategy="celery"))
+    compiled = graph.compile(cluster=small)
     with pytest.raises(StateTooLargeError, match=r"run config of 'a'.*TEA_DIST_MAX_STATE_BYTES"):
-        list(graph.compile().invoke({"value": 1}, {"blob": "x" * 2000}, raise_exceptions=True))
+        list(compiled.invoke({"value": 1}, {"blob": "x" * 2000}, raise_exceptions=True))

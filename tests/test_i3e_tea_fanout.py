@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tea_dist.core.errors import ConfigError, GraphError
 from tea_dist.interfaces.tea import YAMLEngine
@@ -190,3 +191,20 @@ def test_tracing_sends_every_event_and_unknown_exporters_are_refused(tmp_path: P
     with pytest.raises(ConfigError, match=r"trace_exporter 'opik' has no tea_dist equivalent"):
         YAMLEngine(trace_exporter="opik")
     assert YAMLEngine(enable_tracing=False, trace_exporter="opik") is not None
+
+
+def test_a_dynamic_parallel_subgraph_runs_the_other_agent_on_each_item(tmp_path: Path) -> None:
+    other = {
+        "name": "double",
+        "nodes": [{"name": "double", "run": "return {'doubled': state['n'] * 2}"}],
+        "edges": [
+            {"from": "__start__", "to": "double"},
+            {"from": "double", "to": "__end__"},
+        ],
+    }
+    (tmp_path / "double.yaml").write_text(yaml.safe_dump(other))
+    doc = dynamic(items="{{ state.xs }}", subgraph=str(tmp_path / "double.yaml"))
+    doc["nodes"][0]["input"] = {"n": "{{ state.item }}"}
+    graph = YAMLEngine().load_from_dict(on("thread", doc))
+    results = final_state(list(graph.invoke({"xs": [1, 2, 3]})))["parallel_results"]
+    assert [r.state["doubled"] for r in results] == [2, 4, 6]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import json
 from tea_dist import ParallelConfig
-from tests.cluster import current_settings
+from tea_dist.distributed.local_cluster import default_cluster
 from tea_dist.distributed.local_cluster import ensure_cluster
 from tests import celery_nodes as cn
 from tests.nodes import fan_graph
@@ -31,7 +31,7 @@ app = fan_graph({"a": cn.whoami, "b": cn.whoami}, config=ParallelConfig(strategy
                 fan_in=cn.collect).compile()
 events = list(app.invoke({"value": 1}))
 folder = str(ensure_cluster().workdir)  # the cluster this run started
-print(json.dumps({"state": events[-1]["state"], "broker": current_settings().broker,
+print(json.dumps({"state": events[-1]["state"], "broker": default_cluster().settings.broker,
                   "folder": folder}))
 """
 

@@ -301,9 +301,8 @@ def test_item6_cancel_of_a_finished_or_unknown_run_says_so(advertised: Advertise
 def test_item6_app_submit_uses_the_advertised_cluster(advertised: Advertised) -> None:
     code = (
         "from tea_dist import submit\n"
-        "from tests.cluster import current_settings\n"
         "run = submit('tests.apps_graphs:quick', {'value': 2})\n"
-        "print(run.result(timeout=30)['total'], current_settings().broker)\n"
+        "print(run.result(timeout=30)['total'], run.cluster.settings.broker)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],

@@ -38,6 +38,7 @@ from tea_dist.distributed.trust import (
     NotAllowedError,
     fingerprint,
 )
+from tea_dist.distributed.cluster import explicit_settings
 from tea_dist.distributed.wire import decode_branch, encode_branch
 from tests import celery_nodes as cn
 from tests import nodes
@@ -206,7 +207,7 @@ def test_refused_callable_is_never_imported(tmp_path: Path) -> None:
         data = one_node_graph("tests.nodes:double")
         data["nodes"]["a"]["run"] = f"{name}:node"
         with pytest.raises(NotAllowedError) as info:
-            decode_branch(data, "a", Allowlist(("tests",)))
+            decode_branch(data, "a", explicit_settings(allowed=("tests",)))
     finally:
         sys.path.remove(str(tmp_path))
     message = str(info.value)
@@ -340,7 +341,7 @@ def test_fingerprint_mismatch_is_refused_naming_the_module() -> None:
         "a",
         "merge",
     )
-    allow = Allowlist(("tests",))
+    allow = explicit_settings(allowed=("tests",))
     assert set(data["code"]["modules"]) == {"tests.nodes"}
     decode_branch(data, "a", allow)  # the same code: accepted
 
@@ -446,7 +447,7 @@ def test_yaml_agent_outside_the_agents_dir_fails_at_compile() -> None:
 def test_yaml_agent_ref_cannot_leave_the_agents_dir(ref: str) -> None:
     data = {"yaml": ref, "sha256": "0" * 64, "name": "x", "code": fingerprint([])}
     with pytest.raises(NotAllowedError, match="inside TEA_DIST_AGENTS_DIR"):
-        decode_branch(data, "a", Allowlist(("tests",)))
+        decode_branch(data, "a", explicit_settings(allowed=("tests",)))
 
 
 def test_yaml_agent_uses_pass_the_allowlist() -> None:
@@ -456,7 +457,8 @@ def test_yaml_agent_uses_pass_the_allowlist() -> None:
     from tea_dist.distributed.trust import agents_dir
 
     text = AGENT.replace("tests.nodes:add_one", "logging.config:dictConfig")
-    folder = agents_dir() / f".sec-{uuid.uuid4().hex[:8]}"
+    worker = explicit_settings(allowed=("tests",))
+    folder = agents_dir(worker) / f".sec-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     try:
         (folder / "agent.yaml").write_text(text)
@@ -468,7 +470,7 @@ def test_yaml_agent_uses_pass_the_allowlist() -> None:
             "code": fingerprint(["logging.config"]),
         }
         with pytest.raises(NotAllowedError) as info:
-            decode_branch(data, "a", Allowlist(("tests",)))
+            decode_branch(data, "a", worker)
     finally:
         shutil.rmtree(folder)
     assert f"'uses:' of the YAML agent '{ref}'" in str(info.value)

@@ -167,7 +167,7 @@ class Cluster:
 
     def send(self, name: str, args: tuple[Any, ...], **options: Any) -> Any:
         """Send tea_dist's task ``name``: JSON whatever the app's own serializer setting."""
-        return self.app.send_task(name, args, serializer="json", **options)
+        return self.app.send_task(name, args, **{"serializer": "json", **options})
 
     @contextlib.contextmanager
     def producer(self) -> Iterator[Any]:

@@ -44,7 +44,7 @@ from celery.worker.request import Request
 
 from tea_dist.core.errors import GraphError, QuarantinedError, SerializationError
 from tea_dist.core.graph import GraphSpec
-from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
+from tea_dist.core.results import Outcome, ParallelFlowResult
 from tea_dist.distributed.beater import BEATER, Watch
 from tea_dist.distributed.cluster import Cluster, cluster_of
 from tea_dist.distributed.keys import Keys
@@ -55,16 +55,13 @@ from tea_dist.distributed.signing import SignatureError
 from tea_dist.distributed.wire import decode_branch, first_unjsonable
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
 from tea_dist.engine.lifecycle import (
-    SYSTEM_CLOCK,
     BranchRun,
     Lifecycle,
     build_result,
-    total_deadline,
 )
 from tea_dist.engine.runtime import Runtime
 from tea_dist.observe import tracing
 from tea_dist.observe.events import Dispatcher
-from tea_dist.policies.breaker import Admission
 
 logger = logging.getLogger("tea_dist.worker")
 
@@ -108,19 +105,14 @@ class WorkerBranch:
             message.run_config,
             node=message.node,
         )
-        run = BranchRun(
-            index=message.index,
-            task=task,
-            config=message.config,
-            ctx=replace(runtime.context(task, message.config), circuit=message.circuit),
-            # its own copy: the message stays as sent (a branch waiting for a permit is sent
-            # again as it came); errors are replaced or appended, never changed in place
-            state=message.attempt.model_copy(update={"errors": list(message.attempt.errors)}),
-            deadline=total_deadline(message.config, message.attempt.dispatched_at, SYSTEM_CLOCK),
+        ctx = replace(runtime.context(task, message.config), circuit=message.circuit)
+        # the message stays as sent (a branch waiting for a permit is sent again as it came)
+        life = Lifecycle.for_message(
+            message.index, task, message.config, ctx, message.attempt, runtime
         )
+        run = life.runs[0]
         publisher = StreamPublisher(message, run, task_id, batch.id if batch else "")
         dispatcher.listen(publisher)
-        life = Lifecycle([run], runtime)
         return cls(cluster, message, life, run, publisher, keys, client, batch)
 
     def again(self, delay: float) -> Again:
@@ -216,7 +208,7 @@ class FlowTask(Task):  # type: ignore[misc]
             error = _killed_at(config.timeout_seconds)
         else:
             error = ErrorInfo.from_exception(exc)
-        branch.run.admission = Admission(True, branch.message.probe, CircuitState.CLOSED)
+        branch.life.admitted_elsewhere(branch.run, branch.message.probe)
         branch.life.begin(branch.run)
         now = time.time()
         outcome = AttemptOutcome(False, None, now, now, error=error, worker=worker_id())
@@ -368,8 +360,8 @@ def run_branch(
             branch.publisher.requeued(delay=countdown)
             branch.send(end=False)
         return Again(cluster, message, countdown)
-    if first:
-        run.admission = Admission(True, message.probe, CircuitState.CLOSED)
+    if first:  # its driver asked the circuit; its outcome is recorded here
+        life.admitted_elsewhere(run, message.probe)
     keys = branch.keys
     watch = Watch(
         (keys.heartbeat(message.fanout, message.index),),

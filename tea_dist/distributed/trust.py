@@ -182,10 +182,20 @@ def import_checked(module_name: str) -> Any:
 
 
 def agents_dir(settings: Settings | None = None) -> Path:
-    """Where YAML agents live: ``TEA_DIST_AGENTS_DIR`` (``settings``, else the environment's),
-    else the working directory."""
-    folder = (settings or Settings()).agents_dir
+    """Where YAML agents live: ``TEA_DIST_AGENTS_DIR`` (of ``settings``, else of the default
+    cluster named by ``Cluster.as_default()``, else of the environment), else the working
+    directory."""
+    folder = (settings or _caller_settings()).agents_dir
     return Path(folder or os.getcwd()).resolve()
+
+
+def _caller_settings() -> Settings:
+    """The settings a caller compiles under before it picks a cluster: those of an open
+    ``Cluster.as_default()`` block, else the environment's."""
+    from tea_dist.distributed.cluster import Cluster
+
+    default = Cluster.current_default()
+    return default.settings if default is not None else Settings()
 
 
 def agent_ref(path: str | Path, settings: Settings | None = None) -> str:
@@ -213,9 +223,10 @@ _agent_folders: set[str] = set()
 
 def _private_cluster_ahead() -> bool:
     from tea_dist.distributed.advert import advertised
+    from tea_dist.distributed.cluster import Cluster
 
     settings = Settings()
-    if settings.agents_dir or settings.names_broker:
+    if Cluster.current_default() is not None or settings.agents_dir or settings.names_broker:
         return False
     return advertised() is None
 

@@ -9,7 +9,6 @@ functions here, so a YAML agent file alone says what runs (Celery workers load t
 - ``each_result``: a ``parallel_each`` or ``matrix`` branch's result, shaped as TEA shapes it
   (``{"item", "index", "result"}`` or ``{"matrix", "result"}``);
 - ``call_action``: an action named by ``module:callable``, with TEA's ``with:`` and ``output``;
-- ``subgraph``: another agent file run to its end on a branch's input.
 
 ``ActionCall`` is an action from ``YAMLEngine(actions_registry=...)``: a Python callable, so it
 runs on the thread, asyncio and process strategies (the process strategy sends it by value)
@@ -20,14 +19,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-from tea_dist.core.errors import NodeError
 from tea_dist.core.references import resolve
 from tea_dist.interfaces.tea.templates import render, render_params
 
-__all__ = ["ActionCall", "call_action", "data", "each_result", "items", "subgraph"]
+__all__ = ["ActionCall", "call_action", "data", "each_result", "items"]
 
 
 def data(text: str) -> Any:
@@ -114,24 +111,3 @@ class ActionCall:
 
     def __repr__(self) -> str:
         return f"<action {self.name!r} from YAMLEngine(actions_registry=...)>"
-
-
-def subgraph(
-    path: str,
-    mapping: Mapping[str, Any],
-    state: Mapping[str, Any],
-    variables: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Run the agent file ``path`` on the input ``mapping`` gives (templates rendered for
-    ``state``); its final state. Its failure fails the branch, naming the file."""
-    from tea_dist.interfaces.tea.yaml_engine import YAMLEngine
-
-    graph = YAMLEngine().load_from_file(Path(path))
-    start = render_params(dict(mapping), state, variables)
-    final: dict[str, Any] = {}
-    for event in graph.invoke(start):
-        if event.get("type") == "final":
-            final = event.get("state") or {}
-        elif event.get("type") == "error":
-            raise NodeError(f"subgraph {path}: {event.get('error') or 'failed'}")
-    return final

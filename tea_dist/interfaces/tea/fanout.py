@@ -336,8 +336,9 @@ class _Translator:
             path = Path(str(node["subgraph"]))
             path = path if path.is_absolute() else self.base / path
             mapping = _literal(node.get("input") or {})
-            call = f"_tea.subgraph({str(path)!r}, {mapping}, state, variables)"
-            body = [{"name": name, "run": _code(f"return {call}")}]
+            call = f"_subgraph({str(path)!r}, {mapping}, state, variables)"
+            load = "from tea_dist.interfaces.tea.yaml_engine import subgraph as _subgraph"
+            body = [{"name": name, "run": _code(load, f"return {call}")}]
         return _chain(body, fan_in)
 
     def _own_body(self, node: dict[str, Any], name: str, fan_in: str, kind: str) -> list[dict]:

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from tea_dist.core.config import ParallelConfig
-from tea_dist.core.errors import ConfigError, YAMLError
+from tea_dist.core.errors import ConfigError, NodeError, YAMLError
 from tea_dist.core.graph import Node
 from tea_dist.core.graph import StateGraph as _StateGraph
 from tea_dist.core.yaml_loader import load_yaml
@@ -43,6 +43,7 @@ from tea_dist.distributed.trust import agents_dir
 from tea_dist.interfaces.tea.branches import ActionCall
 from tea_dist.interfaces.tea.fanout import Translation, kind_of, translate
 from tea_dist.interfaces.tea.graph import StateGraph
+from tea_dist.interfaces.tea.templates import render_params
 
 TRACE_EXPORTERS = ("console", "callback", "file")
 
@@ -203,3 +204,22 @@ def _print_event(event: dict[str, Any]) -> None:
 def _append_json_line(path: Path, event: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(event, default=str) + "\n")
+
+
+def subgraph(
+    path: str,
+    mapping: Mapping[str, Any],
+    state: Mapping[str, Any],
+    variables: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Run the agent file ``path`` on the input ``mapping`` gives (templates rendered for
+    ``state``); its final state. Its failure fails the branch, naming the file."""
+    graph = YAMLEngine().load_from_file(Path(path))
+    start = render_params(dict(mapping), state, variables)
+    final: dict[str, Any] = {}
+    for event in graph.invoke(start):
+        if event.get("type") == "final":
+            final = event.get("state") or {}
+        elif event.get("type") == "error":
+            raise NodeError(f"subgraph {path}: {event.get('error') or 'failed'}")
+    return final
