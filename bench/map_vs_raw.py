@@ -59,12 +59,12 @@ ray.shutdown()
 """
 
 
-def noop_map(queue: str, name: str, **options: Any) -> StateGraph:
-    """start -> ``noop`` per item of ``docs`` -> ``count``; ``options`` of the map (none: its
+def bench_map(queue: str, name: str, work: Any = bn.noop, **options: Any) -> StateGraph:
+    """start -> ``work`` per item of ``docs`` -> ``count``; ``options`` of the map (none: its
     defaults, what a user who writes a first map gets)."""
     g = StateGraph({"docs": list}, name=name)
     g.add_node("start", run=bn.start)
-    g.add_node("work", run=bn.noop)
+    g.add_node("work", run=work)
     g.add_fanin_node("merge", run=bn.count)
     config = ParallelConfig(strategy="celery", queue=queue)
     g.add_parallel_map("start", "work", "merge", "docs", config=config, **options)
@@ -82,6 +82,14 @@ def tea_map(app: Any, n: int) -> Callable[[], list[str]]:
         return []
 
     return run
+
+
+def header(load_before: float) -> str:
+    """The command and the machine, above a bench's tables."""
+    return (
+        f"command: {command_line()}\nmachine: {os.cpu_count()} cores, Redis {REDIS_URL}, "
+        f"load average at start {load_before:.2f}, at end {os.getloadavg()[0]:.2f}\n"
+    )
 
 
 def ray_times(python: str, n: int, reps: int) -> list[float]:
@@ -106,10 +114,9 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 7)
 
     from bench import rawtasks
-    from tests.cluster import configure, current_settings
+    from tests.cluster import configure
 
     cluster = Cluster()
-    previous = current_settings()
     configure(cluster.settings)
     rawtasks.configure(cluster.settings.with_overrides(flows_queue=cluster.queue("raw")))
     load_before = os.getloadavg()
@@ -119,11 +126,11 @@ def main() -> None:
         cluster.start([("raw", "raw", 2), ("tea", "tea", 2), ("tea", "one", 2)])
         sides = [
             ("raw chord", "raw", _raw_chord(n, cluster.queue("raw"))),
-            ("tea map", "tea", tea_map(noop_map(cluster.queue("tea"), "map").compile(), n)),
+            ("tea map", "tea", tea_map(bench_map(cluster.queue("tea"), "map").compile(), n)),
             (
                 "tea map batch 1",
                 "one",
-                tea_map(noop_map(cluster.queue("one"), "map1", batch_size=1).compile(), n),
+                tea_map(bench_map(cluster.queue("one"), "map1", batch_size=1).compile(), n),
             ),
         ]
         for _, _, side in sides:  # warm: imports and connections on every worker
@@ -144,7 +151,6 @@ def main() -> None:
     finally:
         cluster.stop()
         deleted = cluster.cleanup()
-        configure(previous)
     if args.ray_python:
         progress("ray on 2 CPUs")
         times["Ray (2 CPUs)"] = ray_times(args.ray_python, n, reps)
@@ -166,11 +172,7 @@ def main() -> None:
                 verdict,
             ]
         )
-    print(f"command: {command_line()}")
-    print(
-        f"machine: {os.cpu_count()} cores, Redis {REDIS_URL}, load average at start "
-        f"{load_before[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n"
-    )
+    print(header(load_before[0]))
     print(
         table(
             f"A map of {n} no-op items, {reps} rotating repetitions; medians",

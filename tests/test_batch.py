@@ -215,11 +215,18 @@ def test_i16_limit_permits_are_taken_per_batched_item(cluster: Any, tmp_path: Pa
 def test_i16_a_refused_batch_tells_its_caller_of_every_item(
     cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tea_dist.distributed import tasks
+    from tea_dist.distributed.cluster import Cluster
+    from tea_dist.distributed.tasks import BATCH_TASK
 
-    options = tasks.batch_options
-    # a misconfigured caller sends its batches as pickle: the worker cannot even decode them
-    monkeypatch.setattr(tasks, "batch_options", lambda i: {**options(i), "serializer": "pickle"})
+    send = Cluster.send
+
+    def as_pickle(self: Cluster, name: str, args: tuple[Any, ...], **options: Any) -> Any:
+        if name != BATCH_TASK:
+            return send(self, name, args, **options)
+        return self.app.send_task(name, args, serializer="pickle", **options)
+
+    # a forged or foreign sender's batches, in pickle: the worker cannot even decode them
+    monkeypatch.setattr(Cluster, "send", as_pickle)
     started = time.monotonic()
     events, _ = run(batch_graph(ParallelConfig(strategy="celery"), 3), tmp_path, 6)
     results = final_state(events)["results"]
