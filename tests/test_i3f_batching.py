@@ -290,6 +290,27 @@ def run_map(graph: StateGraph, state: dict[str, Any]) -> tuple[dict[str, Any], s
     return events[-1]["state"], run_id, took
 
 
+def test_i3f_slots_count_live_workers_only(redis_url: str, redis_prefix: str) -> None:
+    import redis
+
+    from tea_dist.distributed.keys import Keys
+    from tea_dist.distributed.presence import Presence, live_slots
+
+    client, keys = redis.Redis.from_url(redis_url), Keys(redis_prefix)
+    step = Presence(None)
+    step.client, step.keys, step.queues = client, keys, ["q"]
+    step.name, step.slots = "live@host#1", 8
+    step._announce()
+    # a worker killed a while ago: its presence lapsed, its slots are still in the hash
+    client.zadd(keys.queue_workers("q"), {"dead@host#2": time.time() - 60})
+    client.hset(keys.queue_slots("q"), mapping={"dead@host#2": 32, "old@host#3": 4})
+    assert live_slots(client, keys, "q") == {"live@host#1": 8}
+    step._prune()
+    assert client.hgetall(keys.queue_slots("q")) == {b"live@host#1": b"8"}
+    step.stop(None)
+    assert live_slots(client, keys, "q") == {}
+
+
 @pytest.mark.celery
 def test_i3f_workers_announce_their_slots(cluster: Any) -> None:
     import redis

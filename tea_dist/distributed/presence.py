@@ -96,7 +96,8 @@ class Presence(bootsteps.StartStopStep):  # type: ignore[misc]
     def _prune(self) -> None:
         """Drop the slots of workers gone without a word (killed): their presence lapsed."""
         for queue in self.queues:
-            live = {_text(n) for n in self.client.zrange(self.keys.queue_workers(queue), 0, -1)}
+            found = self.client.zrangebyscore(self.keys.queue_workers(queue), time.time(), "+inf")
+            live = set(map(_text, found))
             said = map(_text, self.client.hkeys(self.keys.queue_slots(queue)))
             gone = [name for name in said if name not in live]
             if gone:
