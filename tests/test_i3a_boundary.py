@@ -28,8 +28,8 @@ from tea_dist import StateGraph
 from tea_dist.core import references
 from tea_dist.core.errors import GraphError, NotAllowedError, RunFailedError
 from tea_dist.core.references import resolve
-from tea_dist.distributed.trust import Allowlist, fingerprint
 from tea_dist.distributed.cluster import explicit_settings
+from tea_dist.distributed.trust import Allowlist, fingerprint
 from tea_dist.distributed.wire import decode_branch, encode_branch
 from tests import boundary_nodes as bn
 from tests.test_security import one_node_graph, send_branch_message
@@ -410,9 +410,8 @@ def test_i3a_a_run_config_over_the_size_limit_fails_before_anything_is_sent(
 ) -> None:
     """Workers refuse a branch message whose run config is over TEA_DIST_MAX_STATE_BYTES: the
     caller says so first, naming it, instead of sending what will be refused."""
-    from tea_dist import ParallelConfig
+    from tea_dist import Cluster, ParallelConfig
     from tea_dist.core.errors import StateTooLargeError
-    from tea_dist import Cluster
     from tests import celery_nodes as cn
     from tests.nodes import fan_graph
 

@@ -178,19 +178,19 @@ def test_i3c_consumer_attributes_presence_reads(worker: Any) -> None:
 
 
 def test_i3c_request_class_hook_and_on_failure() -> None:
-    """FlowTask names its request class (``Task.Request``, a dotted name) to count a crashed
+    """BranchCeleryTask names its request class (``Task.Request``, a dotted name) to count a crashed
     pool child against its branch in ``BranchRequest.on_failure``."""
     from celery import Task
     from celery.worker import strategy
     from celery.worker.request import Request
 
-    from tea_dist.distributed.tasks import BranchRequest, FlowTask
+    from tea_dist.distributed.tasks import BranchCeleryTask, BranchRequest
 
     assert Task.Request == "celery.worker.request:Request"
     assert "task.Request" in inspect.getsource(strategy.default)
     assert params(Request.on_failure) == ["self", "exc_info", "send_failed_event", "return_ok"]
     assert issubclass(BranchRequest, Request)
-    assert FlowTask.Request == "tea_dist.distributed.tasks:BranchRequest"
+    assert BranchCeleryTask.Request == "tea_dist.distributed.tasks:BranchRequest"
 
 
 def test_i3c_shared_tasks_bind_to_every_app() -> None:

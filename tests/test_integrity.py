@@ -67,7 +67,9 @@ def test_i11_a_pickle_message_is_refused_and_its_caller_told(
 
     options = tasks.message_options
     # a caller misconfigured (or someone else) sends its branch messages as pickle
-    monkeypatch.setattr(tasks, "message_options", lambda m, s: {**options(m, s), "serializer": "pickle"})
+    monkeypatch.setattr(
+        tasks, "message_options", lambda m, s: {**options(m, s), "serializer": "pickle"}
+    )
     graph = fan_graph({"a": cn.whoami}, config=ParallelConfig(strategy="celery"))
     started = time.monotonic()
     result = final_state(list(graph.compile().invoke({"value": 1})))["results"][0]

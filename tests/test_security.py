@@ -30,6 +30,7 @@ import yaml
 from tea_dist import ParallelConfig, load_yaml
 from tea_dist.core.errors import GraphError, RunFailedError, TeaDistError
 from tea_dist.distributed.children import stop_groups
+from tea_dist.distributed.cluster import explicit_settings
 from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.signing import SignatureError, sign, verify
 from tea_dist.distributed.trust import (
@@ -38,7 +39,6 @@ from tea_dist.distributed.trust import (
     NotAllowedError,
     fingerprint,
 )
-from tea_dist.distributed.cluster import explicit_settings
 from tea_dist.distributed.wire import decode_branch, encode_branch
 from tests import celery_nodes as cn
 from tests import nodes

@@ -64,8 +64,8 @@ from tea_dist.distributed.messages import BranchEvent, BranchMessage
 from tea_dist.distributed.presence import PRESENCE_TTL as TTL
 from tea_dist.distributed.presence import live_slots
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
-from tea_dist.engine.attempt import BranchTask, ErrorInfo, worker_id
-from tea_dist.engine.lifecycle import BranchRun, Lifecycle, build_result, total_deadline
+from tea_dist.engine.attempt import BranchTask, worker_id
+from tea_dist.engine.lifecycle import BranchRun, Lifecycle
 from tea_dist.engine.runtime import Detached
 from tea_dist.observe import tracing
 from tea_dist.policies.batching import ADAPTIVE, BatchPolicy, ItemTimes
@@ -399,8 +399,7 @@ class _Driver:
         adopted = set()
         for index, event in latest.items():
             run = self.life.runs[index]
-            run.state.dispatched_at = event.attempt.dispatched_at  # timeout_total runs on
-            run.deadline = total_deadline(run.config, run.state.dispatched_at, self.life.clock)
+            self.life.adopt(run, event.attempt.dispatched_at)  # timeout_total runs on
             remote = _Remote(self._message(run), run.config.queue or self.settings.flows_queue)
             remote.task_id, remote.redispatched = event.task_id, _resends(event.task_id)
             self.sent += 1  # sent in an order unknown here: only a vanished worker re-sends it
@@ -457,15 +456,17 @@ class _Driver:
         remote: _Remote | None = run.handle
         if run.done or remote is None or event.task_id != remote.task_id:
             return  # over, or from a superseded task
-        run.state = event.attempt
-        if event.event == "on_flow_requeued":  # out of its batch, into a task of its own or
-            remote.batch = event.batch or None  # the rest of a batch cut short
+        life, kind = self.life, event.event
+        if kind == "on_flow_requeued":  # out of its batch, into a task of its own or the rest
+            life.heard(run, event.attempt)  # of a batch cut short
+            remote.batch = event.batch or None
             remote.fifo = False  # published by the worker, maybe with a countdown
             return
-        ctx = run.context(worker=event.worker)
-        if event.event in ("on_flow_start", "on_attempt_start"):
+        if kind in ("on_flow_start", "on_attempt_start"):
             # the worker runs an attempt now, and owns its circuit accounting
-            run.started, run.admission = time.monotonic(), None
+            first = kind == "on_flow_start"
+            life.started_remotely(run, event.attempt, event.worker, first=first)
+            assert run.started is not None
             if self.adaptive:
                 self.times.started(run.index)
             if remote.fifo:  # every message of its queue sent before it has left the queue
@@ -475,21 +476,23 @@ class _Driver:
             remote.batch = event.batch or None
             if event.batch:
                 self.batches.setdefault(event.batch, None)
-        elif event.event == "on_flow_retry":  # a retry is a task of its own
-            run.started, remote.worker, remote.batch = None, None, None
+        elif kind == "on_flow_retry":  # a retry is a task of its own
+            error = event.error.as_exception() if event.error else None
+            delay = event.delay or 0.0
+            remote.retry_due = life.retry_scheduled_remotely(
+                run, event.attempt, event.worker, delay, error
+            )
+            remote.worker, remote.batch = None, None
             self.times.forget(run.index)
-            remote.retry_due = time.monotonic() + (event.delay or 0.0)
-        if event.event == "on_flow_complete" and event.result is not None:
-            run.ctx = ctx
+        elif kind == "on_flow_complete" and event.result is not None:
             if self.adaptive:
                 self.times.ended(run.index, event.result.timing_ms / 1000)
-            run.state = _slim(event.attempt)  # both kept until the fan-in
-            self.life.resolve(run, _slim(event.result))
-            remote.message = None  # its state and config: held no longer than needed
-        else:
-            self.runtime.emit(event.event, *event.callback_args(ctx))
-        if event.event == "on_flow_start":  # workers send a first attempt's start once
-            self.runtime.emit("on_attempt_start", ctx)
+            # the result and attempt are kept until the fan-in: slim; the message is not
+            life.ended_remotely(run, _slim(event.attempt), event.worker, _slim(event.result))
+            remote.message = None
+        else:  # an error, a timeout, a circuit's change: relayed to the listeners
+            life.heard(run, event.attempt)
+            self.runtime.emit(kind, *event.callback_args(run.context(worker=event.worker)))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -550,16 +553,10 @@ class _Driver:
                 continue
             remote: _Remote = run.handle
             remote.silent_since = remote.retry_due = remote.worker = None
-            run.started = None
             self.times.forget(run.index)
-            if remote.redispatched >= MAX_REDISPATCH:
-                lost = ErrorInfo.lost(
-                    f"the worker running this branch was lost {MAX_REDISPATCH + 1} times"
-                )
-                self.life.resolve(run, build_result(run.state, run.config, error=lost))
-                continue
+            if not self.life.lost(run, remote.redispatched, MAX_REDISPATCH):
+                continue  # lost too often: it ended as lost
             remote.redispatched += 1
-            self.runtime.emit("on_branch_redispatched", run.context())
             remote.message = remote.outgoing().retried(run.state, None)  # signed when sent
             again.append(run)
         stale = sorted({r.handle.batch or r.handle.task_id for r in runs})

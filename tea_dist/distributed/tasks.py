@@ -9,7 +9,7 @@ re-published with the policy's countdown (the slot is free while it waits). The 
 result in Celery's backend: the stream is the one channel.
 
 An attempt killed at its hard time limit (or failing outside the attempt runner) is reported
-by the worker's main process (``FlowTask.on_failure``) through the same lifecycle.
+by the worker's main process (``BranchCeleryTask.on_failure``) through the same lifecycle.
 
 ``tea_dist.run_batch`` runs a batched map's items one after another through the same
 ``run_branch``, each under its own id; an item's last events ride with the next item's first
@@ -187,7 +187,7 @@ def report(task: Any, results: Sequence[ParallelFlowResult | None]) -> None:
     raise BranchFailed(f"branch '{first.branch}' {first.error_type}: {message}{more}")
 
 
-class FlowTask(Task):  # type: ignore[misc]
+class BranchCeleryTask(Task):  # type: ignore[misc]
     """``run_flow``'s task class: an attempt that ended outside the attempt runner (killed at
     its hard time limit, or a failure of tea_dist itself) ends through the lifecycle here, in
     the worker's main process."""
@@ -484,7 +484,7 @@ def _killed(branch: WorkerBranch, batch: Batch) -> None:
 
 @shared_task(
     bind=True,
-    base=FlowTask,
+    base=BranchCeleryTask,
     name=FLOW_TASK,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -506,7 +506,7 @@ def run_flow(self: Any, message: BranchMessage) -> None:
 
 @shared_task(
     bind=True,
-    base=FlowTask,
+    base=BranchCeleryTask,
     name=BATCH_TASK,
     acks_late=True,
     reject_on_worker_lost=False,  # its driver sends the unfinished items again, once each
