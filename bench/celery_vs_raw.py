@@ -39,13 +39,21 @@ Everything lives in Redis db 12 under a fresh tag (queues ``bench-<tag>.*``, key
 ``bench-<tag>``); only keys this run created are deleted at the end, and only the worker
 processes this script started are stopped (by process group).
 
+Brokers: ``--broker redis,rabbitmq`` runs the overhead section on each broker named, side by
+side in one run (every side of every broker in the same rotation, each broker with its own
+workers and tag); the other sections run on the first. ``redis`` is Redis db 12
+(``BENCH_REDIS_URL``), ``rabbitmq`` the machine's RabbitMQ (``BENCH_RABBITMQ_URL``, default
+``amqp://guest:guest@127.0.0.1:5672//``), or an ``amqp://`` URL. On RabbitMQ the queues are the
+run's own (``bench-<tag>.*``, deleted with their exchanges at the end); tea_dist's state and
+both sides' results stay in Redis db 12.
+
 5. observe (only with ``--observe``): the overhead section's tea_dist fan-out with tracing and
    metrics off, against the same on a second ``-c 2`` worker that has both on (this module is
    its ``-A`` app: an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` dropping the spans,
    metrics in Prometheus multiprocess mode) and the caller tracing and counting too.
 
 Run: ``python bench/celery_vs_raw.py [--quick] [--reps R] [--sizes N,N] [--only SECTIONS]
-[--observe]``.
+[--observe] [--broker redis,rabbitmq]``.
 ``--quick`` (a smoke run, ~30 s): N = 50 and 200, 2 repetitions; 0.1 s CPU branches on
 ``-c 1`` and ``-c 2`` only; one repetition of tea_dist's two timeout paths and of one
 fail-fast pair.
@@ -56,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import os
 import shutil
 import subprocess
@@ -66,12 +75,12 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import tea_dist
 from bench import benchnodes as bn
 from bench.common import (
     ROOT,
@@ -86,10 +95,12 @@ from bench.common import (
 )
 from tea_dist import ParallelConfig
 from tea_dist.distributed.children import stop_groups
-from tea_dist.distributed.settings import Settings
+from tea_dist.distributed.settings import Settings, redact
 from tea_dist.distributed.worker import settings_env, wait_ready, worker_argv
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BROKER_NAMES = {"redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
 SECTIONS = ("overhead", "cpu", "timeout", "failfast")
 WORKER_APPS = {  # worker kind -> the -A module it runs
     "tea": "tea_dist.distributed.worker_app",
@@ -100,16 +111,26 @@ WORKER_APPS = {  # worker kind -> the -A module it runs
 TIMEOUT = 0.5  # timeout_seconds of the timeout section
 
 
-class Cluster:
-    """The workers of one benchmark run, each on its own queue, all under one tag."""
+def broker_url(name: str) -> str:
+    """``redis``, ``rabbitmq`` or a broker URL, as a URL."""
+    url = BROKER_NAMES.get(name, name)
+    if "://" not in url:
+        raise ValueError(f"unknown broker {name!r}: redis, rabbitmq or a URL")
+    return url
 
-    def __init__(self) -> None:
+
+class Cluster:
+    """The workers of one benchmark run on one broker, each on its own queue, under one tag."""
+
+    def __init__(self, broker: str = "redis") -> None:
         import redis
 
+        self.label = broker if broker in BROKER_NAMES else redact(broker)
         self.tag = uuid.uuid4().hex[:8]
         self.prefix = f"bench-{self.tag}"
         self.settings = Settings(
-            broker_url=REDIS_URL,
+            broker_url=broker_url(broker),
+            redis_url=REDIS_URL,
             key_prefix=self.prefix,
             flows_queue=self.queue("tea"),
             runs_queue=self.queue("runs"),
@@ -121,6 +142,24 @@ class Cluster:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.names: dict[str, int] = {}
         self.logs = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-logs-"))
+        self.teas: dict[Settings, tea_dist.Cluster] = {}
+        self.raws: dict[bool, Any] = {}
+
+    def tea(self, **overrides: Any) -> tea_dist.Cluster:
+        """The caller's tea_dist cluster of these workers (``overrides``: one of its own)."""
+        settings = self.settings.with_overrides(**overrides) if overrides else self.settings
+        if settings not in self.teas:
+            self.teas[settings] = tea_dist.Cluster(settings=settings)
+        return self.teas[settings]
+
+    def raw(self, events: bool) -> Any:
+        """The caller's raw Celery app on this broker, task-sent events on or off."""
+        from bench import rawtasks
+
+        if events not in self.raws:
+            settings = self.settings.with_overrides(flows_queue=self.queue("raw"))
+            self.raws[events] = rawtasks.caller_app(settings, events=events)
+        return self.raws[events]
 
     def pid_of(self, queue: str) -> int:
         """The pid (= process group) of the first worker started on ``queue``."""
@@ -169,6 +208,25 @@ class Cluster:
         stop_groups(self.workers, 10)
         self.workers.clear()
 
+    def delete_queues(self) -> int:
+        """A broker other than Redis: delete the run's queues and their exchanges (named
+        ``bench-<tag>.*``, as Celery declares them for a queue)."""
+        from kombu import Connection
+
+        if self.settings.broker == REDIS_URL:
+            return 0
+        deleted = 0
+        with Connection(self.settings.broker, connect_timeout=5) as connection:
+            for name in sorted(self.names):
+                queue = self.queue(name)
+                with contextlib.suppress(Exception):
+                    channel = connection.channel()
+                    channel.queue_delete(queue)
+                    channel.exchange_delete(queue)
+                    channel.close()
+                    deleted += 1
+        return deleted
+
     def cleanup(self) -> int:
         """Delete the keys this run created (its tag, or Celery keys that are new since start)."""
         celery_like = (
@@ -214,6 +272,8 @@ def group_cpu(pgid: int) -> float:
 
 def forget(app: Any, ids: list[str]) -> None:
     """Delete raw result keys (outside the timed region)."""
+    if app is None or not ids:
+        return
     backend = app.backend
     client = backend.client
     for i in range(0, len(ids), 500):
@@ -232,73 +292,63 @@ VARIANTS = (  # (label, raw queue, tea queue, task events on both sides)
 
 @dataclass
 class Side:
-    """One side of the overhead comparison: its worker's queue, its set-up, its timed run."""
+    """One side of the overhead comparison: its worker's process group, its timed run."""
 
     name: str
-    queue: str
-    prepare: Callable[[], object]  # untimed: point the caller's app at the side's settings
+    pgid: int
     run: Callable[[], list[str]]  # timed: returns the raw task ids to forget afterwards
+    app: Any = None  # the raw app whose results those are
 
 
-def overhead_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
-    from bench import rawtasks
-    from tests.cluster import configure
-
+def overhead_section(clusters: list[Cluster], sizes: list[int], reps: int) -> str:
     rows = []
     warm = min(sizes)
     for n in sizes:
         sides = []
-        for label, raw_q, tea_q, events in VARIANTS:
-            raw_settings = cluster.settings.with_overrides(flows_queue=cluster.queue(raw_q))
-            sides.append(
-                Side(
-                    f"raw/{label}",
-                    raw_q,
-                    partial(rawtasks.configure, raw_settings, events=events),
-                    _raw_chord(n, cluster.queue(raw_q)),
+        for cluster in clusters:
+            for label, raw_q, tea_q, events in VARIANTS:
+                raw_app = cluster.raw(events)
+                sides.append(
+                    Side(
+                        f"{cluster.label} raw/{label}",
+                        cluster.pid_of(raw_q),
+                        _raw_chord(n, cluster.queue(raw_q), raw_app),
+                        raw_app,
+                    )
                 )
-            )
-            graph = fan_graph(
-                n,
-                bn.noop,
-                ParallelConfig(strategy="celery", queue=cluster.queue(tea_q)),
-                name=f"noop{n}-{label}",
-            )
-            tea_settings = cluster.settings.with_overrides(task_events=events)
-            sides.append(
-                Side(
-                    f"tea/{label}",
-                    tea_q,
-                    partial(configure, tea_settings),
-                    _tea_fanout(graph.compile(), n),
+                graph = fan_graph(
+                    n,
+                    bn.noop,
+                    ParallelConfig(strategy="celery", queue=cluster.queue(tea_q)),
+                    name=f"noop{n}-{label}",
                 )
-            )
-        try:
-            if n == warm:  # warm every side once (connections, imports on the workers)
-                for side in sides:
-                    side.prepare()
-                    forget(rawtasks.app, side.run())
-            times: dict[str, list[float]] = {side.name: [] for side in sides}
-            caller: dict[str, list[float]] = {side.name: [] for side in sides}
-            workers: dict[str, list[float]] = {side.name: [] for side in sides}
-            for rep in range(reps):
-                shift = rep % len(sides)  # rotate the order: no side always runs first or last
-                for side in sides[shift:] + sides[:shift]:
-                    side.prepare()
-                    pgid = cluster.pid_of(side.queue)
-                    worker_cpu, cpu = group_cpu(pgid), time.process_time()
-                    started = time.perf_counter()
-                    raw_ids = side.run()
-                    times[side.name].append(time.perf_counter() - started)
-                    caller[side.name].append(time.process_time() - cpu)
-                    workers[side.name].append(group_cpu(pgid) - worker_cpu)
-                    forget(rawtasks.app, raw_ids)
-                progress(f"overhead N={n}: repetition {rep + 1}/{reps} done")
-        finally:
-            configure(cluster.settings)
-            rawtasks.configure(cluster.settings.with_overrides(flows_queue=cluster.queue("raw")))
-        for label, *_ in VARIANTS:
-            raw, tea = f"raw/{label}", f"tea/{label}"
+                compiled = graph.compile(cluster=cluster.tea(task_events=events))
+                sides.append(
+                    Side(
+                        f"{cluster.label} tea/{label}",
+                        cluster.pid_of(tea_q),
+                        _tea_fanout(compiled, n),
+                    )
+                )
+        if n == warm:  # warm every side once (connections, imports on the workers)
+            for side in sides:
+                forget(side.app, side.run())
+        times: dict[str, list[float]] = {side.name: [] for side in sides}
+        caller: dict[str, list[float]] = {side.name: [] for side in sides}
+        workers: dict[str, list[float]] = {side.name: [] for side in sides}
+        for rep in range(reps):
+            shift = rep % len(sides)  # rotate the order: no side always runs first or last
+            for side in sides[shift:] + sides[:shift]:
+                worker_cpu, cpu = group_cpu(side.pgid), time.process_time()
+                started = time.perf_counter()
+                raw_ids = side.run()
+                times[side.name].append(time.perf_counter() - started)
+                caller[side.name].append(time.process_time() - cpu)
+                workers[side.name].append(group_cpu(side.pgid) - worker_cpu)
+                forget(side.app, raw_ids)
+            progress(f"overhead N={n}: repetition {rep + 1}/{reps} done")
+        for cluster, (label, *_) in itertools.product(clusters, VARIANTS):
+            raw, tea = f"{cluster.label} raw/{label}", f"{cluster.label} tea/{label}"
             t_raw, t_tea = median(times[raw]), median(times[tea])
             verdict = "-"
             if n == 200:
@@ -306,6 +356,7 @@ def overhead_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
             rows.append(
                 [
                     f"N={n}",
+                    cluster.label,
                     label,
                     f"{t_raw:.3f}",
                     f"{t_tea:.3f}",
@@ -321,9 +372,10 @@ def overhead_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
             )
     return table(
         "Overhead: N no-op branches vs a raw chord of N no-op tasks, one prefork -c 2 worker "
-        f"each, {reps} rotating repetitions of all four sides; medians",
+        f"each, {reps} rotating repetitions of all {4 * len(clusters)} sides; medians",
         [
             "fan-out",
+            "broker",
             "task events",
             "raw med s",
             "tea med s",
@@ -346,16 +398,28 @@ def overhead_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
     )
 
 
-def _raw_chord(n: int, raw_queue: str) -> Callable[[], list[str]]:
-    """A raw ``chord`` of ``n`` no-op tasks, waited on the fast way; returns its task ids."""
+def _raw_chord(n: int, raw_queue: str, app: Any = None) -> Callable[[], list[str]]:
+    """A raw ``chord`` of ``n`` no-op tasks sent by ``app`` (``rawtasks.app`` by default),
+    waited on the fast way; returns its task ids."""
     from celery import chord
+    from celery.exceptions import TimeoutError as ResultTimeout
 
     from bench import rawtasks
 
+    app = app or rawtasks.app
+
     def run() -> list[str]:
-        header = [rawtasks.noop.s(i).set(queue=raw_queue) for i in range(n)]
-        result = chord(header)(rawtasks.collect.s().set(queue=raw_queue))
-        values = result.get(timeout=300, disable_sync_subtasks=False, follow_parents=False)
+        header = [app.signature("bench.noop", (i,), queue=raw_queue) for i in range(n)]
+        result = chord(header)(app.signature("bench.collect", queue=raw_queue))
+        wait = 30 + n * 0.05  # ~10x what a healthy chord of n no-op tasks takes here
+        try:
+            values = result.get(timeout=wait, disable_sync_subtasks=False, follow_parents=False)
+        except ResultTimeout as exc:
+            done = sum(r.ready() for r in result.parent.results)
+            raise RuntimeError(
+                f"raw chord of {n} on {redact(app.conf.broker_url)}: its body did not run "
+                f"within {wait:g} s ({done} of {n} header tasks done)"
+            ) from exc
         if len(values) != n:
             raise RuntimeError(f"raw: {len(values)} of {n} results")
         return [r.id for r in result.parent.results] + [result.id]
@@ -384,7 +448,7 @@ def cpu_section(cluster: Cluster, seconds: float, reps: int, quick: bool) -> str
 
     def tea(queue: str) -> Callable[[], None]:
         config = ParallelConfig(strategy="celery", queue=cluster.queue(queue))
-        app = fan_graph(4, bn.cpu, config, name=f"cpu-{queue}").compile()
+        app = fan_graph(4, bn.cpu, config, name=f"cpu-{queue}").compile(cluster=cluster.tea())
 
         def run() -> None:
             final = final_state(list(app.invoke(state)))
@@ -463,23 +527,23 @@ class Measure:
 
 def timeout_section(cluster: Cluster, reps: int, quick: bool) -> str:
     from bench import rawtasks
-    from tests.cluster import configure
 
     tea_queue, raw_queue = cluster.queue("c1"), cluster.queue("rc1")
     config = ParallelConfig(strategy="celery", queue=tea_queue, timeout_seconds=TIMEOUT)
     stubborn_app = fan_graph(
         0, bn.noop, config, name="t-stubborn", branches=[("b0", bn.stubborn), ("b1", bn.mark_sleep)]
-    ).compile()
+    )
     coop_app = fan_graph(
         0, bn.noop, config, name="t-coop", branches=[("b0", bn.mark_sleep), ("b1", bn.mark_sleep)]
-    ).compile()
+    )
     measure = Measure()
     grace_default = cluster.settings.hard_limit_grace
 
-    def tea(app: Any, grace: float) -> Callable[[], None]:
+    def tea(graph: Any, grace: float) -> Callable[[], None]:
+        app = graph.compile(cluster=cluster.tea(hard_limit_grace=grace))
+
         def run() -> None:
             d = tempfile.mkdtemp(prefix=f"{cluster.prefix}-t-")
-            configure(cluster.settings.with_overrides(hard_limit_grace=grace))
             try:
                 final = final_state(
                     list(app.invoke({}, config={"marker_dir": d, "sleep": {"b0": 6, "b1": 0}}))
@@ -492,7 +556,6 @@ def timeout_section(cluster: Cluster, reps: int, quick: bool) -> str:
                 if r0 != 1 or r1 != 2:
                     measure.note("", f"unexpected: {r0} of {r1} branches succeeded")
             finally:
-                configure(cluster.settings)
                 shutil.rmtree(d, ignore_errors=True)
 
         return run
@@ -610,7 +673,7 @@ def failfast_section(cluster: Cluster, reps: int, quick: bool) -> str:
         ParallelConfig(strategy="celery", queue=tea_queue),
         name="probe",
         branches=[("p1", bn.hold_until), ("p2", bn.mark_sleep)],
-    ).compile()
+    ).compile(cluster=cluster.tea())
     measure = Measure()
     sleeps = {"a": 0.3, "b": 10.0, "p1": 8.0, "p2": 0.0}
 
@@ -622,7 +685,7 @@ def failfast_section(cluster: Cluster, reps: int, quick: bool) -> str:
         def run() -> None:
             d = tempfile.mkdtemp(prefix=f"{cluster.prefix}-f-")
             clock = FailureClock()
-            app = graph.compile(parallel_callbacks=[clock])
+            app = graph.compile(parallel_callbacks=[clock], cluster=cluster.tea())
             run_config = {"marker_dir": d, "sleep": sleeps, "release": {"p1": "p2"}}
             probe_done: list[Any] = []
 
@@ -722,7 +785,7 @@ def _same_process_note(measure: Measure, variants: list[str]) -> str:
     )
 
 
-def release_pending_results() -> None:
+def release_pending_results(clusters: Collection[Cluster] = ()) -> None:
     """Drop the AsyncResults the celery backends still track, while Redis still answers.
 
     tea_dist never waits on its branch tasks' results, so every branch task it sent stays
@@ -730,11 +793,12 @@ def release_pending_results() -> None:
     alone they unsubscribe from ``__del__`` at interpreter exit and print tracebacks.
     """
     from bench import rawtasks
-    from tests.cluster import current_app
 
-    tea_app = current_app()
-
-    for app in (tea_app, rawtasks.app):
+    default = tea_dist.Cluster.current_default()
+    apps = [rawtasks.app, *([default.app] if default is not None else [])]
+    for cluster in clusters:
+        apps += [tea.app for tea in cluster.teas.values()] + list(cluster.raws.values())
+    for app in apps:
         for mapping in getattr(app.backend, "_pending_results", ()):
             mapping.clear()
     gc.collect()
@@ -748,7 +812,7 @@ def observe_section(cluster: Cluster, sizes: list[int], reps: int) -> str:
         runs = {}
         for mode, queue in (("off", "tea"), ("on", "obs")):
             config = ParallelConfig(strategy="celery", queue=cluster.queue(queue))
-            app = fan_graph(n, bn.noop, config, name=f"obs{n}").compile()
+            app = fan_graph(n, bn.noop, config, name=f"obs{n}").compile(cluster=cluster.tea())
 
             def run(app: Any = app, n: int = n, mode: str = mode) -> None:
                 obs.set(mode == "on")
@@ -820,11 +884,23 @@ def main() -> None:
     parser.add_argument(
         "--observe", action="store_true", help="add the tracing and metrics overhead section"
     )
+    parser.add_argument(
+        "--broker",
+        default="redis",
+        help="comma-separated brokers of the overhead section, side by side: redis (default), "
+        "rabbitmq (the machine's), or amqp:// URLs; the other sections run on the first",
+    )
     args = parser.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    brokers = [b.strip() for b in args.broker.split(",") if b.strip()]
+    for broker in brokers:
+        try:
+            broker_url(broker)
+        except ValueError as exc:
+            parser.error(str(exc))
     reps = args.reps or (2 if args.quick else 3)
     overhead_reps = args.reps or (2 if args.quick else 5)
     sizes = [50, 200] if args.quick else [200, 1000]
@@ -833,11 +909,9 @@ def main() -> None:
     started = time.perf_counter()
 
     from bench import rawtasks
-    from tests.cluster import configure, current_settings
 
-    cluster = Cluster()
-    previous = current_settings()
-    configure(cluster.settings)
+    clusters = [Cluster(broker) for broker in brokers]
+    cluster = clusters[0]  # the other sections' broker
     rawtasks.configure(cluster.settings.with_overrides(flows_queue=cluster.queue("raw")))
     specs: list[tuple[str, str, int]] = []
     if {"overhead", "cpu", "failfast"} & set(only):
@@ -855,14 +929,23 @@ def main() -> None:
     if args.observe:
         specs += [("tea", "tea", 2)] if ("tea", "tea", 2) not in specs else []
         specs.append(("observed", "obs", 2))
+    overhead_specs = [
+        ("tea", "tea", 2),
+        ("raw", "raw", 2),
+        ("tea", "tea-ev", 2),
+        ("raw", "raw-ev", 2),
+    ]
     outputs = []
     load_before = os.getloadavg()
+    deleted = queues = 0
     try:
-        progress(f"starting {len(specs)} workers (tag {cluster.tag})")
-        cluster.start(specs, events={"tea-ev", "raw-ev"})
+        for n, each in enumerate(clusters):
+            its = specs if n == 0 else (overhead_specs if "overhead" in only else [])
+            progress(f"starting {len(its)} workers on {each.label} (tag {each.tag})")
+            each.start(its, events={"tea-ev", "raw-ev"})
         progress(f"workers ready after {time.perf_counter() - started:.1f} s")
         if "overhead" in only:
-            outputs.append(overhead_section(cluster, sizes, overhead_reps))
+            outputs.append(overhead_section(clusters, sizes, overhead_reps))
         if "cpu" in only:
             cpu_reps = 1 if args.quick else reps
             outputs.append(cpu_section(cluster, 0.1 if args.quick else 0.5, cpu_reps, args.quick))
@@ -873,18 +956,23 @@ def main() -> None:
         if args.observe:
             outputs.append(observe_section(cluster, sizes, reps))
     finally:
-        release_pending_results()
-        cluster.stop()
-        deleted = cluster.cleanup()
-        configure(previous)
+        release_pending_results(clusters)
+        for each in clusters:
+            each.stop()
+            queues += each.delete_queues()
+            deleted += each.cleanup()
     print(f"command: {command_line()}")
     print(
-        f"machine: {os.cpu_count()} cores, Redis {REDIS_URL}, load average at start "
-        f"{load_before[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n"
+        f"machine: {os.cpu_count()} cores, Redis {REDIS_URL}, brokers "
+        f"{', '.join(f'{c.label} ({redact(c.settings.broker)})' for c in clusters)}, load "
+        f"average at start {load_before[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n"
     )
     print("\n\n".join(outputs))
     elapsed = time.perf_counter() - started
-    print(f"\ntotal {elapsed:.1f} s; {deleted} Redis keys of this run deleted")
+    print(
+        f"\ntotal {elapsed:.1f} s; {deleted} Redis keys and {queues} broker queues of this run "
+        "deleted"
+    )
 
 
 if os.environ.get("BENCH_OBSERVED"):  # this module as the observed worker's -A app

@@ -21,8 +21,10 @@ from celery import Celery
 from tea_dist.distributed.settings import Settings
 
 
-def plain_config(broker: str, backend: str, queue: str, *, events: bool) -> dict[str, object]:
-    """The configuration a user writes for reliable JSON tasks on Redis."""
+def plain_config(
+    broker: str, backend: str | None, queue: str, *, events: bool
+) -> dict[str, object]:
+    """The configuration a user writes for reliable JSON tasks (on Redis or RabbitMQ)."""
     return {
         "broker_url": broker,
         "result_backend": backend,
@@ -39,13 +41,26 @@ def plain_config(broker: str, backend: str, queue: str, *, events: bool) -> dict
     }
 
 
+def config_of(settings: Settings, *, events: bool) -> dict[str, object]:
+    """``plain_config`` for ``settings``: its broker, its Redis as the result backend (as on
+    tea_dist's side), its flows queue as the default queue."""
+    return plain_config(settings.broker, settings.backend, settings.flows_queue, events=events)
+
+
 def configure(settings: Settings, *, events: bool | None = None) -> Celery:
     """Point the raw app at ``settings`` (its flows queue is where raw tasks go by default);
     task events as ``settings.task_events`` unless ``events`` says otherwise."""
     on = settings.task_events if events is None else events
-    config = plain_config(settings.broker, settings.backend, settings.flows_queue, events=on)
-    app.conf.update(config)
+    app.conf.update(config_of(settings, events=on))
     return app
+
+
+def caller_app(settings: Settings, *, events: bool) -> Celery:
+    """A raw app of its own for a caller that sends by task name (``app.signature``): one per
+    broker and events setting, so several run side by side in one process."""
+    caller = Celery(f"bench_raw_{settings.flows_queue}", set_as_current=False)
+    caller.conf.update(config_of(settings, events=events))
+    return caller
 
 
 app = Celery("bench_raw", set_as_current=False)
