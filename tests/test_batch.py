@@ -22,8 +22,7 @@ from tea_dist import (
     load_yaml,
 )
 from tea_dist.core.errors import GraphError
-from tea_dist.core.graph import MapItems
-from tea_dist.policies.batching import ADAPTIVE
+from tea_dist.core.graph import ADAPTIVE, MapItems
 from tests import celery_nodes as cn
 from tests.nodes import final_state, map_graph
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tea_dist import ParallelConfig, StateGraph
-from tea_dist.core.graph import MapItems
-from tea_dist.policies.batching import ADAPTIVE, BatchPolicy, ItemTimes
+from tea_dist.core.graph import ADAPTIVE, MapItems
+from tea_dist.policies.batching import BatchPolicy, ItemTimes
 
 POLICY = BatchPolicy()
 CELERY = ParallelConfig(strategy="celery")

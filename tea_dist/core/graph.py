@@ -17,7 +17,8 @@ from typing import Any, Literal, Protocol
 
 from tea_dist.core.config import ParallelConfig, resolve_config
 from tea_dist.core.errors import GraphError
-from tea_dist.policies.batching import ADAPTIVE
+
+ADAPTIVE = 0  # ``BranchTask.batch`` of a map whose batch size the driver decides as it goes
 
 Event = dict[str, Any]
 

@@ -55,7 +55,7 @@ from tea_dist.core.errors import (
     GraphError,
     NoWorkerError,
 )
-from tea_dist.core.graph import FanOut, GraphSpec
+from tea_dist.core.graph import ADAPTIVE, FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.cluster import Cluster
 from tea_dist.distributed.connections import check_broker, check_reachable, ride_out
@@ -68,7 +68,7 @@ from tea_dist.engine.attempt import BranchTask, worker_id
 from tea_dist.engine.lifecycle import BranchRun, Lifecycle
 from tea_dist.engine.runtime import Detached
 from tea_dist.observe import tracing
-from tea_dist.policies.batching import ADAPTIVE, BatchPolicy, ItemTimes
+from tea_dist.policies.batching import BatchPolicy, ItemTimes
 from tea_dist.policies.breaker import BreakerStore
 from tea_dist.policies.limits import LimitStore
 

@@ -28,8 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-ADAPTIVE = 0  # ``BranchTask.batch`` of a map whose batch size the driver decides as it goes
-
 
 @dataclass(frozen=True)
 class BatchPolicy:
