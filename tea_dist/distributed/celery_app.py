@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery.concurrency.prefork import TaskPool as PreforkPool
 
 from tea_dist.distributed.presence import Presence
 from tea_dist.distributed.refusals import Refusals
@@ -38,7 +39,7 @@ class PromptRefill(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, worker: Any) -> None:
         pool, hub = worker.pool, worker.hub
-        if hub is None or not hasattr(pool, "maintain_pool"):  # not a prefork event loop
+        if hub is None or not isinstance(pool, PreforkPool):  # threads, solo: nothing to refill
             return
 
         def refill(*args: Any, **kwargs: Any) -> None:
