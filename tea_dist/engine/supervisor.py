@@ -77,12 +77,16 @@ class _Supervisor:
         slots: int,
     ) -> None:
         self.runtime, self.backend, self.slots = runtime, backend, slots
-        self.life = Lifecycle.for_fanout(tasks, configs, runtime, stop=self._stop)
+        self.running: dict[Future[AttemptOutcome], BranchRun] = {}
+        # the lifecycle's ``stop`` holds the running attempts, not the supervisor: no cycle
+        # (supervisor -> lifecycle -> supervisor) keeps a fan-out's objects for the slow,
+        # full garbage collection after the run
+        stop = _Stopper(self.running, backend)
+        self.life = Lifecycle.for_fanout(tasks, configs, runtime, stop=stop)
         # only timeout_total bounds a branch that waits for a slot: skip the scans without it
         self.queue_deadlines = any(c.timeout_total is not None for c in configs)
         self.ready: deque[BranchRun] = deque(self.life.runs)
         self.timers: list[tuple[float, int, BranchRun]] = []
-        self.running: dict[Future[AttemptOutcome], BranchRun] = {}
         self.finished: queue.SimpleQueue[Future[AttemptOutcome]] = queue.SimpleQueue()
         self.began: queue.SimpleQueue[tuple[BranchRun, int, float]] = queue.SimpleQueue()
         self.limited = any(c.limits for c in configs)
@@ -191,8 +195,14 @@ class _Supervisor:
                 self.ready.remove(run)
                 self.life.time_out(run)
 
-    def _stop(self, run: BranchRun) -> None:
-        """The lifecycle's ``stop``: end a running attempt on the backend."""
+
+class _Stopper:
+    """The lifecycle's ``stop``: end a running attempt on the backend."""
+
+    def __init__(self, running: dict[Future[AttemptOutcome], BranchRun], backend: Backend) -> None:
+        self.running, self.backend = running, backend
+
+    def __call__(self, run: BranchRun) -> None:
         if run.handle is None:
             return
         future, token = run.handle
