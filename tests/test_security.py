@@ -435,7 +435,12 @@ def test_yaml_agent_found_relative_to_agents_dir_on_the_worker(cluster: Any) -> 
     assert state["ok"] == [True] and state["value"] == [2]
 
 
-def test_yaml_agent_outside_the_agents_dir_fails_at_compile() -> None:
+def test_yaml_agent_outside_the_agents_dir_fails_at_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a cluster named (here by the environment), its workers find agents only under
+    its agents directory: one outside fails at compile (a private cluster would serve it)."""
+    monkeypatch.setenv("TEA_DIST_BROKER_URL", "redis://127.0.0.1:6379/13")
     with tempfile.TemporaryDirectory() as elsewhere:
         path = Path(elsewhere) / "agent.yaml"
         path.write_text(AGENT)
