@@ -89,32 +89,37 @@ def test_i3f_policy_rejects_nonsense(fields: dict[str, Any]) -> None:
 # -- measurements --
 
 
-def test_i3f_item_times_rise_at_once_and_fall_slowly() -> None:
-    times = ItemTimes(clock=Clock())
+def test_i3f_item_times_average_short_runs_and_believe_a_long_one_at_once() -> None:
+    times = ItemTimes(clock=Clock(), long_seconds=0.1)
     assert times.item_seconds() is None
-    times.ended(0, 0.01)
-    assert times.item_seconds() == 0.01
-    times.ended(1, 1.0)  # a long item is believed at once
+    times.ended(0, 0.001)
+    assert times.item_seconds() == 0.001
+    times.ended(1, 0.011)  # a hiccup of a short item: averaged
+    assert times.item_seconds() == pytest.approx(0.003)
+    times.ended(2, 1.0)  # a long item is believed at once
     assert times.item_seconds() == 1.0
-    times.ended(2, 0.0)
+    times.ended(3, 0.0)
     assert times.item_seconds() == pytest.approx(0.8)
 
 
-def test_i3f_an_item_still_running_is_a_lower_bound() -> None:
+def test_i3f_an_item_running_long_makes_items_long() -> None:
     clock = Clock()
-    times = ItemTimes(clock=clock)
+    times = ItemTimes(clock=clock, long_seconds=0.1)
     times.started(0)
     clock.now += 5.0
-    assert times.item_seconds() is None  # nothing ended: still one item per task
+    assert times.item_seconds() is None and times.running_seconds() == pytest.approx(5.0)
     times.ended(1, 0.001)
     times.started(2)
-    assert times.item_seconds() == pytest.approx(5.0)  # item 0 runs for 5 s already
+    size = POLICY.size
+    short = {"pending": 1000, "slots": 2, "item_seconds": times.item_seconds(), "measured": 64}
+    assert size(**short, running_seconds=times.running_seconds()) == 1  # item 0: 5 s so far
     times.forget(0)
-    assert times.item_seconds() == pytest.approx(0.001)
+    clock.now += 0.01  # item 2, now the oldest running: a few ms are no news
+    assert size(**short, running_seconds=times.running_seconds()) == 100
     clock.now += 0.5
-    assert times.item_seconds() == pytest.approx(0.5)  # item 2, now the oldest running
+    assert size(**short, running_seconds=times.running_seconds()) == 1
     times.ended(2, 0.5)
-    assert times.running == {}
+    assert times.running == {} and times.running_seconds() == 0.0
 
 
 def test_i3f_batch_done_records_the_largest_batch() -> None:
@@ -164,6 +169,7 @@ class Simulation:
                     slots=self.slots,
                     item_seconds=times.item_seconds(),
                     measured=times.measured,
+                    running_seconds=times.running_seconds(),
                 )
                 task = len(sizes)
                 batch = [pending.popleft() for _ in range(min(size, len(pending)))]

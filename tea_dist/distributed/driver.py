@@ -184,7 +184,8 @@ class _Driver:
         self.consumers: dict[str, dict[str, float]] = {}  # queue -> live worker -> alive until
         # a map with the adaptive batch size: its tasks sized as it runs (policies.batching)
         self.adaptive = bool(self.life.runs) and self.life.runs[0].task.batch == ADAPTIVE
-        self.policy, self.times = BatchPolicy(), ItemTimes()
+        self.policy = BatchPolicy()
+        self.times = ItemTimes(long_seconds=self.policy.target_seconds)
         self.slots = 0  # worker slots consuming the map's queue, as its workers announce
         self.open_tasks: dict[str, tuple[int, deque[BranchRun]]] = {}  # id -> size, not over
         ttl = self.settings.run_expires if self.owner is not None else self.settings.caller_lease
@@ -288,6 +289,7 @@ class _Driver:
             slots=self.slots,
             item_seconds=self.times.item_seconds(),
             measured=self.times.measured,
+            running_seconds=self.times.running_seconds(),
         )
 
     def _task_room(self) -> bool:
@@ -767,18 +769,19 @@ class _LeaseKeeper:
 
 
 def _slim(model: M) -> M:
-    """``model`` as kept until the fan-in: the same values, with one set of field names shared
-    by every model of its class that has all of them set (the JSON from a worker sets every
-    field), instead of a set per instance (0.7 kB for 15 names; a map of 100,000 items keeps
-    two models per item), and the worker's name interned."""
-    cls = type(model)
-    every = _EVERY_FIELD.setdefault(cls, set(cls.model_fields))
+    """``model``, kept until the fan-in, made smaller in place: a model of which every field
+    was set (the JSON from a worker sets every one) shares one set of its field names with
+    the others of its class instead of a set of its own (0.7 kB for 15 names; a map of
+    100,000 items keeps two models per item), and the worker's name is interned. Its values
+    are untouched; the shared set stays whole (setting a field adds a name already in it)."""
+    every = _EVERY_FIELD.setdefault(type(model), set(type(model).model_fields))
     if model.model_fields_set != every:
         return model
-    values = dict(model.__dict__)
-    if isinstance(values.get("worker"), str):
-        values["worker"] = sys.intern(values["worker"])
-    return cls.model_construct(_fields_set=every, **values)
+    object.__setattr__(model, "__pydantic_fields_set__", every)
+    worker = model.__dict__.get("worker")
+    if isinstance(worker, str):
+        model.__dict__["worker"] = sys.intern(worker)
+    return model
 
 
 _EVERY_FIELD: dict[type[BaseModel], set[str]] = {}

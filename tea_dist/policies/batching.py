@@ -12,8 +12,8 @@ long items must not wait behind each other in one. The rule (``BatchPolicy.size`
   measured so far (1, 4, 16, 64, ...), so one short item does not vouch for a thousand;
 - **never leave free slots idle**: at most ``ceil(pending / slots)`` items, so that what is left
   still spreads over every slot consuming the queue, down to one item each at the end;
-- **never serialise long items**: an item measured (or still running) for ``target_seconds``
-  or more goes alone.
+- **never serialise long items**: once items are measured at ``target_seconds`` or more, or
+  one has been running that long, each goes alone.
 
 The driver keeps ``window(slots)`` tasks outstanding (two per slot: one running, one waiting
 for it), asks ``size`` before each task it sends and feeds ``ItemTimes`` what it sees: each
@@ -49,13 +49,23 @@ class BatchPolicy:
         """Tasks of one map kept outstanding on a queue consumed by ``slots`` worker slots."""
         return self.per_slot * max(1, slots)
 
-    def size(self, *, pending: int, slots: int, item_seconds: float | None, measured: int) -> int:
+    def size(
+        self,
+        *,
+        pending: int,
+        slots: int,
+        item_seconds: float | None,
+        measured: int,
+        running_seconds: float = 0.0,
+    ) -> int:
         """Items for the next task: ``pending`` items not sent yet, ``slots`` worker slots on
         the queue, ``item_seconds`` an item's run time as measured (None: nothing yet),
-        ``measured`` the most items of a batch whose run was measured whole (0: none)."""
+        ``measured`` the most items of a batch whose run was measured whole (0: none),
+        ``running_seconds`` how long the oldest item still running has run."""
         if pending <= 0:
             return 0
-        if item_seconds is None or item_seconds >= self.target_seconds:
+        long = max(item_seconds or 0.0, running_seconds) >= self.target_seconds
+        if item_seconds is None or long:
             return 1
         wanted = int(self.target_seconds / max(item_seconds, self.item_floor_seconds))
         trusted = self.growth * max(1, measured)
@@ -65,12 +75,20 @@ class BatchPolicy:
 
 class ItemTimes:
     """What a running map says of its items' length: a moving average of the run times of
-    items that ended (quick to rise, slow to fall), the longest run of an item still
-    running (a lower bound: an item running for a second is not short), and the largest
-    batch measured whole. Times of running items come from ``clock`` (monotonic seconds)."""
+    items that ended (a run of ``long_seconds`` or more is believed at once), how long the
+    oldest item still running has run (an item running for a second is not short, whatever
+    the average says), and the largest batch measured whole. Times of running items come
+    from ``clock`` (monotonic seconds); an item counts as running from its start event to its
+    result, which the driver reads a little later than the worker sends it, so only a long
+    run of it tells."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, weight: float = 0.2) -> None:
-        self.clock, self.weight = clock, weight
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        weight: float = 0.2,
+        long_seconds: float = BatchPolicy.target_seconds,
+    ) -> None:
+        self.clock, self.weight, self.long_seconds = clock, weight, long_seconds
         self.average: float | None = None
         self.measured = 0
         self.running: dict[int, float] = {}  # item -> when it started, in start order
@@ -83,8 +101,8 @@ class ItemTimes:
         """Item ``item`` ran ``seconds`` (its own run time, as its worker measured it)."""
         self.running.pop(item, None)
         old = self.average
-        if old is None or seconds >= old:  # longer items: believed at once
-            self.average = seconds
+        if old is None or (seconds >= self.long_seconds and seconds > old):
+            self.average = seconds  # a long item is believed at once: the next goes alone
         else:
             self.average = old + self.weight * (seconds - old)
 
@@ -97,9 +115,11 @@ class ItemTimes:
         self.measured = max(self.measured, items)
 
     def item_seconds(self) -> float | None:
-        """An item's run time as far as known: the average of those that ended, or longer
-        if the oldest item still running has run longer (None: none ended yet)."""
-        if self.average is None or not self.running:
-            return self.average
-        oldest = self.clock() - next(iter(self.running.values()))
-        return max(self.average, oldest)
+        """An item's run time, the average of those that ended (None: none ended yet)."""
+        return self.average
+
+    def running_seconds(self) -> float:
+        """How long the oldest item still running has run (0: none runs)."""
+        if not self.running:
+            return 0.0
+        return self.clock() - next(iter(self.running.values()))
