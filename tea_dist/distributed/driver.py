@@ -10,14 +10,9 @@ branches (a cooperative interrupt first, ``revoke(terminate=True)`` after a grac
 a branch whose worker died (its heartbeat lapsed), or whose retry was due long ago without
 starting, is sent again.
 
-A branch sent but never started is sent again too when its message was lost with a worker that
-took it and died before starting it (the broker keeps such a message unacknowledged for its
-whole visibility timeout): queues are first in, first out, so a branch of the same queue sent
-after it and started ``UNSTARTED_GRACE`` ago proves it left the queue; and when a worker
-consuming its queue vanishes without stopping (its ``presence`` lapses), the oldest unstarted
-messages of the queue, which it may have held, are sent again. Branches merely waiting behind
-busy live workers are never sent again. The superseded task id is revoked; its events are
-ignored.
+A branch sent but never started whose message was lost with a worker is found and sent again
+too; how a lost branch is told from one waiting behind busy workers is ``liveness``'s part
+(``Liveness``, mixed into the driver).
 
 The caller's liveness lease is renewed by a thread of its own, whatever the driver is busy
 with, and branches are sent in slices between reads of the stream. A submitted run's lease
@@ -33,16 +28,12 @@ the stream from its start brings back their events and results.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import sys
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,15 +44,20 @@ from tea_dist.core.errors import (
     BrokerError,
     ConfigError,
     GraphError,
-    NoWorkerError,
 )
 from tea_dist.core.graph import ADAPTIVE, FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.cluster import Cluster
 from tea_dist.distributed.connections import check_broker, check_reachable, ride_out
+from tea_dist.distributed.liveness import (
+    LeaseKeeper,
+    Liveness,
+    Remote,
+    best_effort,
+    resends_of,
+)
 from tea_dist.distributed.local_cluster import default_cluster
 from tea_dist.distributed.messages import BranchEvent, BranchMessage
-from tea_dist.distributed.presence import PRESENCE_TTL as TTL
 from tea_dist.distributed.presence import live_slots
 from tea_dist.distributed.wire import check_fanout, check_json_state, encode_branch
 from tea_dist.engine.attempt import BranchTask, worker_id
@@ -78,10 +74,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
-MAX_REDISPATCH = 3
-NO_WORKER_SECONDS = 5.0  # branches on a queue no live worker consumes end the run after this
-UNSTARTED_GRACE = 5.0  # s a branch may take to start after a later one of its queue started
-VANISHED_HOLD = 64  # unstarted messages a vanished worker may have held (its prefetch)
 SEND_SLICE = 500  # branches sent between two reads of the stream
 
 logger = logging.getLogger("tea_dist.driver")
@@ -134,30 +126,7 @@ class CeleryExecutor:
         return driver.life.results()
 
 
-@dataclass
-class _Remote:
-    """What the driver knows of a branch sent to a worker (its ``BranchRun.handle``)."""
-
-    message: BranchMessage | None  # None once the branch resolved (a large map's would stay)
-    queue: str
-    task_id: str = ""  # the branch's own id, ``{fanout}.{index}.{resends}``
-    batch: str | None = None  # the batch task it was sent in (its Celery id), if any
-    worker: str | None = None  # host/pid running its attempt, where a stop request goes
-    silent_since: float | None = None  # monotonic: heartbeat missing since
-    retry_due: float | None = None  # monotonic: when its retry should start
-    redispatched: int = 0
-    stopping: float | None = None  # monotonic: when a stop was requested
-    seq: int = 0  # the order it was sent in (its queue is first in, first out)
-    fifo: bool = True  # False once a worker published it again itself (with a countdown)
-
-    def outgoing(self) -> BranchMessage:
-        """Its message, to send (again): a resolved branch is never sent again."""
-        if self.message is None:
-            raise RuntimeError("a resolved branch is never sent again")
-        return self.message
-
-
-class _Driver:
+class _Driver(Liveness):
     def __init__(
         self, tasks: Sequence[BranchTask], configs: Sequence[ParallelConfig], runtime: Runtime
     ) -> None:
@@ -190,7 +159,7 @@ class _Driver:
         self.open_tasks: dict[str, tuple[int, deque[BranchRun]]] = {}  # id -> size, not over
         ttl = self.settings.run_expires if self.owner is not None else self.settings.caller_lease
         every = min(self.settings.heartbeat_seconds, self.settings.caller_lease / 4)
-        self.keeper = _LeaseKeeper(self.client, self.lease, self.fanout_id, ttl, every)
+        self.keeper = LeaseKeeper(self.client, self.lease, self.fanout_id, ttl, every)
 
     def _redis(self, operation: Callable[[], T]) -> T:
         """A Redis operation that rides out an outage shorter than ``TEA_DIST_BROKER_GRACE``."""
@@ -263,7 +232,7 @@ class _Driver:
                 if run.done or not self.life.admit(run, permits=False):
                     continue
                 queue = run.config.queue or self.settings.flows_queue
-                run.handle = _Remote(self._message(run), queue)
+                run.handle = Remote(self._message(run), queue)
                 if self.window is not None:
                     self.in_flight.add(run)
                 group.append(run)
@@ -345,7 +314,7 @@ class _Driver:
         items = []
         self.sent += 1
         for run in runs:
-            remote: _Remote = run.handle
+            remote: Remote = run.handle
             remote.seq, remote.fifo = self.sent, True
             remote.task_id = f"{self.fanout_id}.{run.index}.{remote.redispatched}"
             message = remote.outgoing().signed(self.settings.secret)
@@ -396,14 +365,14 @@ class _Driver:
                 continue
             event = BranchEvent.model_validate_json(fields[b"e"])
             seen = latest.get(event.index)
-            if seen is None or _resends(event.task_id) > _resends(seen.task_id):
+            if seen is None or resends_of(event.task_id) > resends_of(seen.task_id):
                 latest[event.index] = event
         adopted = set()
         for index, event in latest.items():
             run = self.life.runs[index]
             self.life.adopt(run, event.attempt.dispatched_at)  # timeout_total runs on
-            remote = _Remote(self._message(run), run.config.queue or self.settings.flows_queue)
-            remote.task_id, remote.redispatched = event.task_id, _resends(event.task_id)
+            remote = Remote(self._message(run), run.config.queue or self.settings.flows_queue)
+            remote.task_id, remote.redispatched = event.task_id, resends_of(event.task_id)
             self.sent += 1  # sent in an order unknown here: only a vanished worker re-sends it
             remote.seq, remote.fifo = self.sent, False
             run.handle = remote
@@ -455,7 +424,7 @@ class _Driver:
         if event.fanout != self.fanout_id or event.event == "on_flow_queued":
             return
         run = self.life.runs[event.index]
-        remote: _Remote | None = run.handle
+        remote: Remote | None = run.handle
         if run.done or remote is None or event.task_id != remote.task_id:
             return  # over, or from a superseded task
         life, kind = self.life, event.event
@@ -502,193 +471,14 @@ class _Driver:
             if not run.done and run.deadline is not None and now >= run.deadline:
                 self.life.time_out(run)
 
-    def _check_lost(self) -> None:
-        """Branches whose worker is gone: a running one's heartbeat lapsed, or a retry that was
-        due a heartbeat period ago never started. One MGET of the heartbeat keys per check."""
-        running = [r for r in self.life.runs if r.running and r.handle.worker]
-        keys = [self.keys.heartbeat(self.fanout_id, r.index) for r in running]
-        beats = self._redis(partial(self.client.mget, keys)) if running else []
-        now, ttl = time.monotonic(), self.settings.heartbeat_ttl
-        for run, beat in zip(running, beats, strict=True):
-            remote: _Remote = run.handle
-            if beat is not None:
-                remote.silent_since = None
-                continue
-            remote.silent_since = remote.silent_since or now
-            if now - remote.silent_since > ttl:
-                self._redispatch([run])
-        for run in self.life.runs:
-            due = None if run.done else run.handle and run.handle.retry_due
-            if due is not None and now > due + ttl + self.settings.heartbeat_seconds:
-                self._redispatch([run])
-        self._check_batches(now, ttl)
-
-    def _check_batches(self, now: float, ttl: float) -> None:
-        """Items waiting in a batch that started and whose heartbeat lapsed (its process died,
-        or was killed at the batch's time limit) will never start there: sent again."""
-        waiting: dict[str, list[BranchRun]] = {}
-        for run in self.life.runs:
-            remote: _Remote | None = run.handle
-            if remote is None or remote.batch not in self.batches or run.done:
-                continue
-            if run.started is None and remote.retry_due is None:
-                waiting.setdefault(remote.batch, []).append(run)
-        for batch in [b for b in self.batches if b not in waiting]:
-            del self.batches[batch]  # nothing of it left to wait for
-        if not waiting:
-            return
-        keys = [self.keys.batch_heartbeat(self.fanout_id, b) for b in waiting]
-        beats = self._redis(partial(self.client.mget, keys))
-        for (batch, runs), beat in zip(waiting.items(), beats, strict=True):
-            silent = None if beat is not None else self.batches[batch] or now
-            self.batches[batch] = silent
-            if silent is not None and now - silent > ttl:
-                del self.batches[batch]
-                self._redispatch(runs)
-
-    def _redispatch(self, runs: Sequence[BranchRun]) -> None:
-        """The worker holding these branches is gone: send them again (a branch lost more
-        than ``MAX_REDISPATCH`` times ends as lost)."""
-        again: list[BranchRun] = []
-        for run in runs:
-            if run.done:
-                continue
-            remote: _Remote = run.handle
-            remote.silent_since = remote.retry_due = remote.worker = None
-            self.times.forget(run.index)
-            if not self.life.lost(run, remote.redispatched, MAX_REDISPATCH):
-                continue  # lost too often: it ended as lost
-            remote.redispatched += 1
-            remote.message = remote.outgoing().retried(run.state, None)  # signed when sent
-            again.append(run)
-        stale = sorted({r.handle.batch or r.handle.task_id for r in runs})
-        self.app.control.revoke(stale, terminate=True, signal="SIGKILL")
-        self._close_lost(stale)
-        if again:
-            self._send(again)
-            self._record_queued(again)
-
-    def _close_lost(self, task_ids: Sequence[str]) -> None:
-        """A task lost with its worker would show ``STARTED`` in Flower forever (its worker
-        can no longer say how it ended): the driver says it failed, as a ``task-failed``
-        event from ``tea-dist-driver@host``, once it has sent the branch again."""
-        why = "WorkerLostError('the worker holding this branch was lost; it was sent again')"
-        with _best_effort("closing lost tasks"):
-            host = f"tea-dist-driver@{socket.gethostname()}"
-            with self.app.events.default_dispatcher(hostname=host) as events:
-                for task_id in task_ids:
-                    events.send("task-failed", uuid=task_id, exception=why, traceback="")
-
-    # -- stopping --
-
-    def _check_queues(self) -> None:
-        """Branches not started yet wait for a worker: fine while one consumes their queue. A
-        worker seen consuming it whose presence lapsed (killed: a worker that stops removes
-        itself, long before) may have taken some with it (``_vanished``)."""
-        waiting: dict[str, list[str]] = {}
-        for run in self.life.runs:
-            remote: _Remote | None = run.handle
-            if run.done or remote is None or run.started is not None or remote.retry_due:
-                continue
-            waiting.setdefault(remote.queue, []).append(run.task.branch)
-        for queue in list(self.unconsumed):
-            if queue not in waiting:
-                del self.unconsumed[queue]
-        for queue in list(self.consumers):
-            if queue not in waiting:  # seen again from scratch when branches wait there
-                del self.consumers[queue]
-        for queue, branches in waiting.items():
-            key = self.keys.queue_workers(queue)
-            now = time.time()
-            found: Any = self._redis(
-                partial(self.client.zrangebyscore, key, now, "+inf", withscores=True)
-            )
-            live = {_text(name): float(until) for name, until in found}
-            seen = self.consumers.get(queue, {})
-            self.consumers[queue] = live
-            # lapsed, not removed by a worker stopping (it gives its messages back itself)
-            lost = [w for w, until in seen.items() if w not in live and now >= until - TTL / 2]
-            if lost:
-                self._vanished(queue, sorted(lost))
-            if live:
-                self.unconsumed.pop(queue, None)
-                continue
-            since = self.unconsumed.setdefault(queue, time.monotonic())
-            if time.monotonic() - since >= NO_WORKER_SECONDS:
-                raise NoWorkerError(
-                    f"no live worker consumes queue '{queue}' (branch "
-                    f"{', '.join(repr(b) for b in branches)} waited {NO_WORKER_SECONDS:g}s): "
-                    f"start one with `tea-dist worker --queues {queue}`"
-                )
-
-    def _unstarted(self, queue: str | None = None) -> list[BranchRun]:
-        """Branches sent and not started, not waiting for a retry, nor in a batch that
-        started (its heartbeat covers them), of ``queue`` (every queue: None)."""
-        found = []
-        for run in self.life.runs:
-            remote: _Remote | None = run.handle
-            if run.done or remote is None or run.started is not None or remote.retry_due:
-                continue
-            if remote.batch in self.batches or (queue is not None and remote.queue != queue):
-                continue
-            found.append(run)
-        return found
-
-    def _check_unstarted(self) -> None:
-        """A queue is first in, first out: a branch sent before one that started
-        ``UNSTARTED_GRACE`` ago, and still not started, left the queue with a worker that never
-        started it (killed in between): its message is lost, it is sent again. Branches under
-        a ``ResourceLimit`` may wait for a permit on a worker, unseen: they are left alone."""
-        horizon = time.monotonic() - UNSTARTED_GRACE
-        for queue, starts in self.starts.items():
-            while starts and starts[0][0] <= horizon:
-                self.passed[queue] = max(self.passed.get(queue, 0), starts.popleft()[1])
-        if not any(self.passed.values()):
-            return
-        lost = [
-            run
-            for run in self._unstarted()
-            if run.handle.fifo
-            and not run.config.limits
-            and run.handle.seq < self.passed.get(run.handle.queue, 0)
-        ]
-        if lost:
-            logger.warning(
-                "%d branch(es) of fan-out %s left their queue and never started: sent again",
-                len(lost),
-                self.fanout_id,
-            )
-            self._redispatch(lost)
-
-    def _vanished(self, queue: str, workers: Sequence[str]) -> None:
-        """Workers consuming ``queue`` vanished (killed): the oldest messages of
-        the queue not started yet, up to ``VANISHED_HOLD`` per worker (what one may have taken
-        and not started), are sent again; the superseded ones are revoked."""
-        unstarted = sorted(self._unstarted(queue), key=lambda r: r.handle.seq)
-        messages: dict[str, list[BranchRun]] = {}
-        for run in unstarted:
-            message = run.handle.batch or run.handle.task_id
-            if message not in messages and len(messages) >= VANISHED_HOLD * len(workers):
-                break
-            messages.setdefault(message, []).append(run)
-        again = [run for runs in messages.values() for run in runs]
-        if again:
-            logger.warning(
-                "worker(s) %s consuming queue '%s' vanished: %d branch(es) not started sent again",
-                ", ".join(workers),
-                queue,
-                len(again),
-            )
-            self._redispatch(again)
-
     def _stop(self, run: BranchRun) -> None:
         """The lifecycle's ``stop``: interrupt a branch cooperatively now; it is killed if still
         running after a grace period (``kill_stragglers``)."""
-        remote: _Remote | None = run.handle
+        remote: Remote | None = run.handle
         if remote is None or remote.stopping is not None:
             return
         remote.stopping = time.monotonic()
-        with _best_effort(f"stopping branch '{run.task.branch}'"):
+        with best_effort(f"stopping branch '{run.task.branch}'"):
             if remote.worker is not None:  # running: its process's beater interrupts it
                 overdue = run.deadline is not None and time.monotonic() >= run.deadline
                 reason = "timeout" if overdue else "cancel"
@@ -711,7 +501,7 @@ class _Driver:
         if not stopping:
             return
         deadline = max(s.stopping or 0.0 for s in stopping.values()) + self.settings.cancel_grace
-        with _best_effort("stopping branches that ignored their interrupt"):
+        with best_effort("stopping branches that ignored their interrupt"):
             while stopping and time.monotonic() < deadline:
                 keys = [self.keys.heartbeat(self.fanout_id, i) for i in stopping]
                 beats = self.client.mget(keys)
@@ -728,44 +518,11 @@ class _Driver:
         """Tell late deliveries that the fan-out is over; the caller's lease goes."""
         self.keeper.stop()  # first: it would set the lease again
         ttl = int(self.settings.run_expires)
-        with _best_effort("ending the fan-out"):
+        with best_effort("ending the fan-out"):
             pipe = self.client.pipeline(transaction=False)
             pipe.set(self.keys.fanout_finished(self.fanout_id), 1, ex=ttl)
             pipe.delete(self.lease)
             pipe.execute()
-
-
-class _LeaseKeeper:
-    """The caller's liveness lease, renewed by a thread of its own every ``every`` seconds
-    (whatever the driver is busy with: sending thousands of messages, handling thousands of
-    events), so a live caller is never taken for dead. Workers stop the run's branches once
-    it lapses (``ttl`` after its last renewal)."""
-
-    def __init__(self, client: Any, key: str, value: str, ttl: float, every: float) -> None:
-        self.client, self.key, self.value = client, key, value
-        self.ttl_ms, self.every = max(1, int(ttl * 1000)), every
-        self.stopped = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def renew(self) -> None:
-        self.client.set(self.key, self.value, px=self.ttl_ms)
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._keep, name="tea-dist-caller-lease", daemon=True)
-        self.thread.start()
-
-    def _keep(self) -> None:
-        while not self.stopped.wait(self.every):
-            try:
-                self.renew()
-            except Exception as exc:  # an outage: the driver rides it out or ends the run
-                logger.debug("renewing the caller lease failed: %s", exc)
-
-    def stop(self) -> None:
-        """No renewal after this returns (idempotent)."""
-        self.stopped.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join()
 
 
 def _slim(model: M) -> M:
@@ -785,26 +542,6 @@ def _slim(model: M) -> M:
 
 
 _EVERY_FIELD: dict[type[BaseModel], set[str]] = {}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _resends(task_id: str) -> int:
-    """How many times a branch was sent again before task ``task_id`` (``{fanout}.{i}.{n}``)."""
-    tail = task_id.rpartition(".")[2]
-    return int(tail) if tail.isdigit() else 0
-
-
-@contextlib.contextmanager
-def _best_effort(what: str) -> Iterator[None]:
-    """On the way out (often because Redis or the broker failed), nothing may mask the cause:
-    a failure here is logged, not raised."""
-    try:
-        yield
-    except Exception as exc:
-        logger.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
 
 
 def _cluster(cluster: object | None) -> Cluster:
