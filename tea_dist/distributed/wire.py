@@ -276,17 +276,10 @@ def check_json_state(state: Mapping[str, Any], where: str, limit: int) -> str:
 
 
 def check_fanout(spec: GraphSpec, fan: FanOut) -> None:
-    """Compile-time check of a celery fan-out: importable code, no nested celery fan-out."""
+    """Compile-time check of a celery fan-out: its branches' code can be encoded and
+    imported (a fan-out nested in one is refused by ``engine.runner.check_nesting``)."""
     for branch, config in zip(fan.branches, fan.configs, strict=True):
         if config.strategy != "celery":
             continue
         data = encode_branch(spec, branch, fan.fan_in)
         note_branch_modules(data["code"]["modules"])
-        for name in spec.branch_nodes(branch, fan.fan_in)[0]:
-            inner = spec.fanouts.get(name)
-            if inner is not None and any(c.strategy == "celery" for c in inner.configs):
-                raise GraphError(
-                    f"node '{name}' inside celery branch '{branch}' fans out with the celery "
-                    "strategy; a worker cannot wait on its own cluster: use thread, process or "
-                    "asyncio for the inner fan-out"
-                )

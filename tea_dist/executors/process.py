@@ -19,8 +19,9 @@ at a time, received pickled over a pipe, through the shared ``run_attempt`` and 
   strategy keeps refusing lambdas and closures: its workers import code, never receive it.)
 
 Only the nodes a branch can reach travel with it (``GraphSpec.branch_part``), so lambdas
-elsewhere in the graph do not matter. A nested fan-out inside a branch runs in the worker on a fresh
-``Runtime`` (thread strategy unless configured otherwise); its callbacks fire in the worker.
+elsewhere in the graph do not matter. A nested fan-out inside a branch runs in the worker
+under the caller's run id; its events come back with the attempt and reach the caller's
+callbacks (``engine.attempt.Relay``).
 Workers are reused across invocations; idle ones stay (up to the largest ``max_workers`` seen)
 and all are killed at interpreter exit. As with ``multiprocessing``, a script using this
 strategy needs the ``if __name__ == "__main__":`` guard (workers import the main module, so
