@@ -135,6 +135,13 @@ class BranchTask:
         """The node the branch starts at."""
         return self.node or self.branch
 
+    def but(self, **changes: Any) -> BranchTask:
+        """A copy with ``changes``: ``dataclasses.replace`` without its per-field checks (a
+        fan-out's tasks are copies of one, a thousand at a time)."""
+        copied = object.__new__(BranchTask)
+        copied.__dict__.update(self.__dict__, **changes)
+        return copied
+
 
 @dataclass
 class AttemptOutcome:

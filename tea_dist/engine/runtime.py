@@ -122,6 +122,9 @@ class Durable:
     steps: int = 0
 
 
+_BLANK_CONTEXT = FlowContext(branch="")
+
+
 @dataclass
 class Runtime:
     """Per-invocation services for executors."""
@@ -148,8 +151,8 @@ class Runtime:
     # -- events --
 
     def context(self, task: BranchTask, config: ParallelConfig, attempt: int = 1) -> FlowContext:
-        """The callback context of a branch."""
-        return FlowContext(
+        """The callback context of a branch (a copy of a blank one: a thousand at a time)."""
+        return _BLANK_CONTEXT.but(
             branch=task.branch,
             fan_in_node=task.fan_in,
             state_snapshot=task.state,
@@ -289,18 +292,14 @@ class Runtime:
             pairs = [(f"{target}[{i}]", config) for i in range(len(items))]
             states = [fan.map.branch_state(state, i, item) for i, item in enumerate(items)]
             nodes, batch = [target] * len(items), fan.map.batch_for(len(items))
+        first = BranchTask(spec, "", fan.fan_in, state, run_config, batch=batch, run_id=self.run_id)
         tasks = [
-            BranchTask(
-                spec=spec,
+            first.but(
                 branch=branch,
-                fan_in=fan.fan_in,
                 state=branch_state,
-                run_config=run_config,
                 include_traceback=config.include_traceback,
                 index=i,
                 node=node,
-                batch=batch,
-                run_id=self.run_id,
             )
             for i, ((branch, config), branch_state, node) in enumerate(
                 zip(pairs, states, nodes, strict=True)
