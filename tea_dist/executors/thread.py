@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
 from tea_dist.core.config import ParallelConfig
@@ -43,6 +43,104 @@ def default_workers() -> int:
     return min(32, (os.cpu_count() or 1) + 4)
 
 
+_ATTEMPTS = threading.Lock()  # guards every ``Attempt``'s state, each for a few instructions
+
+
+class Attempt(Future[Any]):
+    """A job on a pool thread, as light as the supervisor needs: its state, result and done
+    callbacks under one shared lock instead of a ``Future``'s own condition (an ``RLock``, a
+    ``Condition`` and their bound methods per attempt: a thousand branches made a thousand of
+    each). ``result()`` before the job is done waits on an event made on demand.
+
+    Only what the supervisor and the pool call is here; it is not for ``asyncio`` or
+    ``concurrent.futures.wait`` (``DaemonPool.submit`` returns a real ``Future`` for those).
+    """
+
+    def __init__(self) -> None:  # no Future.__init__: its condition is what this saves
+        self._state = "PENDING"
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        self._event: threading.Event | None = None
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _ATTEMPTS:
+            if self._state == "CANCELLED":
+                return False
+            self._state = "RUNNING"
+            return True
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        with _ATTEMPTS:
+            self._result, self._exception, self._state = result, exception, "FINISHED"
+            callbacks, event = self._done_callbacks, self._event
+        if event is not None:
+            event.set()
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                logger.exception("a done callback of %r raised", self)
+
+    def set_result(self, result: Any) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception)
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        with _ATTEMPTS:
+            if self._state not in ("FINISHED", "CANCELLED"):
+                self._done_callbacks.append(fn)
+                return
+        fn(self)
+
+    def cancel(self) -> bool:
+        with _ATTEMPTS:
+            if self._state == "RUNNING" or self._state == "FINISHED":
+                return False
+            first, self._state = self._state == "PENDING", "CANCELLED"
+            callbacks, event = self._done_callbacks, self._event
+        if first:
+            if event is not None:
+                event.set()
+            for callback in callbacks:
+                callback(self)
+        return True
+
+    def cancelled(self) -> bool:
+        return self._state == "CANCELLED"
+
+    def __repr__(self) -> str:
+        return f"<Attempt at {id(self):#x} state={self._state.lower()}>"
+
+    def running(self) -> bool:
+        return self._state == "RUNNING"
+
+    def done(self) -> bool:
+        return self._state in ("FINISHED", "CANCELLED")
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._exception
+
+    def _wait(self, timeout: float | None) -> None:
+        with _ATTEMPTS:
+            if not self.done() and self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        if event is not None and not event.wait(timeout):
+            raise TimeoutError
+        if self._state == "CANCELLED":
+            raise CancelledError
+
+
 class DaemonPool:
     """A pool of reusable daemon threads (a hung node never blocks interpreter exit).
 
@@ -65,8 +163,9 @@ class DaemonPool:
         """Threads alive in the pool now."""
         return self._threads
 
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        future: Future[Any] = Future()
+    def submit(self, fn: Callable[[], Any], future: Future[Any] | None = None) -> Future[Any]:
+        """Run ``fn`` on a pool thread; its result in ``future`` (a new ``Future`` if none)."""
+        future = Future() if future is None else future
         with self._lock:
             if self._idle:  # reserve a waiting thread: it will take this job
                 self._idle -= 1
@@ -170,7 +269,9 @@ class ThreadExecutor:
         runtime: Runtime,
         began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
-        return self.pool.submit(lambda: run_attempt(task, runtime.fanout, token))
+        attempt = Attempt()
+        self.pool.submit(lambda: run_attempt(task, runtime.fanout, token), attempt)
+        return attempt
 
     def stop(self, future: Future[AttemptOutcome], token: CancelToken) -> None:
         token.cancel()
