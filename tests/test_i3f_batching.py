@@ -351,6 +351,15 @@ def test_i3f_default_map_keeps_long_items_apart(cluster: Any) -> None:
 
 
 @pytest.mark.celery
+def test_i3f_default_map_keeps_within_max_workers(cluster: Any) -> None:
+    config = ParallelConfig(strategy="celery", max_workers=3)
+    g = item_map("i3f-window", config=config)
+    state, run_id, _ = run_map(g, {"docs": list(range(30))})
+    assert state["doubled"] == [2 * i for i in range(30)]
+    assert max(len(batch) for batch in tasks_of(cluster, run_id).values()) <= 3
+
+
+@pytest.mark.celery
 def test_i3f_explicit_batch_size_is_kept(cluster: Any) -> None:
     state, run_id, _ = run_map(item_map("i3f-exact", batch_size=5), {"docs": list(range(20))})
     assert state["doubled"] == [2 * i for i in range(20)]
