@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import traceback as tb
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,7 +154,7 @@ class AttemptOutcome:
     error: ErrorInfo | None = None
     exception: BaseException | None = None
     worker: str = ""
-    events: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)  # relayed
+    events: Sequence[tuple[str, tuple[Any, ...]]] = ()  # relayed
 
     def __getstate__(self) -> dict[str, Any]:
         data = dict(self.__dict__)

@@ -200,7 +200,7 @@ def total_deadline(config: ParallelConfig, dispatched_at: float, clock: Clock) -
     return clock.monotonic() + (dispatched_at + config.timeout_total - clock.time())
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class BranchRun:
     """One branch of a fan-out as its lifecycle sees it; ``handle`` is the executor's own."""
 

@@ -88,6 +88,7 @@ class _Supervisor:
         self.ready: deque[BranchRun] = deque(self.life.runs)
         self.timers: list[tuple[float, int, BranchRun]] = []
         self.finished: queue.SimpleQueue[Future[AttemptOutcome]] = queue.SimpleQueue()
+        self.finished_put = self.finished.put  # one bound method, not one per attempt
         self.began: queue.SimpleQueue[tuple[BranchRun, int, float]] = queue.SimpleQueue()
         self.limited = any(c.limits for c in configs)
         self.next_renewal = time.monotonic() + RENEW_SECONDS
@@ -151,6 +152,7 @@ class _Supervisor:
     def _start_ready(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
             self.ready.append(heapq.heappop(self.timers)[2])
+        reports = self.backend.reports_start
         while self.ready and len(self.running) < self.slots:
             run = self.ready.popleft()
             if run.done or not self.life.admit(run):
@@ -158,15 +160,14 @@ class _Supervisor:
                     self._retry_later(run, run.wait)
                 continue
             token = CancelToken()
-            attempt = run.state.attempts + 1
-            began = partial(self._began, run, attempt)
+            began = partial(self._began, run, run.state.attempts + 1) if reports else _unheard
             future = self.backend.start(run.task, token, self.runtime, began)
             # the attempt's clock starts once the backend has it, or (a child process that
             # must start first) once it says the attempt began: a pool's start is not its time
-            self.life.begin(run, timed=not self.backend.reports_start)
+            self.life.begin(run, timed=not reports)
             run.handle = (future, token)
             self.running[future] = run
-            future.add_done_callback(self.finished.put)
+            future.add_done_callback(self.finished_put)
 
     def _began(self, run: BranchRun, attempt: int, at: float) -> None:
         self.began.put((run, attempt, at))  # any thread: timed in the supervisor's own
@@ -194,6 +195,11 @@ class _Supervisor:
             for run in [r for r in self.ready if r.deadline is not None and now >= r.deadline]:
                 self.ready.remove(run)
                 self.life.time_out(run)
+
+
+def _unheard(at: float) -> None:
+    """The ``began`` of a backend that does not report starts (its attempts are timed from
+    ``start``)."""
 
 
 class _Stopper:
