@@ -176,9 +176,9 @@ def build_result(
         "circuit_state": state.circuit_state,
         "worker": (outcome.worker if outcome is not None else None) or None,
     }
-    if error is None:  # the error fields keep their defaults (validating them costs)
+    if error is None:  # every value is of its field's type already: not validated again
         state_after = None if outcome is None else outcome.state
-        return ParallelFlowResult(
+        return ParallelFlowResult.built(
             success=True, state=state_after, outcome=Outcome.SUCCESS, **fields
         )
     return ParallelFlowResult(
