@@ -201,11 +201,19 @@ def _relay(task: BranchTask) -> Relay | None:
 
 
 _HOST = socket.gethostname()
+_WORKER = [f"{_HOST}/{os.getpid()}"]  # made again in a forked child
+
+
+def _forked() -> None:
+    _WORKER[0] = f"{_HOST}/{os.getpid()}"
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def worker_id() -> str:
     """``hostname/pid`` of the process running an attempt."""
-    return f"{_HOST}/{os.getpid()}"
+    return _WORKER[0]
 
 
 _IMMUTABLE = frozenset({str, int, float, bool, bytes, type(None)})
@@ -244,16 +252,18 @@ def run_attempt(
     started, cursor = time.time(), Cursor()
     run = _walk_of(task, fanout, cancel_token, cursor)
     relay = _relay(task)
-    reset = RELAY.set(relay)
+    # nested fan-outs relay to ``relay``; none is set already on a pool's thread: set nothing
+    reset = RELAY.set(relay) if relay is not None or RELAY.get() is not None else None
     try:
         for _step in walk(run):
             pass
     except Exception as exc:
         outcome = _failed(task, exc, cursor, started)
     else:
-        outcome = AttemptOutcome(True, run.state, started, time.time(), worker=worker_id())
+        outcome = AttemptOutcome(True, run.state, started, time.time(), worker=_WORKER[0])
     finally:
-        RELAY.reset(reset)
+        if reset is not None:
+            RELAY.reset(reset)
     if relay is not None:
         outcome.events = relay.events
     return outcome
