@@ -164,9 +164,11 @@ class Runtime:
             circuit=self.circuit_name(task.start, config),  # a whole map shares one
         )
 
-    def emit(self, event: Event | str, *args: Any) -> None:
-        """Fire a lifecycle event through the dispatcher."""
-        self.dispatcher.emit(event, *args)
+    @property
+    def emit(self) -> Callable[..., None]:
+        """Fire a lifecycle event through the dispatcher: ``emit(event, *args)`` (its
+        ``emit`` itself, not a call passing its arguments on: five per branch)."""
+        return self.dispatcher.emit
 
     # -- circuits --
 
