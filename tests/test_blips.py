@@ -30,17 +30,15 @@ pytestmark = pytest.mark.celery
 @pytest.fixture(scope="module")
 def private() -> Iterator[tuple[EmbeddedRedis, workers.TestCluster]]:
     """A Redis server of its own and one flow worker on it; the test process points there."""
-    from tests.cluster import configure, current_settings
+    from tests.cluster import cluster_for
 
     server = EmbeddedRedis().start()
     cluster = workers.TestCluster(server.url)
-    previous = current_settings()
     try:
         cluster.start_worker("blip", concurrency=2)
-        configure(cluster.settings())
-        yield server, cluster
+        with cluster_for(cluster.settings()).as_default():
+            yield server, cluster
     finally:
-        configure(previous)
         cluster.stop_all()
         server.stop()
 

@@ -149,21 +149,19 @@ class Deployment:
 @contextlib.contextmanager
 def deployed(redis_url: str, names: tuple[str, ...]) -> Iterator[Deployment]:
     """The workers ``names`` started (all at once) and ready; everything gone afterwards."""
-    from tests.cluster import configure, current_settings
+    from tests.cluster import cluster_for
 
     test_cluster = TestCluster(redis_url)
     deployed = Deployment(test_cluster)
-    previous = current_settings()
-    configure(test_cluster.settings())
     try:
-        for name in names:
-            deployed.launch(name)
-        for name in names:
-            deployed.wait_ready(name)
-        yield deployed
+        with cluster_for(test_cluster.settings()).as_default():
+            for name in names:
+                deployed.launch(name)
+            for name in names:
+                deployed.wait_ready(name)
+            yield deployed
     finally:
         deployed.stop()
-        configure(previous)
         client = redis.Redis.from_url(redis_url)
         for pattern in (f"{test_cluster.env['TEA_DIST_KEY_PREFIX']}*", f"*{test_cluster.tag}*"):
             keys = list(client.scan_iter(match=pattern, count=1000))
@@ -184,9 +182,8 @@ def test_i3a_a_stopping_flow_worker_gives_back_the_messages_it_holds(redis_url: 
     once, not after the broker's visibility timeout."""
     from tests.cluster import current_app
 
-    app = current_app()
-
     with deployed(redis_url, ("flows-a",)) as running:
+        app = current_app()  # the deployment's
         queue = running.settings.flows_queue
         client = redis.Redis.from_url(running.cluster.redis_url)
         for _ in range(3):  # never run: the worker is stopped first; nobody consumes them after

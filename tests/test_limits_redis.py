@@ -265,12 +265,10 @@ def test_i12_3_unreachable_redis_is_one_error_without_password() -> None:
 
 @pytest.fixture
 def cli_settings(redis_url: str, redis_prefix: str) -> Any:
-    from tests.cluster import configure, current_settings
+    from tests.cluster import cluster_for
 
-    previous = current_settings()
-    configure(Settings(broker_url=redis_url, key_prefix=redis_prefix))
-    yield
-    configure(previous)
+    with cluster_for(Settings(broker_url=redis_url, key_prefix=redis_prefix)).as_default():
+        yield
 
 
 def test_i12_3_cli_limits_lists_and_resets(
