@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from kombu.utils.json import register_type
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from tea_dist.core.config import ParallelConfig
-from tea_dist.core.errors import BranchTimeoutError, RemoteError
 from tea_dist.core.results import CircuitState, ParallelFlowResult
 from tea_dist.distributed.signing import Secret, sign, verify
+from tea_dist.engine.attempt import ErrorInfo
 from tea_dist.engine.lifecycle import AttemptState
 from tea_dist.observe.events import FlowContext
 
@@ -40,28 +40,6 @@ EventName = Literal[
     "on_circuit_state_change",
     "on_flow_complete",
 ]
-
-
-class ErrorRecord(BaseModel):
-    """An error as it crosses processes: its type name and message, never the exception."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    type: str
-    message: str
-    timeout: bool = False
-
-    @classmethod
-    def of(cls, error: BaseException | None) -> ErrorRecord | None:
-        if error is None:
-            return None
-        name = getattr(error, "error_type", None) or type(error).__name__
-        return cls(type=name, message=str(error), timeout=isinstance(error, BranchTimeoutError))
-
-    def as_exception(self) -> BaseException:
-        """The exception handed to the caller's callbacks."""
-        cls = BranchTimeoutError if self.timeout else RemoteError
-        return cls(self.message, error_type=self.type)
 
 
 class BranchMessage(BaseModel):
@@ -123,11 +101,22 @@ class BranchEvent(BaseModel):
     worker: str
     batch: str = ""  # the batch task it runs in (empty: a task of its own)
     attempt: AttemptState
-    error: ErrorRecord | None = None
+    error: ErrorInfo | None = None
+
     delay: float | None = None
     seconds: float | None = None
     transition: tuple[CircuitState, CircuitState] | None = None
     result: ParallelFlowResult | None = None
+
+    @field_validator("error", mode="before")
+    @classmethod
+    def _earlier_shape(cls, value: Any) -> Any:
+        """An error from a worker of an earlier release (``{"type", "message", "timeout"}``),
+        as a rolling upgrade meets it."""
+        if isinstance(value, dict) and "type" in value and "type_name" not in value:
+            value = dict(value)
+            value["type_name"] = value.pop("type")
+        return value
 
     def callback_args(self, ctx: FlowContext) -> tuple[Any, ...]:
         """The arguments a ``ParallelFlowCallback`` method takes for this event."""

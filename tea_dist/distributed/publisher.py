@@ -7,8 +7,8 @@ from typing import Any
 
 from tea_dist.core.results import CircuitState, Outcome, ParallelFlowResult
 from tea_dist.distributed.keys import Keys
-from tea_dist.distributed.messages import BranchEvent, BranchMessage, ErrorRecord
-from tea_dist.engine.attempt import worker_id
+from tea_dist.distributed.messages import BranchEvent, BranchMessage
+from tea_dist.engine.attempt import ErrorInfo, worker_id
 from tea_dist.engine.lifecycle import BranchRun
 from tea_dist.observe.events import FlowContext
 
@@ -46,7 +46,7 @@ class StreamPublisher:
             self._add("on_attempt_start")
 
     def on_flow_error(self, ctx: FlowContext, error: BaseException, attempt: int) -> None:
-        self._add("on_flow_error", error=ErrorRecord.of(error))
+        self._add("on_flow_error", error=ErrorInfo.from_exception(error))
 
     def on_flow_timeout(self, ctx: FlowContext, seconds: float | None) -> None:
         self._add("on_flow_timeout", seconds=seconds)
@@ -54,7 +54,7 @@ class StreamPublisher:
     def on_flow_retry(
         self, ctx: FlowContext, attempt: int, delay: float, error: BaseException | None
     ) -> None:
-        self._add("on_flow_retry", delay=delay, error=ErrorRecord.of(error))
+        self._add("on_flow_retry", delay=delay, error=_info(error))
 
     def on_circuit_state_change(
         self, ctx: FlowContext, old: CircuitState, new: CircuitState
@@ -83,3 +83,7 @@ class StreamPublisher:
         for event in self.events:
             pipe.xadd(stream, {"e": event}, maxlen=100_000, approximate=True)
         pipe.expire(stream, expires)
+
+
+def _info(error: BaseException | None) -> ErrorInfo | None:
+    return None if error is None else ErrorInfo.from_exception(error)
