@@ -168,7 +168,9 @@ class ParallelFlowResult(BaseModel):
         of results a fan-out makes. Fields not given take their defaults and are not set."""
         result = object.__new__(cls)
         _set(result, "__dict__", {**_DEFAULTS, "attempt_errors": [], **fields})
-        _set(result, "__pydantic_fields_set__", set(fields))
+        # one set per combination of names, shared: a frozen result never adds to it
+        names = _FIELDS_SET.get(tuple(fields)) or _FIELDS_SET.setdefault(tuple(fields), set(fields))
+        _set(result, "__pydantic_fields_set__", names)
         _set(result, "__pydantic_extra__", None)
         _set(result, "__pydantic_private__", None)
         return result
@@ -243,6 +245,7 @@ class ParallelFlowResult(BaseModel):
 
 
 _set = object.__setattr__  # what pydantic's model_construct sets a model's internals with
+_FIELDS_SET: dict[tuple[str, ...], set[str]] = {}
 # every field in declaration order (a model's __dict__ order), required ones overwritten
 _DEFAULTS: dict[str, Any] = {
     name: None if field.is_required() else field.get_default(call_default_factory=True)

@@ -270,7 +270,7 @@ class ThreadExecutor:
         began: Callable[[float], None],
     ) -> Future[AttemptOutcome]:
         attempt = Attempt()
-        self.pool.submit(lambda: run_attempt(task, runtime.fanout, token), attempt)
+        self.pool.submit(functools.partial(run_attempt, task, runtime.fanout, token), attempt)
         return attempt
 
     def stop(self, future: Future[AttemptOutcome], token: CancelToken) -> None:
