@@ -222,11 +222,12 @@ _IMMUTABLE = frozenset({str, int, float, bool, bytes, type(None)})
 def private_copy(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``state`` that an attempt may change freely: a plain dict whose keys and
     values are all immutable scalars is copied shallowly, anything else deeply."""
-    if type(state) is dict and all(
-        type(k) in _IMMUTABLE and type(v) in _IMMUTABLE for k, v in state.items()
-    ):
-        return dict(state)
-    return copy.deepcopy(state)
+    if type(state) is not dict:
+        return copy.deepcopy(state)
+    for key, value in state.items():  # a loop, not all() over a generator: most are small
+        if type(key) not in _IMMUTABLE or type(value) not in _IMMUTABLE:
+            return copy.deepcopy(state)
+    return dict(state)
 
 
 def _walk_of(

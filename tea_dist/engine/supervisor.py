@@ -116,7 +116,8 @@ class _Supervisor:
                 run = self.running.pop(future, None)
                 if run is not None:  # else a deadline or fail-fast stopped it just before
                     self._retry_later(run, life.end(run, future.result()))
-            self._time_began()
+            if self.backend.reports_start:
+                self._time_began()
             self._expire(time.monotonic())
             if self.limited and time.monotonic() >= self.next_renewal:
                 self.next_renewal = time.monotonic() + RENEW_SECONDS
@@ -143,11 +144,9 @@ class _Supervisor:
             done = [self.finished.get(timeout=timeout)]
         except queue.Empty:
             return []
-        while True:
-            try:
-                done.append(self.finished.get_nowait())
-            except queue.Empty:
-                return done
+        while not self.finished.empty():  # this thread alone takes from it
+            done.append(self.finished.get_nowait())
+        return done
 
     def _start_ready(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
