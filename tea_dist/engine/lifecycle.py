@@ -229,7 +229,7 @@ class BranchRun:
 
     def context(self, **changes: Any) -> FlowContext:
         """The callback context of the current attempt."""
-        attempt = max(self.state.attempts, 1)
+        attempt = self.state.attempts or 1  # never negative
         if attempt == self.ctx.attempt and not changes:
             return self.ctx
         return self.ctx.but(attempt=attempt, **changes)

@@ -342,15 +342,17 @@ class Dispatcher:
         """
         route = self._routes.get(event)  # an Event hashes as its value
         methods, lanes = route if route is not None else self._route(Event(event))
-        name = str(event)
         for listener, method in methods:
             try:
                 method(*args)
             except Exception:
-                logger.exception("listener %r failed on %s", listener, name)
+                logger.exception("listener %r failed on %s", listener, str(event))
+        if not self._lanes:  # no callbacks (the common case): no lane to watch or feed
+            return
         for lane in self._lanes:
             if lane.hung(self.timeout):
                 lane.abandon()
+        name = str(event)
         for lane in lanes:
             lane.put(name, args)
 
