@@ -81,10 +81,19 @@ def default_workers() -> int:
 # -- what travels: the branch's part of the graph, pickled once per fan-out --
 
 
+def _dumps(value: Any) -> bytes:
+    """``value`` pickled: by the standard pickler when it can (module-level code, by
+    reference, three times faster), else by cloudpickle (lambdas and closures, by value)."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+
+
 def _pickle_error(value: Any) -> str | None:
     """Why ``value`` cannot be pickled, or None when it can."""
     try:
-        cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        _dumps(value)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -124,7 +133,7 @@ def dump_task(task: BranchTask) -> bytes:
     """
     task = replace(task, spec=task.spec.branch_part(task.start, task.fan_in))
     try:
-        return cloudpickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+        return _dumps(task)
     except Exception as exc:
         raise SerializationError(_culprit(task, exc)) from exc
 
