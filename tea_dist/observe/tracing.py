@@ -79,6 +79,8 @@ def carrier(branch: str | None = None) -> dict[str, str]:
     state = _running_fanout()
     if branch is not None and state is not None and branch in state.branches:
         context = trace.set_span_in_context(state.branches[branch])
+    elif not trace.get_current_span().get_span_context().is_valid:
+        return {}  # no trace here: no headers, and no propagator's cost for every item
     headers: dict[str, str] = {}
     propagate.inject(headers, context=context)
     return headers
