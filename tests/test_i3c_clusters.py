@@ -195,3 +195,18 @@ def test_i3c_a_users_celery_app_runs_its_own_task_and_tea_dist_branches_on_one_w
     # tea_dist's options travel with its tasks; the app's own stay as the user set them
     assert user_app.app.conf.task_acks_late is False
     assert user_app.app.tasks["tea_dist.run_flow"].acks_late is True
+
+
+def test_i3c_a_broker_given_over_the_environment_takes_redis_along(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The environment names no Redis URL: a broker given in code is the Redis it follows,
+    not the default broker's; a Redis URL the environment names is kept."""
+    monkeypatch.delenv("TEA_DIST_REDIS_URL", raising=False)
+    monkeypatch.delenv("TEA_DIST_RESULT_BACKEND", raising=False)
+    cluster = Cluster.from_env(broker="redis://10.0.0.9:6379/2")
+    assert cluster.settings.redis == "redis://10.0.0.9:6379/2"
+    assert cluster.settings.backend == "redis://10.0.0.9:6379/2"
+    monkeypatch.setenv("TEA_DIST_REDIS_URL", "redis://10.0.0.8:6379/3")
+    rabbit = Cluster.from_env(broker="amqp://guest:guest@127.0.0.1:5672//")
+    assert rabbit.settings.redis == "redis://10.0.0.8:6379/3"

@@ -380,12 +380,7 @@ def _listening(port: int) -> bool:
 def _settings_for(url: str) -> Settings:
     """This environment's settings with ``url`` as broker (the result backend and Redis URL
     follow it unless the environment sets them)."""
-    base = Settings()
-    changes: dict[str, Any] = {"broker_url": url}
-    for name in ("result_backend", "redis_url"):
-        if name not in base.model_fields_set:
-            changes[name] = None
-    return base.with_overrides(**changes)
+    return Settings().with_overrides(broker_url=url)
 
 
 _cluster: LocalCluster | None = None

@@ -205,10 +205,13 @@ class Settings(BaseSettings):
             yield name, value
 
     def with_overrides(self, **changes: Any) -> Settings:
-        """A copy with some fields replaced (validated like the environment)."""
+        """A copy with some fields replaced, validated like the original: what was named stays,
+        what followed (the Redis URL a Redis broker gives, the result backend) follows again,
+        and settings made in code read no environment variable for the rest."""
         data = {
-            k: v.get_secret_value() if isinstance(v, SecretStr) else v
-            for k, v in self.__dict__.items()
+            name: value.get_secret_value() if isinstance(value, SecretStr) else value
+            for name in self.model_fields_set
+            if (value := getattr(self, name)) is not None  # None: it follows again
         }
         data.update(changes)
-        return Settings.model_validate(data)
+        return type(self).model_validate(data)
