@@ -49,7 +49,7 @@ from tea_dist.core.errors import (
 from tea_dist.core.graph import DEFAULT_NAME, StateGraph
 from tea_dist.core.references import resolve
 from tea_dist.distributed import durable
-from tea_dist.distributed.cluster import Cluster, cluster_of
+from tea_dist.distributed.cluster import ATTRIBUTE, Cluster, cluster_of
 from tea_dist.distributed.durable import RunLease
 from tea_dist.distributed.local_cluster import client_cluster
 from tea_dist.distributed.settings import Settings, redact
@@ -540,7 +540,7 @@ def _take_over_runs(sender: Any = None, **_: Any) -> None:
     """A run worker (one that consumes the runs queue) takes over the runs whose driver
     stopped, as long as it runs."""
     consumer = getattr(sender, "task_consumer", None)
-    cluster = getattr(getattr(sender, "app", None), "tea_cluster", None)
+    cluster = getattr(getattr(sender, "app", None), ATTRIBUTE, None)
     if consumer is None or not isinstance(cluster, Cluster):
         return  # not a worker of a tea_dist cluster's app
     queue = cluster.settings.runs_queue

@@ -26,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -40,6 +40,8 @@ from tea_dist.distributed.connections import redis_for, ride_out
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.limits_redis import RedisLimitStore
 from tea_dist.distributed.settings import Settings, redact
+
+T = TypeVar("T")
 
 ATTRIBUTE = "tea_cluster"  # the attribute of a Celery app naming its cluster
 _DEFAULTS: list[Cluster] = []  # the clusters of the open ``as_default()`` blocks
@@ -96,6 +98,7 @@ class Cluster:
         elif changes:
             settings = settings.with_overrides(**changes)
         self.settings = settings
+        self.keys = Keys(settings.key_prefix)
         self.owns_app = app is None
         self.app = make_app(settings) if app is None else app
         self._stores: dict[int, Stores] = {}
@@ -144,7 +147,7 @@ class Cluster:
             with self._lock:
                 stores = self._stores.get(pid)
                 if stores is None:
-                    client, keys = redis_for(self.settings.redis), Keys(self.settings.key_prefix)
+                    client, keys = redis_for(self.settings.redis), self.keys
                     stores = Stores(
                         client, keys, RedisBreakerStore(client, keys), RedisLimitStore(client, keys)
                     )
@@ -155,11 +158,7 @@ class Cluster:
     def client(self) -> redis.Redis:
         return self.stores.client
 
-    @property
-    def keys(self) -> Keys:
-        return Keys(self.settings.key_prefix)
-
-    def ride_out(self, operation: Any) -> Any:
+    def ride_out(self, operation: Callable[[], T]) -> T:
         """A Redis operation that rides out an outage shorter than ``broker_grace``."""
         return ride_out(operation, self.settings.redis, self.settings.broker_grace)
 
@@ -168,12 +167,6 @@ class Cluster:
     def send(self, name: str, args: tuple[Any, ...], **options: Any) -> Any:
         """Send tea_dist's task ``name``: JSON whatever the app's own serializer setting."""
         return self.app.send_task(name, args, **{"serializer": "json", **options})
-
-    @contextlib.contextmanager
-    def producer(self) -> Iterator[Any]:
-        """One pooled producer for many sends (``send(..., producer=...)``)."""
-        with self.app.producer_or_acquire() as producer:
-            yield producer
 
 
 def explicit_settings(**values: Any) -> Settings:

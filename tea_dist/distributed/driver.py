@@ -48,7 +48,7 @@ from tea_dist.core.errors import (
 from tea_dist.core.graph import ADAPTIVE, FanOut, GraphSpec
 from tea_dist.core.results import ParallelFlowResult
 from tea_dist.distributed.cluster import Cluster
-from tea_dist.distributed.connections import check_broker, check_reachable, ride_out
+from tea_dist.distributed.connections import check_broker, check_reachable
 from tea_dist.distributed.liveness import (
     LeaseKeeper,
     Liveness,
@@ -163,7 +163,7 @@ class _Driver(Liveness):
 
     def _redis(self, operation: Callable[[], T]) -> T:
         """A Redis operation that rides out an outage shorter than ``TEA_DIST_BROKER_GRACE``."""
-        return ride_out(operation, self.settings.redis, self.settings.broker_grace)
+        return self.cluster.ride_out(operation)
 
     # -- before anything is sent --
 

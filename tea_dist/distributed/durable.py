@@ -44,7 +44,6 @@ from typing import Any
 import redis
 
 from tea_dist.distributed.cluster import Cluster
-from tea_dist.distributed.connections import ride_out
 from tea_dist.distributed.keys import Keys
 from tea_dist.engine.attempt import worker_id
 from tea_dist.engine.nodes import CancelToken
@@ -237,7 +236,7 @@ class RunLease:
     def __init__(
         self, cluster: Cluster, run_id: str, queue: str, token: int, previous: str = ""
     ) -> None:
-        settings = self.settings = cluster.settings
+        settings = cluster.settings
         self.cluster = cluster
         self.run_id, self.queue, self.token, self.previous = run_id, queue, str(token), previous
         self.worker = worker_id()
@@ -248,7 +247,6 @@ class RunLease:
         self.every = settings.heartbeat_seconds
         self.lease_ms = int(settings.heartbeat_ttl * 1000)
         self.retention = int(settings.run_expires)
-        self._redis_url, self._grace = settings.redis, settings.broker_grace
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False  # a node of the run runs in this process (as the run hash says)
@@ -372,7 +370,7 @@ class RunLease:
 
     def _call(self, source: str, keys: list[str], args: list[Any]) -> Any:
         script = partial(_script(self.client, source), keys=keys, args=args)
-        return ride_out(script, self._redis_url, self._grace)
+        return self.cluster.ride_out(script)
 
 
 def claim(cluster: Cluster, run_id: str, queue: str, how: str) -> RunLease | None:

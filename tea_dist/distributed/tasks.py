@@ -149,7 +149,7 @@ class WorkerBranch:
                 pipe.delete(self.keys.heartbeat(self.message.fanout, self.message.index))
             return list(pipe.execute())[: len(before)]
 
-        replies: list[Any] = self.cluster.ride_out(once)
+        replies = self.cluster.ride_out(once)
         self.publisher.events.clear()
         return replies
 
