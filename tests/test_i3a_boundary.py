@@ -284,6 +284,33 @@ def test_i3a_a_message_naming_os_abort_kills_no_worker_process(cluster: Any) -> 
     assert _pool(cluster) == before  # no pool child died and was replaced
 
 
+@pytest.mark.celery
+@pytest.mark.parametrize(
+    ("task", "args"),
+    [
+        ("tea_dist.run_flow", [{"forged": "os:system", "cmd": "touch pwned"}]),
+        ("tea_dist.run_batch", [[["x.0", {"forged": "os:system"}]]]),
+    ],
+)
+def test_i3a_a_task_sent_by_hand_without_a_branch_message_is_refused_naming_it(
+    cluster: Any, task: str, args: list[Any]
+) -> None:
+    """Anyone with broker access can send tea_dist's task names with any JSON: the worker
+    runs nothing, and says why (a warning naming the task, not an unexpected exception)."""
+    from tests.cluster import current_app
+
+    app = current_app()
+    sent = app.send_task(task, args=args, queue=cluster.env["TEA_DIST_FLOWS_QUEUE"])
+    log = cluster.log_path("flows")
+    deadline = time.monotonic() + 20
+    wanted = f"refused: {task} takes branch messages, got dict (task {sent.id})"
+    while wanted not in log.read_text():
+        assert time.monotonic() < deadline, f"no refusal of {sent.id} in {log}"
+        time.sleep(0.1)
+    text = log.read_text()
+    assert f"{task}[{sent.id}] raised unexpected" not in text
+
+
 def _forge_run(cluster: Any, graph_ref: str, queue: str, **kwargs: Any) -> Any:
     """A ``tea_dist.run_workflow`` message and a pending record, as anyone with broker and
     Redis access could write them; returns the run's handle."""

@@ -494,6 +494,7 @@ def _killed(branch: WorkerBranch, batch: Batch) -> None:
 def run_flow(self: Any, message: BranchMessage) -> None:
     """Run one attempt of one branch; its events and result go to the run's stream. The
     task ends in the Celery state of its outcome (``report``)."""
+    _refuse_unless_messages(self, [message])
     outcome = run_branch(cluster_of(self.app), message, self.request.id)
     if isinstance(outcome, Again):
         raise self.retry(
@@ -516,6 +517,8 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
     """Run a map's items one after another in this process, each through ``run_branch`` with
     its own id, result, retries, circuit accounting, permits and events; a retry or a permit
     wait leaves the batch as a task of its own."""
+    entries = items if isinstance(items, list) else [items]
+    _refuse_unless_messages(self, [i[1] if isinstance(i, list | tuple) else i for i in entries])
     cluster = cluster_of(self.app)
     first = items[0][1]
     heartbeat = cluster.keys.batch_heartbeat(first.fanout, self.request.id)
@@ -539,6 +542,17 @@ def run_batch(self: Any, items: list[tuple[str, BranchMessage]]) -> None:
         raise
     batch.flush()
     report(self, results)
+
+
+def _refuse_unless_messages(task: Any, messages: Sequence[Any]) -> None:
+    """A task whose arguments are no branch messages (sent to the broker by hand, not by a
+    driver: their JSON lacks the typed marker) runs nothing: it fails at once, saying so."""
+    wrong = [type(m).__name__ for m in messages if not isinstance(m, BranchMessage)]
+    if messages and not wrong:
+        return
+    why = f"refused: {task.name} takes branch messages, got {', '.join(wrong) or 'none'}"
+    logger.warning("%s (task %s)", why, task.request.id)
+    raise BranchFailed(why)
 
 
 def _attempt(
