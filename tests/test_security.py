@@ -365,6 +365,51 @@ def test_fingerprint_mismatch_is_refused_naming_the_module() -> None:
         decode_branch(unsigned, "a", allow)
 
 
+def test_a_fan_outs_branches_share_one_decoding_and_refusals_are_never_kept() -> None:
+    """A worker decodes a fan-out's description once per process (every branch's message
+    carries the same text); a refused one is refused again every time, not remembered as
+    accepted, and a description that is no graph is a ``GraphError`` naming what it lacks."""
+    from tea_dist.distributed.wire import DecodedBranches
+
+    data = encode_branch(
+        fan_graph({"a": nodes.double}, config=ParallelConfig(strategy="celery")).to_spec(),
+        "a",
+        "merge",
+    )
+    branches = DecodedBranches(explicit_settings(allowed=("tests",)))
+    text = json.dumps(data)
+    first = branches.get(text, "a")
+    assert branches.get(text, "a") is first  # not decoded (imported, checked) again
+    assert branches.get(json.dumps(data, indent=1), "a") is not first  # other text: decoded
+
+    tampered = json.loads(text)
+    tampered["code"]["modules"]["tests.nodes"] = "0" * 64
+    for _ in range(2):
+        with pytest.raises(CodeMismatchError, match=r"module 'tests\.nodes' on this worker"):
+            branches.get(json.dumps(tampered), "a")
+    refused = DecodedBranches(explicit_settings(allowed=("bench",)))
+    for _ in range(2):
+        with pytest.raises(NotAllowedError, match="tests"):
+            refused.get(text, "a")
+    with pytest.raises(GraphError, match="not JSON"):
+        branches.get("{nodes", "a")
+    with pytest.raises(GraphError, match="lacks 'nodes'"):
+        branches.get(json.dumps({k: v for k, v in data.items() if k != "nodes"}), "a")
+
+
+def test_a_decoded_branch_cache_keeps_at_most_its_size() -> None:
+    from tea_dist.distributed.wire import DecodedBranches
+
+    spec = fan_graph({"a": nodes.double}, config=ParallelConfig(strategy="celery")).to_spec()
+    data = encode_branch(spec, "a", "merge")
+    branches = DecodedBranches(explicit_settings(allowed=("tests",)), size=2)
+    texts = [json.dumps(data, indent=i) for i in range(3)]
+    first = branches.get(texts[0], "a")
+    branches.get(texts[1], "a")
+    branches.get(texts[2], "a")  # the oldest goes
+    assert branches.get(texts[0], "a") is not first
+
+
 def test_node_module_edited_after_the_worker_imported_it_is_refused(
     own_worker: Any, tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ from tea_dist.distributed.connections import redis_for, ride_out
 from tea_dist.distributed.keys import Keys
 from tea_dist.distributed.limits_redis import RedisLimitStore
 from tea_dist.distributed.settings import Settings, redact
+from tea_dist.distributed.wire import DecodedBranches
 
 T = TypeVar("T")
 
@@ -50,13 +51,15 @@ _DEFAULTS_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Stores:
-    """A cluster's Redis side in one process: client, key names, circuit and limit stores
-    (built once per process: a store registers its Lua scripts when built)."""
+    """A cluster's side in one process: Redis client, key names, circuit and limit stores
+    (built once per process: a store registers its Lua scripts when built), and the branches
+    a worker decoded."""
 
     client: redis.Redis
     keys: Keys
     breakers: RedisBreakerStore
     limits: RedisLimitStore
+    branches: DecodedBranches
 
 
 class Cluster:
@@ -149,7 +152,11 @@ class Cluster:
                 if stores is None:
                     client, keys = redis_for(self.settings.redis), self.keys
                     stores = Stores(
-                        client, keys, RedisBreakerStore(client, keys), RedisLimitStore(client, keys)
+                        client,
+                        keys,
+                        RedisBreakerStore(client, keys),
+                        RedisLimitStore(client, keys),
+                        DecodedBranches(self.settings),
                     )
                     self._stores = {pid: stores}
         return stores

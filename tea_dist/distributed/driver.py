@@ -28,6 +28,7 @@ the stream from its start brings back their events and results.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -139,7 +140,7 @@ class _Driver(Liveness):
         self.fanout_id = runtime.fanout_id or uuid.uuid4().hex
         self.owner: RunOwner | None = runtime.owner
         self.life = Lifecycle.for_fanout(tasks, configs, runtime, stop=self._stop)
-        self.graphs: dict[str, dict[str, Any]] = {}
+        self.graphs: dict[str, str] = {}  # start->fan_in -> its description, as JSON text
         self.lease = self.keys.run_lease(runtime.run_id)
         self.unsent = deque(self.life.runs)  # branches not sent yet, in declaration order
         self.in_flight: set[BranchRun] = set()  # sent and not resolved yet (with a window)
@@ -184,7 +185,8 @@ class _Driver(Liveness):
                 )
             key = f"{task.start}->{task.fan_in}"
             if key not in self.graphs:
-                self.graphs[key] = encode_branch(task.spec, task.start, task.fan_in, self.settings)
+                graph = encode_branch(task.spec, task.start, task.fan_in, self.settings)
+                self.graphs[key] = json.dumps(graph, separators=(",", ":"))
 
     def _longest_hold(self, config: ParallelConfig) -> float:
         policy = config.retry()

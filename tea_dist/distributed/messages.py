@@ -17,6 +17,7 @@ with no hand-written conversion on either side.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from kombu.utils.json import register_type
@@ -54,7 +55,7 @@ class BranchMessage(BaseModel):
     branch: str
     node: str = ""  # the node the branch starts at, when ``branch`` is a map's ``target[i]``
     fan_in: str
-    graph: dict[str, Any]
+    graph: str  # ``wire.encode_branch``'s description as JSON text, encoded once per fan-out
     state: dict[str, Any]
     run_config: dict[str, Any]
     config: ParallelConfig
@@ -63,6 +64,12 @@ class BranchMessage(BaseModel):
     attempt: AttemptState
     signature: str = ""  # HMAC of the rest under TEA_DIST_SECRET, when one is set
     trace: dict[str, str] = {}  # W3C trace context of the branch's span (observe.tracing)
+
+    @field_validator("graph", mode="before")
+    @classmethod
+    def _graph_text(cls, value: Any) -> Any:
+        """A description sent as a JSON object (an earlier release's shape) is kept as text."""
+        return json.dumps(value) if isinstance(value, dict) else value
 
     def retried(self, attempt: AttemptState, secret: Secret | None) -> BranchMessage:
         """The message of the next attempt (it asks its circuit again: no probe yet)."""

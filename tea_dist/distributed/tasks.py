@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NoReturn
 
@@ -52,7 +52,7 @@ from tea_dist.distributed.messages import BranchMessage
 from tea_dist.distributed.publisher import StreamPublisher
 from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.signing import SignatureError
-from tea_dist.distributed.wire import decode_branch, first_unjsonable
+from tea_dist.distributed.wire import first_unjsonable
 from tea_dist.engine.attempt import AttemptOutcome, BranchTask, ErrorInfo, run_attempt, worker_id
 from tea_dist.engine.lifecycle import (
     BranchRun,
@@ -298,7 +298,6 @@ class Batch:
     items: list[tuple[str, BranchMessage]]
     heartbeat: str
     position: int = 0
-    specs: dict[str, GraphSpec] = field(default_factory=dict)  # node -> its decoded branch
     held: WorkerBranch | None = None  # an item over, whose events wait for the next pipeline
 
     def hold(self, branch: WorkerBranch) -> None:
@@ -404,7 +403,7 @@ def run_branch(
         life.end(run, _ended(error))
         branch.send()  # its count stays: a copy delivered later is refused the same way
         return run.result
-    delay = life.end(run, _attempt(cluster, message, run, watch, batch.specs if batch else {}))
+    delay = life.end(run, _attempt(cluster, message, run, watch))
     if batch is not None and delay is None:
         batch.hold(branch)
         return run.result
@@ -560,16 +559,13 @@ def _attempt(
     message: BranchMessage,
     run: BranchRun,
     watch: Watch,
-    specs: dict[str, GraphSpec],
 ) -> AttemptOutcome:
-    """Run the attempt while the beater watches it; soft limits become timeouts or cancels.
-    ``specs``: branches already decoded (and their code checked) for this batch's items."""
+    """Run the attempt while the beater watches it; soft limits become timeouts or cancels."""
     started = time.time()
     entry = message.node or message.branch
     try:
         with BEATER.watching(watch, cluster):
-            spec = specs.get(entry) or decode_branch(message.graph, entry, cluster.settings)
-            specs[entry] = spec
+            spec = cluster.stores.branches.get(message.graph, entry)
             task = BranchTask(
                 spec=spec,
                 branch=message.branch,

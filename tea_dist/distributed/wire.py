@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -201,6 +202,41 @@ def decode_branch(data: Mapping[str, Any], entry: str, settings: Settings) -> Gr
     }
     edges = {name: tuple(t) for name, t in data["edges"].items()}
     return GraphSpec(data["name"], nodes, edges, conditionals, fanouts, entry)
+
+
+class DecodedBranches:
+    """A worker process's decoded Python branches, by their description's JSON text and entry
+    node (``BranchMessage.graph``): a fan-out's messages all carry the same text, so their code
+    is checked and imported once per process, not once per branch. Decoding depends only on
+    the text, the settings and this process's imported code (whose digests are fixed once
+    loaded): a hit is what decoding again would give. A YAML agent is decoded every time (its
+    file is read and hashed again: it may change on disk); a refusal is never kept."""
+
+    def __init__(self, settings: Settings, size: int = 256) -> None:
+        self.settings, self.size = settings, size
+        self._specs: dict[tuple[str, str], GraphSpec] = {}
+        self._lock = threading.Lock()  # a threads pool's branches share the process's cache
+
+    def get(self, text: str, entry: str) -> GraphSpec:
+        spec = self._specs.get((text, entry))
+        if spec is not None:
+            return spec
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise GraphError(f"the message's graph description is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise GraphError("the message's graph description is not a JSON object")
+        try:
+            spec = decode_branch(data, entry, self.settings)
+        except KeyError as exc:
+            raise GraphError(f"the message's graph description lacks {exc}") from exc
+        if "yaml" not in data:
+            with self._lock:
+                if len(self._specs) >= self.size:  # the oldest goes
+                    self._specs.pop(next(iter(self._specs)))
+                self._specs[(text, entry)] = spec
+        return spec
 
 
 def _check_code(code: Any, needed: set[str], allowlist: Allowlist) -> None:
