@@ -7,7 +7,9 @@ Broker settings come from the environment (``TEA_DIST_*``), as for any app.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 
 from tea_dist import ParallelConfig
@@ -16,6 +18,7 @@ from tests.nodes import fan_graph
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a test that times out asks
     strategy, config = sys.argv[1], json.loads(sys.argv[2])
     graph = fan_graph(
         {"a": cn.start_sleep_done, "b": cn.start_sleep_done},

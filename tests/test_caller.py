@@ -67,7 +67,7 @@ def test_i10_caller_signal_stops_its_celery_branches(
         )
         sent = time.monotonic()
         caller.send_signal(sig)
-        caller.wait(15)
+        _wait_or_dump(caller, 15)
         assert caller.returncode != 0
         # the branches end (their heartbeats go) long before their 15 s of work would
         _wait_for(lambda: not _heartbeats(cluster), 10, "the branches to stop")
@@ -81,6 +81,21 @@ def test_i10_caller_signal_stops_its_celery_branches(
     assert stopped_after < (8 if sig == signal.SIGKILL else 4)
     if sig == signal.SIGTERM:
         assert caller.returncode == 128 + signal.SIGTERM  # the conventional status, after cleanup
+
+
+def _wait_or_dump(caller: subprocess.Popen[bytes], seconds: float) -> None:
+    """Wait for ``caller`` to exit; one still running is asked for its threads' stacks
+    (``caller_script`` dumps them on SIGUSR2) and the test fails showing them."""
+    try:
+        caller.wait(seconds)
+    except subprocess.TimeoutExpired:
+        caller.send_signal(signal.SIGUSR2)
+        time.sleep(1)
+        caller.kill()
+        _out, err = caller.communicate()
+        raise AssertionError(
+            f"the caller still ran {seconds}s after its signal:\n{err.decode()[-6000:]}"
+        ) from None
 
 
 def test_i10_abandoned_stream_flushes_callbacks(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ machine is found and none of its processes is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -62,6 +63,13 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline()[:4])}"
+    except psutil.Error as exc:  # gone, or a zombie by now
+        return f"{process.pid} ({type(exc).__name__})"
+
+
 @dataclass
 class Started:
     """A parent process and what it started: every descendant, and the cluster's folder."""
@@ -92,10 +100,15 @@ class Started:
                 elapsed = time.monotonic() - started
                 break
             if time.monotonic() - started > GONE_WITHIN:
+                alive = [_describe(p) for p in left]
+                with contextlib.suppress(psutil.Error):  # its stacks, to stderr (APP)
+                    os.kill(self.proc.pid, signal.SIGUSR2)
+                    time.sleep(1)
                 for p in left:  # never leave anything behind, even on failure
-                    p.kill()
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
                 raise AssertionError(
-                    f"after {GONE_WITHIN}s: alive {[p.cmdline()[:4] for p in left]}, "
+                    f"after {GONE_WITHIN}s: alive {alive}, "
                     f"folder {'left' if self.folder.exists() else 'gone'}"
                 )
             time.sleep(0.02)
@@ -169,7 +182,8 @@ def test_item1_run_on_the_automatic_cluster_dies_with_its_parent(
 
 
 APP = """
-import sys, threading
+import faulthandler, signal, sys, threading
+faulthandler.register(signal.SIGUSR2, all_threads=True)  # a test that times out asks
 from tea_dist import ParallelConfig
 from tests import celery_nodes as cn, ops_nodes
 from tests.nodes import fan_graph
@@ -187,17 +201,21 @@ list(ops_nodes.slow_fanout().compile().invoke({"marker_dir": sys.argv[1], "sleep
 def test_item1_app_on_the_automatic_cluster_dies_with_its_parent(
     signum: int, tmp_path: Path
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", APP, str(tmp_path)],
-        env=clean_env(tmp_path / "runtime"),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    errors = tmp_path / "app.stderr"
+    with errors.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", APP, str(tmp_path)],
+            env=clean_env(tmp_path / "runtime"),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         running = [tmp_path / "a.started", tmp_path / "b.started"]
         wait_for(lambda: all(p.exists() for p in running), 120, "branches running", proc)
         Started.of(proc).signal_and_wait(signum)
+    except AssertionError as exc:  # with what the app printed (its stacks, when it hung)
+        raise AssertionError(f"{exc}\n{errors.read_text()[-6000:]}") from None
     finally:
         stop(proc)
 
