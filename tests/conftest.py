@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,14 @@ TEST_REDIS_URL = os.environ.get("TEA_DIST_TEST_REDIS_URL", "redis://127.0.0.1:63
 # A test that uses one of these fixtures, or carries one of these marks, needs a service.
 SERVICE_FIXTURES = frozenset({"redis_url", "redis_prefix", "cluster", "rabbitmq_url"})
 SERVICE_MARKS = ("redis", "celery", "rabbitmq")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A non-interactive shell starts its background jobs with SIGINT ignored, and children
+    # inherit that: a caller or app started by a test would then never see the Ctrl-C the
+    # test sends it. Tests start their processes with Ctrl-C's usual meaning.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` selects on the marks added here
