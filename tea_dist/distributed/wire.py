@@ -206,11 +206,12 @@ def decode_branch(data: Mapping[str, Any], entry: str, settings: Settings) -> Gr
 
 class DecodedBranches:
     """A worker process's decoded Python branches, by their description's JSON text and entry
-    node (``BranchMessage.graph``): a fan-out's messages all carry the same text, so their code
-    is checked and imported once per process, not once per branch. Decoding depends only on
-    the text, the settings and this process's imported code (whose digests are fixed once
-    loaded): a hit is what decoding again would give. A YAML agent is decoded every time (its
-    file is read and hashed again: it may change on disk); a refusal is never kept."""
+    node (``BranchMessage.graph``): a map's items, and every run of the same graph, carry the
+    same text, so its code is checked and imported once per process, not once per message.
+    Decoding depends only on the text, the settings and this process's imported code (whose
+    digests are fixed once loaded): a hit is what decoding again would give. A YAML agent is
+    decoded every time (its file is read and hashed again: it may change on disk); a refusal
+    is never kept."""
 
     def __init__(self, settings: Settings, size: int = 256) -> None:
         self.settings, self.size = settings, size
