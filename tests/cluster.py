@@ -13,8 +13,9 @@ from pathlib import Path
 
 from celery import Celery
 
+from tea_dist.distributed import defaults
 from tea_dist.distributed.children import stop_groups
-from tea_dist.distributed.cluster import _DEFAULTS, _DEFAULTS_LOCK, Cluster
+from tea_dist.distributed.cluster import Cluster
 from tea_dist.distributed.settings import Settings
 from tea_dist.distributed.worker import spawn_worker
 
@@ -65,11 +66,11 @@ def configure(settings: Settings) -> Cluster:
     """Make the cluster of ``settings`` the default one for the rest of the ``as_default()``
     block the test runs in (tests change one setting for a while this way)."""
     cluster = cluster_for(settings)
-    with _DEFAULTS_LOCK:
-        if _DEFAULTS:
-            _DEFAULTS[-1] = cluster
+    with defaults._LOCK:
+        if defaults._OPEN:
+            defaults._OPEN[-1] = cluster
         else:
-            _DEFAULTS.append(cluster)
+            defaults._OPEN.append(cluster)
     return cluster
 
 

@@ -90,7 +90,8 @@ def test_td13_e2e_001_repeated_timeouts_leak_no_threads_or_processes(strategy: s
         hang1, hang2, ok = final_state(list(app.invoke({"value": 1})))["results"]
         assert hang1["timeout"] and hang2["timeout"] and ok["success"]
     elapsed = time.monotonic() - started
-    assert elapsed < runs * (0.3 if strategy in ("process", "celery") else 0.05), elapsed
+    # a run that waited for its hung branches would take their 10 s: the bound is wide
+    assert elapsed < runs * (1.0 if strategy in ("process", "celery") else 0.2), elapsed
     time.sleep(0.6)  # allowance for clean-up (the seed waits 1 s)
     assert threading.active_count() <= threads + 10, (threads, threading.active_count())
     assert len(me.children(recursive=True)) <= children + 2

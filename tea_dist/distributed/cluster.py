@@ -28,12 +28,13 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from celery import Celery
 
 from tea_dist.core.errors import ConfigError
+from tea_dist.distributed import defaults
 from tea_dist.distributed.breaker_redis import RedisBreakerStore
 from tea_dist.distributed.celery_app import TASK_MODULES, add_steps, make_app
 from tea_dist.distributed.connections import redis_for, ride_out
@@ -45,8 +46,6 @@ from tea_dist.distributed.wire import DecodedBranches
 T = TypeVar("T")
 
 ATTRIBUTE = "tea_cluster"  # the attribute of a Celery app naming its cluster
-_DEFAULTS: list[Cluster] = []  # the clusters of the open ``as_default()`` blocks
-_DEFAULTS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -119,20 +118,13 @@ class Cluster:
         """Within the block, this cluster is the default one of the process: every
         ``compile()``, ``submit()`` and ``WorkflowRun()`` given no ``cluster=`` uses it (as a
         Dask client's ``as_current``). Blocks nest; the cluster itself is never changed."""
-        with _DEFAULTS_LOCK:
-            _DEFAULTS.append(self)
-        try:
+        with defaults.opened(self):
             yield self
-        finally:
-            with _DEFAULTS_LOCK:
-                if self in _DEFAULTS:
-                    _DEFAULTS.remove(self)
 
     @staticmethod
     def current_default() -> Cluster | None:
         """The cluster of the innermost ``as_default()`` block, if any."""
-        with _DEFAULTS_LOCK:
-            return _DEFAULTS[-1] if _DEFAULTS else None
+        return cast("Cluster | None", defaults.innermost())
 
     def __repr__(self) -> str:
         where = redact(self.settings.broker)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tea_dist.core.errors import FinalError, GraphError, NotAllowedError
+from tea_dist.distributed import defaults
 from tea_dist.distributed.settings import Settings
 
 ALWAYS_ALLOWED = ("tea_dist.policies.merge",)
@@ -192,9 +193,7 @@ def agents_dir(settings: Settings | None = None) -> Path:
 def _caller_settings() -> Settings:
     """The settings a caller compiles under before it picks a cluster: those of an open
     ``Cluster.as_default()`` block, else the environment's."""
-    from tea_dist.distributed.cluster import Cluster
-
-    default = Cluster.current_default()
+    default = defaults.innermost()
     return default.settings if default is not None else Settings()
 
 
@@ -223,10 +222,9 @@ _agent_folders: set[str] = set()
 
 def _private_cluster_ahead() -> bool:
     from tea_dist.distributed.advert import advertised
-    from tea_dist.distributed.cluster import Cluster
 
     settings = Settings()
-    if Cluster.current_default() is not None or settings.agents_dir or settings.names_broker:
+    if defaults.innermost() is not None or settings.agents_dir or settings.names_broker:
         return False
     return advertised() is None
 
