@@ -30,7 +30,7 @@ from tea_dist.core.errors import GraphError, NotAllowedError, RunFailedError
 from tea_dist.core.references import resolve
 from tea_dist.distributed.cluster import explicit_settings
 from tea_dist.distributed.trust import Allowlist, fingerprint
-from tea_dist.distributed.wire import decode_branch, encode_branch
+from tea_dist.distributed.wire import DecodedBranches, encode_branch
 from tests import boundary_nodes as bn
 from tests.test_security import one_node_graph, send_branch_message
 
@@ -215,8 +215,8 @@ def test_i3a_fuzz_mutated_branch_messages_run_nothing_outside_the_allowlist(
                 "map": {"items": ref, "call": True, "item_key": "i", "index_key": "n"},
             }
     imports.clear()
-    try:
-        spec = decode_branch(data, "a", WORKER)
+    try:  # as a worker decodes a message's description: through its process's cache
+        spec = DecodedBranches(WORKER).get(json.dumps(data), "a")
     except (GraphError, KeyError, TypeError, ValueError):
         spec = None
     assert all(ALLOW.allows(name) for name in imports), imports
