@@ -16,6 +16,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -154,17 +155,19 @@ def _callable_paths(data: Mapping[str, Any]) -> list[str]:
     return [*runs, *(c["func"] for c in data["conditionals"].values()), *maps]
 
 
-def yaml_uses_modules(raw: bytes) -> set[str]:
-    """The modules a YAML agent's ``uses:`` entries name (read without importing anything)."""
+@lru_cache(maxsize=64)  # parsing costs milliseconds; a worker reads one agent per message
+def yaml_uses_modules(raw: bytes) -> frozenset[str]:
+    """The modules a YAML agent's ``uses:`` entries name (read without importing anything),
+    remembered by the file's content."""
     import yaml
 
     try:
         doc = yaml.safe_load(raw)
     except yaml.YAMLError:
-        return set()
+        return frozenset()
     nodes = doc.get("nodes") if isinstance(doc, dict) else None
     uses = [n.get("uses") for n in nodes or () if isinstance(n, dict)]
-    return {u.partition(":")[0] for u in uses if isinstance(u, str) and u}
+    return frozenset(u.partition(":")[0] for u in uses if isinstance(u, str) and u)
 
 
 def decode_branch(data: Mapping[str, Any], entry: str, settings: Settings) -> GraphSpec:
@@ -240,7 +243,7 @@ class DecodedBranches:
         return spec
 
 
-def _check_code(code: Any, needed: set[str], allowlist: Allowlist) -> None:
+def _check_code(code: Any, needed: AbstractSet[str], allowlist: Allowlist) -> None:
     """The fingerprint covers every module in ``needed`` and matches this worker's code."""
     check_fingerprint(code, allowlist)
     missing = sorted(needed - set(code["modules"]))
