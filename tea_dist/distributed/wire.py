@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
@@ -208,39 +207,38 @@ def decode_branch(data: Mapping[str, Any], entry: str, settings: Settings) -> Gr
 
 
 class DecodedBranches:
-    """A worker process's decoded Python branches, by their description's JSON text and entry
-    node (``BranchMessage.graph``): a map's items, and every run of the same graph, carry the
-    same text, so its code is checked and imported once per process, not once per message.
-    Decoding depends only on the text, the settings and this process's imported code (whose
-    digests are fixed once loaded): a hit is what decoding again would give. A YAML agent is
-    decoded every time (its file is read and hashed again: it may change on disk); a refusal
-    is never kept."""
+    """A worker process's decoded branches, by their description's JSON text and entry node
+    (``BranchMessage.graph``): a map's items, and every run of the same graph, carry the same
+    text, so a Python branch's code is checked and imported once per process, not once per
+    message. Decoding depends only on the text, the settings and this process's imported code
+    (whose digests are fixed once loaded): a hit is what decoding again would give. Of a YAML
+    agent only the parsed description is kept: it is decoded every time (its file is read and
+    hashed again: it may change on disk). A refusal is never kept (``lru_cache`` keeps no
+    exception)."""
 
     def __init__(self, settings: Settings, size: int = 256) -> None:
-        self.settings, self.size = settings, size
-        self._specs: dict[tuple[str, str], GraphSpec] = {}
-        self._lock = threading.Lock()  # a threads pool's branches share the process's cache
+        self.settings = settings
+        self._read = lru_cache(maxsize=size)(self._decode)
 
     def get(self, text: str, entry: str) -> GraphSpec:
-        spec = self._specs.get((text, entry))
-        if spec is not None:
-            return spec
+        read = self._read(text, entry)
+        return read if isinstance(read, GraphSpec) else self._decoded(read, entry)
+
+    def _decode(self, text: str, entry: str) -> GraphSpec | dict[str, Any]:
+        """The decoded Python branch, or a YAML agent's parsed description."""
         try:
             data = json.loads(text)
         except ValueError as exc:
             raise GraphError(f"the message's graph description is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise GraphError("the message's graph description is not a JSON object")
+        return data if "yaml" in data else self._decoded(data, entry)
+
+    def _decoded(self, data: dict[str, Any], entry: str) -> GraphSpec:
         try:
-            spec = decode_branch(data, entry, self.settings)
+            return decode_branch(data, entry, self.settings)
         except KeyError as exc:
             raise GraphError(f"the message's graph description lacks {exc}") from exc
-        if "yaml" not in data:
-            with self._lock:
-                if len(self._specs) >= self.size:  # the oldest goes
-                    self._specs.pop(next(iter(self._specs)))
-                self._specs[(text, entry)] = spec
-        return spec
 
 
 def _check_code(code: Any, needed: AbstractSet[str], allowlist: Allowlist) -> None:
